@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: validate, admit, enqueue, relay tokens as SSE."""

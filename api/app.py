@@ -1,0 +1,69 @@
+"""The FastAPI application: ``create_app(settings)`` for tests, ``main()`` for uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import errors
+from api.auth import KeyStore
+from api.catalog import Catalog
+from api.relay import TokenRelay
+from api.routes import chat, completions, system
+from api.settings import ApiSettings
+from api.state import AppState
+from broker.connection import async_client
+from inferstack import __version__
+from inferstack.registry import Modality, Registry
+from scheduler.queue import AsyncFairQueue
+from scheduler.settings import SchedulerSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+    sched = sched or SchedulerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        redis = async_client(settings.redis_url)
+        relay = TokenRelay(settings.redis_url, settings.instance_id)
+        await relay.start()
+        registry = Registry.load(settings.models_file)
+        catalog = Catalog(registry, settings.cache_dir)
+        app.state.inferstack = AppState(
+            settings=settings, sched=sched, redis=redis, relay=relay, queue=AsyncFairQueue(redis, sched),
+            catalog=catalog, keys=KeyStore.load(settings.keys_file),
+        )
+        for spec in registry:  # warm the tokenizers of the text models this host has
+            if spec.modality is Modality.TEXT:
+                try:
+                    await catalog.text(spec.name)
+                except errors.OpenAIError:
+                    log.info("%s: weights not on this host; requests for it will get 404", spec.name)
+        log.info("API %s ready (reply channel %s)", settings.instance_id, relay.channel)
+        yield
+        await relay.stop()
+        await redis.aclose()
+
+    app = FastAPI(title="Inference Stack", version=__version__, lifespan=lifespan)
+    errors.install(app)
+    app.include_router(system.router)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    return app
+
+
+def main(settings: ApiSettings | None = None) -> None:
+    import uvicorn
+
+    settings = settings or ApiSettings()
+    logging.basicConfig(level=os.environ.get("INFERSTACK_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s api %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=5)
+

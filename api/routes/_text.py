@@ -1,0 +1,195 @@
+"""What chat and completions share: identity, sampling parameters, length checks,
+admission, and running one or more generations for one HTTP request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from sse_starlette import EventSourceResponse
+
+from api.auth import Identity
+from api.catalog import TextModel
+from api.errors import OpenAIError
+from api.generation import Generation, merged, watch_disconnect
+from api.schemas import _Sampling
+from api.state import AppState
+from broker.messages import GenerateRequest, SamplingParams, TokenEvent
+
+_background: set[asyncio.Task] = set()
+
+
+def state_of(request: Request) -> AppState:
+    return request.app.state.inferstack
+
+
+def identify(request: Request, body: _Sampling) -> Identity:
+    return state_of(request).keys.identify(request.headers.get("authorization"), body.user)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def max_tokens_for(model: TextModel, prompt_len: int, requested: int | None, default: int, where: str) -> int:
+    ctx = model.context_length
+    if requested is None:
+        room = ctx - prompt_len
+        if room < 1:
+            raise context_error(model, prompt_len, 1, where)
+        return min(default, room)
+    if prompt_len + requested > ctx:
+        raise context_error(model, prompt_len, requested, where)
+    return requested
+
+
+def context_error(model: TextModel, prompt_len: int, completion: int, where: str) -> OpenAIError:
+    return OpenAIError(
+        400,
+        f"This model's maximum context length is {model.context_length} tokens. However, you requested "
+        f"{prompt_len + completion} tokens ({prompt_len} in the {where}, {completion} in the completion). "
+        "Please reduce the length of the input or of max_tokens.",
+        param="messages" if where == "messages" else "prompt", code="context_length_exceeded",
+    )
+
+
+def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
+                    max_n: int) -> SamplingParams:
+    if n > max_n:
+        raise OpenAIError(400, f"n must be at most {max_n}.", param="n", code="invalid_value")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k),
+        min_p=body.min_p,
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        n=n,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        ignore_eos=body.ignore_eos,
+        min_tokens=min(body.min_tokens, max_tokens),
+        skip_special_tokens=body.skip_special_tokens,
+    )
+
+
+@dataclass
+class TextJob:
+    """One HTTP request's worth of generations (several for multi-prompt completions)."""
+
+    state: AppState
+    identity: Identity
+    body: _Sampling
+    gens: list[Generation] = field(default_factory=list)
+
+    def add(self, request_id: str, model: TextModel, prompt_ids: list[int], params: SamplingParams,
+            reasoning: bool = False) -> None:
+        tier = self.identity.with_priority(self.body.priority)
+        req = GenerateRequest(
+            id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
+            reply_to=self.state.relay.channel, user=self.identity.user, tier=tier, created_at=time.time(),
+            session_id=self.body.session_id, reasoning=reasoning,
+        )
+        self.gens.append(Generation(self.state, req, weight=self.identity.weight,
+                                    deadline_s=self.body.deadline_s, user_cap=self.identity.max_queued))
+
+    async def admit(self) -> None:
+        admitted = []
+        try:
+            for g in self.gens:
+                await g.admit()
+                admitted.append(g)
+        except BaseException:
+            for g in admitted:  # all or nothing for multi-prompt requests
+                await g.cancel()
+                g.close()
+            raise
+
+    def close(self) -> None:
+        for g in self.gens:
+            g.close()
+
+    def cancel_in_background(self) -> None:
+        for g in self.gens:
+            if not g.done:
+                task = asyncio.create_task(g.cancel())
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+
+
+async def _race_disconnect(request: Request, job: TextJob, awaitable):
+    """Await ``awaitable`` unless the client hangs up first (then cancel the work)."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.create_task(watch_disconnect(request, job.gens))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        work.cancel()
+        raise OpenAIError(499, "Client closed the request.", code="client_closed_request")
+    finally:
+        watcher.cancel()
+
+
+async def collect(request: Request, job: TextJob) -> list[tuple[int, TokenEvent]]:
+    async def _all():
+        return [item async for item in merged(job.gens)]
+
+    try:
+        return await _race_disconnect(request, job, _all())
+    finally:
+        job.close()
+
+
+async def stream(request: Request, job: TextJob,
+                 render: Callable[[int, TokenEvent], list[dict]], finish: Callable[[], list[dict]]) -> EventSourceResponse:
+    """Wait for the first event (so errors before it are real HTTP errors), then stream."""
+    events = merged(job.gens)
+    try:
+        first = await _race_disconnect(request, job, anext(events))
+    except BaseException:
+        job.close()
+        raise
+
+    async def sse() -> AsyncIterator[dict]:
+        complete = False
+        try:
+            for chunk in render(*first):
+                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+            try:
+                async for item in events:
+                    for chunk in render(*item):
+                        yield {"data": json.dumps(chunk, ensure_ascii=False)}
+            except OpenAIError as exc:  # failed mid-stream: the status line is long gone
+                yield {"data": json.dumps(exc.body())}
+                complete = True
+                return
+            for chunk in finish():
+                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+            yield {"data": "[DONE]"}
+            complete = True
+        finally:
+            if not complete:
+                job.cancel_in_background()
+            job.close()
+
+    return EventSourceResponse(sse(), ping=15, sep="\n")
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }

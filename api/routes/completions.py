@@ -1,0 +1,116 @@
+"""POST /v1/completions"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from api.errors import OpenAIError
+from api.routes._text import (
+    TextJob, collect, identify, max_tokens_for, new_id, sampling_params, state_of, stream, usage,
+)
+from api.schemas import CompletionRequest
+from broker.messages import TokenEvent
+
+router = APIRouter()
+
+
+def _prompts(model, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [model.encode(prompt)]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [model.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def completion_logprobs(records: list[dict], offset: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for r in records:
+        tokens.append(r["token"])
+        lps.append(r["logprob"])
+        tops.append({t["token"]: t["logprob"] for t in r["top_logprobs"]})
+        offsets.append(offset)
+        offset += len(r["token"])
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = state_of(request)
+    identity = identify(request, body)
+    if body.suffix:
+        raise OpenAIError(400, "suffix is not supported.", param="suffix", code="unsupported_parameter")
+    model = await state.catalog.text(body.model)
+    prompts = _prompts(model, body.prompt)
+    if any(not p for p in prompts):
+        raise OpenAIError(400, "prompt must not be empty.", param="prompt", code="invalid_value")
+    vocab = len(model.tokenizer)
+    if any(t < 0 or t >= vocab for p in prompts for t in p):
+        raise OpenAIError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt", code="invalid_value")
+    rid = new_id("cmpl")
+    job = TextJob(state, identity, body)
+    for i, ids in enumerate(prompts):
+        max_tokens = max_tokens_for(model, len(ids), body.requested_max_tokens, state.settings.default_max_tokens,
+                                    "prompt")
+        params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
+                                 top_logprobs=body.logprobs or 0, max_n=state.settings.max_n)
+        job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
+    await job.admit()
+
+    created = int(time.time())
+    base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
+    n = body.n
+    prompt_tokens = sum(len(p) for p in prompts)
+    echo = [model.decode(p) if body.echo else "" for p in prompts]
+    counts = {"completion": 0, "cached": 0}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        started: set[int] = set()
+        offsets: dict[int, int] = {}
+
+        def render(prompt_index: int, ev: TokenEvent) -> list[dict]:
+            counts["completion"] += len(ev.token_ids)
+            counts["cached"] = max(counts["cached"], ev.cached_tokens)
+            index = prompt_index * n + ev.choice
+            text = ev.text
+            if index not in started:
+                started.add(index)
+                text = echo[prompt_index] + text
+            if not text and not ev.finish_reason and not ev.logprobs:
+                return []
+            lp = None
+            if ev.logprobs:
+                lp = completion_logprobs(ev.logprobs, offsets.get(index, len(echo[prompt_index])))
+                offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            chunk = {**base, "object": "text_completion", "choices": [{
+                "index": index, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}]}
+            if include_usage:
+                chunk["usage"] = None
+            return [chunk]
+
+        def finish() -> list[dict]:
+            if not include_usage:
+                return []
+            return [{**base, "object": "text_completion", "choices": [],
+                     "usage": usage(prompt_tokens, counts["completion"], counts["cached"])}]
+
+        return await stream(request, job, render, finish)
+
+    choices: dict[int, dict] = {
+        p * n + c: {"text": [echo[p]], "logprobs": [], "finish": None, "echo": len(echo[p])}
+        for p in range(len(prompts)) for c in range(n)
+    }
+    for prompt_index, ev in await collect(request, job):
+        c = choices[prompt_index * n + ev.choice]
+        c["text"].append(ev.text)
+        c["logprobs"].extend(ev.logprobs or [])
+        c["finish"] = ev.finish_reason or c["finish"]
+        counts["completion"] += len(ev.token_ids)
+        counts["cached"] = max(counts["cached"], ev.cached_tokens)
+    return {**base, "object": "text_completion", "choices": [
+        {"index": i, "text": "".join(c["text"]), "finish_reason": c["finish"],
+         "logprobs": completion_logprobs(c["logprobs"], c["echo"]) if body.logprobs is not None else None}
+        for i, c in sorted(choices.items())
+    ], "usage": usage(prompt_tokens, counts["completion"], counts["cached"])}

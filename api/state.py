@@ -1,0 +1,23 @@
+"""Everything one API process holds, created in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from api.auth import KeyStore
+from api.catalog import Catalog
+from api.relay import TokenRelay
+from api.settings import ApiSettings
+from scheduler.queue import AsyncFairQueue
+from scheduler.settings import SchedulerSettings
+
+
+@dataclass
+class AppState:
+    settings: ApiSettings
+    sched: SchedulerSettings
+    redis: object
+    relay: TokenRelay
+    queue: AsyncFairQueue
+    catalog: Catalog
+    keys: KeyStore

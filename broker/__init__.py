@@ -1,0 +1,1 @@
+"""Redis plumbing shared by the API and the workers: connections, key names, wire messages."""

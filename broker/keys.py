@@ -1,0 +1,89 @@
+"""Every Redis key and channel name the stack uses, in one place.
+
+Keys that one Lua script touches together carry the same hash tag (``{model}``)
+so the scripts run unchanged on Redis Cluster. Everything is under the ``is:``
+prefix so a shared Redis can be inspected (``SCAN MATCH is:*``) or flushed safely.
+"""
+
+PREFIX = "is"
+
+# -- per model, all in the {model} hash slot ---------------------------------
+
+
+def tag(model: str) -> str:
+    return f"{PREFIX}:{{{model}}}"
+
+
+def request(model: str, request_id: str) -> str:
+    """Hash: the queued request (payload, user, tier, cost, tags, state, lease owner)."""
+    return f"{tag(model)}:req:{request_id}"
+
+
+def output_log(model: str, request_id: str) -> str:
+    """List: every token event already published for a request, so that a worker
+    taking over after a crash resumes exactly where the dead one stopped."""
+    return f"{tag(model)}:out:{request_id}"
+
+
+def user_queue(model: str, tier: str, user: str) -> str:
+    """List: one user's waiting request ids in one tier, FIFO."""
+    return f"{tag(model)}:uq:{tier}:{user}"
+
+
+def tier_users(model: str, tier: str) -> str:
+    """Sorted set: users with waiting work in a tier, scored by the start tag of their head request."""
+    return f"{tag(model)}:tu:{tier}"
+
+
+def tier_age(model: str, tier: str) -> str:
+    """Sorted set: waiting request ids in a tier by enqueue time (for aging and deadlines)."""
+    return f"{tag(model)}:age:{tier}"
+
+
+def tier_state(model: str) -> str:
+    """Hash: virtual time per tier, last finish tag per user (``f:<tier>:<user>``), counters."""
+    return f"{tag(model)}:state"
+
+
+def user_counts(model: str) -> str:
+    """Hash: user -> number of requests waiting (per-user cap)."""
+    return f"{tag(model)}:ucount"
+
+
+def leases(model: str) -> str:
+    """Sorted set: in-flight request ids scored by lease expiry (unix seconds)."""
+    return f"{tag(model)}:leases"
+
+
+def doorbell(model: str) -> str:
+    """List used only to wake idle workers (BLPOP) when work arrives."""
+    return f"{tag(model)}:bell"
+
+
+def drain(model: str) -> str:
+    """Hash: observed drain rate of the model's queue (EWMA of cost units per second)."""
+    return f"{tag(model)}:drain"
+
+
+def reaper_lock(model: str) -> str:
+    return f"{tag(model)}:reaper"
+
+
+# -- cluster-wide -------------------------------------------------------------
+
+WORKERS = f"{PREFIX}:workers"
+"""Sorted set: worker id -> unix time of its last heartbeat."""
+
+
+def worker(worker_id: str) -> str:
+    """Hash with a TTL: the worker's last heartbeat (host, device, models, memory, load)."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def reply_channel(api_instance: str) -> str:
+    """Pub/sub channel of one API process: workers publish token events for its requests here."""
+    return f"{PREFIX}:reply:{api_instance}"
+
+
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+"""Pub/sub channel: API processes announce cancelled request ids; workers drop them."""

@@ -1,0 +1,156 @@
+"""Wire messages between the API and the workers, one small dataclass each.
+
+Grouped by who receives them:
+
+* API -> worker (through the scheduler's queue): :class:`GenerateRequest`.
+* worker -> API (through the API process's reply channel): :class:`TokenEvent`,
+  :class:`ErrorEvent`; a worker publishes one JSON list of events per API process
+  per engine step.
+* API -> workers (cancel channel): the bare request id.
+
+JSON keeps the wire readable with ``redis-cli MONITOR``; each message carries a
+``t`` tag naming its type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Tier(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """Higher is more important."""
+        return {"high": 2, "normal": 1, "low": 0}[self.value]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """One admitted text request, as it waits in the queue and as a worker claims it."""
+
+    id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    reply_to: str
+    """Pub/sub channel of the API process that holds the client connection."""
+    user: str = "anonymous"
+    tier: Tier = Tier.NORMAL
+    created_at: float = 0.0
+    deadline: float = 0.0
+    """Unix time by which the request must have started; after that it fails, never runs late."""
+    session_id: str | None = None
+    reasoning: bool = False
+    """Split ``<think>...</think>`` into ``reasoning_content`` (chat on reasoning models)."""
+    trace: dict[str, str] = field(default_factory=dict)
+    """W3C trace context carrier, so the worker's spans join the API's trace."""
+
+    @property
+    def cost(self) -> int:
+        """Scheduling cost in tokens: what the request can make the GPU do at most."""
+        return len(self.prompt_token_ids) + self.params.max_tokens * self.params.n
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """New output of one choice of one request, produced by one engine step."""
+
+    request_id: str
+    choice: int
+    start: int
+    """Index in the choice's output of the first token carried here; lets the API drop
+    events it has already relayed when a request resumes on another worker."""
+    token_ids: list[int]
+    text: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    cached_tokens: int = 0
+    """Prompt tokens served from a KV cache instead of prefilled (sent with the first event)."""
+
+
+@dataclass(slots=True)
+class ErrorEvent:
+    """The request failed; the API turns this into an OpenAI-shaped error."""
+
+    request_id: str
+    message: str
+    type: str = "server_error"
+    code: str | None = None
+    status: int = 500
+
+
+_TYPES: dict[str, type] = {
+    "req": GenerateRequest,
+    "tok": TokenEvent,
+    "err": ErrorEvent,
+}
+_TAGS = {cls: tag for tag, cls in _TYPES.items()}
+
+
+def to_dict(msg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(msg)
+    d["t"] = _TAGS[type(msg)]
+    return d
+
+
+def from_dict(d: dict[str, Any]) -> Any:
+    d = dict(d)
+    cls = _TYPES[d.pop("t")]
+    if cls is GenerateRequest:
+        p = d["params"]
+        p["stop"] = tuple(p.get("stop", ()))
+        p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
+        d["params"] = SamplingParams(**p)
+        d["tier"] = Tier(d.get("tier", "normal"))
+    return cls(**d)
+
+
+def encode(msg: Any) -> str:
+    return json.dumps(to_dict(msg), separators=(",", ":"), ensure_ascii=False)
+
+
+def decode(raw: str | bytes) -> Any:
+    return from_dict(json.loads(raw))
+
+
+def encode_batch(msgs: list[Any]) -> str:
+    return json.dumps([to_dict(m) for m in msgs], separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_batch(raw: str | bytes) -> list[Any]:
+    return [from_dict(d) for d in json.loads(raw)]

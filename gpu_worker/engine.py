@@ -1,0 +1,46 @@
+"""The interface every modality's engine implements, and what engines hand back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from broker.messages import ErrorEvent, TokenEvent
+from scheduler.queue import Claimed
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One event for one request, with where it goes."""
+
+    model: str
+    reply_to: str
+    request_id: str
+    event: TokenEvent | ErrorEvent | None
+    request_done: bool = False
+    """All choices of the request are finished: release its lease."""
+
+
+Emit = Callable[[list[Outgoing]], None]
+
+
+class Engine(Protocol):
+    model: str
+
+    def capacity(self) -> int:
+        """How many more requests this engine can take now (the claim size)."""
+
+    def add(self, claimed: Claimed, log: list[TokenEvent]) -> None:
+        """Take a claimed request; ``log`` holds events already published for it by
+        a worker that died, to resume from."""
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request at the next step (client gone, lease lost)."""
+
+    def has_work(self) -> bool: ...
+
+    def step(self, emit: Emit) -> None:
+        """Advance every admitted request by one step and emit what it produced."""
+
+    def request_ids(self) -> list[str]:
+        """Requests this engine holds (their leases are extended by the heartbeat)."""

@@ -1,0 +1,209 @@
+"""Redis I/O beside the compute loop: one thread each for claiming, publishing,
+heartbeats (lease renewal, reaping) and cancellations, so the model's forward pass
+never waits on the network and the network never waits on the model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+
+from broker import keys, messages
+from broker.messages import ErrorEvent, TokenEvent
+from gpu_worker.engine import Engine, Outgoing
+from scheduler.queue import FairQueue
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(threading.Thread):
+    """Ships each step's events in one pipelined round trip: append to each request's
+    output log (for resume after a crash), then one PUBLISH per API process, then
+    release finished requests' leases."""
+
+    def __init__(self, client, fq: FairQueue, worker_id: str, on_error):
+        super().__init__(name="publisher", daemon=True)
+        self.r, self.fq, self.worker_id = client, fq, worker_id
+        self.q: queue.Queue[list[Outgoing] | None] = queue.Queue()
+        self._complete = fq._scripts["complete"]  # noqa: SLF001 - same script, pipelined
+        self._on_error = on_error
+        self.published = 0
+        self.round_trips = 0
+        self.busy_s = 0.0
+
+    def submit(self, batch: list[Outgoing]) -> None:
+        self.q.put(batch)
+
+    def stop(self) -> None:
+        self.q.put(None)
+
+    def run(self) -> None:
+        while True:
+            batch = self.q.get()
+            if batch is None:
+                return
+            stop = False
+            while True:  # coalesce whatever else is already waiting
+                try:
+                    more = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.extend(more)
+            try:
+                self._ship(batch)
+            except Exception as exc:  # noqa: BLE001 - keep the worker alive; leases cover the loss
+                log.exception("publish failed")
+                self._on_error(exc)
+            if stop:
+                return
+
+    def _ship(self, batch: list[Outgoing]) -> None:
+        started = time.perf_counter()
+        pipe = self.r.pipeline(transaction=False)
+        channels: dict[str, list] = defaultdict(list)
+        done = []
+        for o in batch:
+            if isinstance(o.event, TokenEvent):
+                pipe.rpush(keys.output_log(o.model, o.event.request_id), messages.encode(o.event))
+            if o.event is not None:
+                channels[o.reply_to].append(o.event)
+            if o.request_done:
+                done.append(o)
+        for channel, events in channels.items():
+            pipe.publish(channel, messages.encode_batch(events))
+        for o in done:
+            self._complete(args=[keys.tag(o.model), self.worker_id, o.request_id,
+                                 self.fq.s.output_log_ttl_s], client=pipe)
+        pipe.execute()
+        self.published += len(batch)
+        self.round_trips += 1
+        self.busy_s += time.perf_counter() - started
+
+
+class Claimer(threading.Thread):
+    """Claims work whenever an engine has free capacity; sleeps on the models'
+    doorbells (BLPOP) when the queues are empty, so idle workers cost nothing."""
+
+    def __init__(self, client, fq: FairQueue, worker_id: str, engines: dict[str, Engine],
+                 wake: threading.Event, publisher: Publisher, stopping: threading.Event):
+        super().__init__(name="claimer", daemon=True)
+        self.r, self.fq, self.worker_id = client, fq, worker_id
+        self.engines, self.wake, self.publisher, self.stopping = engines, wake, publisher, stopping
+        self.capacity_freed = threading.Event()
+        self.paused = threading.Event()
+        self.claimed = 0
+
+    def run(self) -> None:
+        bells = [keys.doorbell(m) for m in self.engines]
+        while not self.stopping.is_set():
+            if self.paused.is_set():
+                time.sleep(0.05)
+                continue
+            try:
+                got, had_room = self._claim_round()
+                if got:
+                    continue
+                if had_room:
+                    self.r.blpop(bells, timeout=0.25)
+                else:
+                    self.capacity_freed.wait(0.05)
+                    self.capacity_freed.clear()
+            except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
+                log.exception("claim failed; retrying")
+                time.sleep(0.5)
+
+    def _claim_round(self) -> tuple[int, bool]:
+        got, had_room = 0, False
+        for model, engine in self.engines.items():
+            n = engine.capacity()
+            if n <= 0:
+                continue
+            had_room = True
+            res = self.fq.claim_batch(model, self.worker_id, n)
+            for c in res.claimed:
+                log_events = self.fq.output_log(model, c.request.id) if c.attempt > 1 else []
+                engine.add(c, log_events)
+            if res.expired:
+                self.publisher.submit([
+                    Outgoing(model, req.reply_to, req.id, ErrorEvent(
+                        req.id, "request deadline passed before it could start; retry later",
+                        type="timeout", code="deadline_exceeded", status=503))
+                    for req in res.expired
+                ])
+            got += len(res.claimed)
+            self.claimed += len(res.claimed)
+        if got:
+            self.wake.set()
+        return got, had_room
+
+
+class Heartbeat(threading.Thread):
+    """Every period: advertise this worker, renew its leases (dropping requests it no
+    longer owns), reap lapsed leases of its models under a lock, forget dead workers."""
+
+    def __init__(self, client, fq: FairQueue, worker_id: str, engines: dict[str, Engine], info, period_s: float,
+                 ttl_s: float, publisher: Publisher, stopping: threading.Event):
+        super().__init__(name="heartbeat", daemon=True)
+        self.r, self.fq, self.worker_id, self.engines = client, fq, worker_id, engines
+        self.info, self.period_s, self.ttl_s = info, period_s, ttl_s
+        self.publisher, self.stopping = publisher, stopping
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001
+                log.exception("heartbeat failed")
+            self.stopping.wait(self.period_s)
+
+    def beat(self) -> None:
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.worker(self.worker_id), mapping={k: json.dumps(v) if not isinstance(v, str) else v
+                                                        for k, v in self.info().items()})
+        pipe.pexpire(keys.worker(self.worker_id), int(self.ttl_s * 1000))
+        pipe.zadd(keys.WORKERS, {self.worker_id: now})
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", now - self.ttl_s)
+        pipe.execute()
+        for model, engine in self.engines.items():
+            for rid in self.fq.extend_leases(model, self.worker_id, engine.request_ids()):
+                engine.abort(rid)
+            if self.r.set(keys.reaper_lock(model), self.worker_id, nx=True, px=int(self.period_s * 1000)):
+                requeued, failed = self.fq.reap(model)
+                if requeued:
+                    log.warning("requeued %d requests of %s from lapsed leases", len(requeued), model)
+                if failed:
+                    self.publisher.submit([
+                        Outgoing(model, req.reply_to, req.id, ErrorEvent(
+                            req.id, f"request failed on {self.fq.s.max_attempts} workers in a row",
+                            type="server_error", code="worker_failed", status=500))
+                        for req in failed
+                    ])
+
+
+class CancelListener(threading.Thread):
+    def __init__(self, client, engines: dict[str, Engine], stopping: threading.Event):
+        super().__init__(name="cancels", daemon=True)
+        self.r, self.engines, self.stopping = client, engines, stopping
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(keys.CANCEL_CHANNEL)
+                while not self.stopping.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg and msg["type"] == "message":
+                        for engine in self.engines.values():
+                            engine.abort(msg["data"])
+            except Exception:  # noqa: BLE001
+                log.exception("cancel listener lost its connection; resubscribing")
+                time.sleep(0.5)
+            finally:
+                pubsub.close()

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field
+
+from inferstack.settings import CommonSettings
+
+
+class WorkerSettings(CommonSettings):
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    worker_models: str = Field("smollm2-135m", description="Comma-separated registry names this worker serves.")
+    device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:N.")
+    dtype: str | None = Field(None, description="Overrides the registry dtype (float32, bfloat16, float16).")
+    max_batch: int | None = Field(None, description="Overrides the registry's max_batch (sequences per step).")
+    max_prefill_tokens: int | None = Field(None, description="Overrides the registry's prefill budget per step.")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous", description="static = admit only into an empty batch (the baseline for benchmarks)."
+    )
+    heartbeat_s: float = Field(1.0, description="Heartbeat, lease renewal and reaper period.")
+    heartbeat_ttl_s: float = Field(5.0, description="A worker silent this long is considered dead.")
+    drain_timeout_s: float = Field(10.0, description="On SIGTERM, how long running requests may finish.")
+    torch_threads: int | None = Field(None, description="torch intra-op threads (default: torch's choice).")
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.worker_models.split(",") if m.strip()]

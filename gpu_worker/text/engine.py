@@ -1,0 +1,239 @@
+"""The text engine's step loop: schedule -> forward -> sample -> emit -> retire."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
+from gpu_worker.engine import Emit, Outgoing
+from gpu_worker.text.output import OutputProcessor
+from gpu_worker.text.planner import StepPlanner
+from gpu_worker.text.runner import ModelRunner
+from gpu_worker.text.sampler import Sampler
+from gpu_worker.text.sequence import SeqStatus, Sequence
+from inferstack.registry import ModelSpec
+from scheduler.queue import Claimed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request: GenerateRequest
+    seqs: list[Sequence] = field(default_factory=list)
+    first_event_sent: bool = False
+
+    @property
+    def done(self) -> bool:
+        return all(s.status.finished for s in self.seqs)
+
+
+class TextEngine:
+    def __init__(self, spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype,
+                 max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False):
+        from transformers import AutoTokenizer
+
+        self.model = spec.name
+        self.spec = spec
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self._backend_tokenizer = self.tokenizer.backend_tokenizer
+        max_seqs = max_seqs or spec.max_batch
+        self.runner = ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs,
+                                  context_length=spec.context_length)
+        self.sampler = Sampler(self._eos_ids(), self._token_text)
+        self.planner = StepPlanner(self.runner.cache, max_seqs=max_seqs,
+                                   max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static)
+        self._requests: dict[str, _Request] = {}
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()  # add/abort arrive from IO threads
+        self._inbox: list[tuple[Claimed, list[TokenEvent]]] = []
+        self.steps = 0
+        self.tokens_generated = 0
+
+    # -- what the worker calls --------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self.runner.context_length
+
+    def capacity(self) -> int:
+        with self._lock:
+            pending = sum(c.request.params.n for c, _ in self._inbox)
+        return max(0, self.planner.free_capacity() - pending)
+
+    def add(self, claimed: Claimed, log_events: list[TokenEvent]) -> None:
+        with self._lock:
+            self._inbox.append((claimed, log_events))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            if self._inbox or self._aborts:
+                return True
+        return self.planner.has_work()
+
+    def request_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._requests) + [c.request.id for c, _ in self._inbox]
+
+    def step(self, emit: Emit) -> None:
+        out: list[Outgoing] = []
+        self._take_inbox(out)
+        self._retire_finished(out)  # aborted ones leave before they cost a forward pass
+        plan = self.planner.schedule()
+        if plan.prefill:
+            seqs, chunks = plan.prefill, plan.chunks
+            token_chunks = [s.all_ids[s.num_computed: s.num_computed + n] for s, n in zip(seqs, chunks)]
+            logits = self.runner.forward(seqs[0].slot, token_chunks, [s.num_computed for s in seqs],
+                                         self.planner.used_len())
+            done = []
+            for row, (seq, n) in enumerate(zip(seqs, chunks)):
+                seq.num_computed += n
+                if seq.pending_prefill == 0:
+                    done.append(row)
+            if done:
+                finished_prefill = [seqs[i] for i in done]
+                self._sample_and_emit(logits[done], finished_prefill, out)
+                for seq in sorted(finished_prefill, key=lambda s: s.slot):
+                    if not seq.status.finished:
+                        self.planner.promote(seq)
+            if out:
+                emit(out)  # first tokens go out now, not after the decode pass
+                out = []
+        if plan.decode:
+            seqs = plan.decode
+            logits = self.runner.forward(0, [[s.output_ids[-1]] for s in seqs],
+                                         [s.num_computed for s in seqs], self.planner.used_len())
+            for seq in seqs:
+                seq.num_computed += 1
+            self._sample_and_emit(logits, seqs, out)
+        self._retire_finished(out)
+        self.steps += 1
+        if out:
+            emit(out)
+
+    # -- internals --------------------------------------------------------------
+
+    def _take_inbox(self, out: list[Outgoing]) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        for claimed, log_events in inbox:
+            self._admit(claimed, log_events, out)
+        for rid in aborts:
+            state = self._requests.get(rid)
+            if state:
+                for seq in state.seqs:
+                    if not seq.status.finished:
+                        seq.status = SeqStatus.FINISHED_ABORTED
+
+    def _admit(self, claimed: Claimed, log_events: list[TokenEvent], out: list[Outgoing]) -> None:
+        req = claimed.request
+        limit = self.context_length
+        if len(req.prompt_token_ids) >= limit:
+            out.append(Outgoing(self.model, req.reply_to, req.id, ErrorEvent(
+                req.id, f"prompt of {len(req.prompt_token_ids)} tokens exceeds the context of {limit}",
+                type="invalid_request_error", code="context_length_exceeded", status=400), request_done=True))
+            return
+        state = _Request(req)
+        prior: dict[int, list[TokenEvent]] = {}
+        for ev in log_events:
+            prior.setdefault(ev.choice, []).append(ev)
+        for choice in range(req.params.n):
+            seq = Sequence(req, choice, list(req.prompt_token_ids))
+            seq.output = OutputProcessor(self._backend_tokenizer, req.params.stop, req.params.skip_special_tokens,
+                                         req.prompt_token_ids, reasoning=req.reasoning)
+            events = sorted(prior.get(choice, []), key=lambda e: e.start)
+            if events:
+                state.first_event_sent = True
+                for ev in events:
+                    for tok in ev.token_ids[len(seq.output_ids) - ev.start:]:
+                        seq.output_ids.append(tok)
+                        seq.output.push(tok)  # rebuild detokenizer and stop state; text was sent
+                seq.emitted_tokens = len(seq.output_ids)
+                if any(ev.finish_reason for ev in events):
+                    seq.status = SeqStatus.FINISHED_STOPPED
+            state.seqs.append(seq)
+            if not seq.status.finished:
+                self.planner.add(seq)
+        self._requests[req.id] = state
+
+    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence], out: list[Outgoing]) -> None:
+        tokens, records = self.sampler(logits, seqs)
+        self.tokens_generated += len(tokens)
+        for seq, tok, record in zip(seqs, tokens, records):
+            if seq.status.finished:  # aborted while in flight
+                continue
+            seq.output_ids.append(tok)
+            if record is not None:
+                seq.logprobs.append(record)
+            self._check_stop(seq, tok)
+            out.append(self._event(seq))
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        text, reasoning, stopped = seq.output.push(tok)
+        seq.pending_text += text
+        seq.pending_reasoning += reasoning
+        n_out = len(seq.output_ids)
+        if stopped:
+            seq.status = SeqStatus.FINISHED_STOPPED
+        elif n_out >= p.min_tokens and (
+            (tok in self.sampler.eos and not p.ignore_eos) or tok in p.stop_token_ids
+        ):
+            seq.status = SeqStatus.FINISHED_STOPPED
+        elif n_out >= p.max_tokens or seq.length >= self.context_length:
+            seq.status = SeqStatus.FINISHED_LENGTH
+        if seq.status.finished and not stopped:
+            tail, tail_reasoning = seq.output.flush()
+            seq.pending_text += tail
+            seq.pending_reasoning += tail_reasoning
+
+    def _event(self, seq: Sequence) -> Outgoing:
+        state = self._requests[seq.request_id]
+        ev = TokenEvent(
+            request_id=seq.request_id, choice=seq.choice, start=seq.emitted_tokens,
+            token_ids=seq.output_ids[seq.emitted_tokens:], text=seq.pending_text, reasoning=seq.pending_reasoning,
+            finish_reason=seq.finish_reason, logprobs=seq.logprobs or None,
+        )
+        if not state.first_event_sent:
+            ev.cached_tokens = seq.num_cached
+            state.first_event_sent = True
+        seq.emitted_tokens = len(seq.output_ids)
+        seq.logprobs = []
+        seq.pending_text = seq.pending_reasoning = ""
+        return Outgoing(self.model, seq.request.reply_to, seq.request_id, ev)
+
+    def _retire_finished(self, out: list[Outgoing]) -> None:
+        for rid in list(self._requests):
+            state = self._requests[rid]
+            for seq in state.seqs:
+                if seq.status.finished:
+                    self.planner.retire(seq)
+            if state.done:
+                del self._requests[rid]
+                # Aborted requests get no event: the client is gone, or another worker
+                # owns the request now. The release is a no-op for a lost lease.
+                out.append(Outgoing(self.model, state.request.reply_to, rid, None, request_done=True))
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen = getattr(self.runner.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        for value in (eos if isinstance(eos, list) else [eos]):
+            if value is not None:
+                ids.add(int(value))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])

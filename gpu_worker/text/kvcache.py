@@ -1,0 +1,122 @@
+"""The batch KV cache of the text engine: one row ("slot") per admitted sequence.
+
+Each sequence writes its keys and values at its own absolute positions, so
+sequences of different lengths share one batch without left padding, a newcomer
+joins by writing its prefill into a free row (no re-padding or concatenation of
+the running batch), and a finished sequence leaves by moving the last row into its
+place. Rows ``[0, n_running)`` hold decoding sequences and ``[n_running, n)`` those
+still prefilling, so every forward pass reads one contiguous block of rows.
+
+The model sees this object as ``past_key_values``: transformers' attention layers
+call ``update(key, value, layer_idx)`` and attend over what it returns; the 4-D
+mask built by the runner hides the columns a row does not own.
+
+``to_layers`` / ``from_layers`` exchange one row's cache as the legacy
+per-layer ``(key, value)`` tuple format, the format the session store keeps and
+the one ``DynamicCache(ddp_cache_data=...)`` accepts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    is_compileable = False
+
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device, max_len: int, init_len: int = 256):
+        self.num_layers = num_layers
+        self.num_slots = num_slots
+        self.shape_tail = (kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.max_len = max_len
+        self.init_len = min(init_len, max_len)
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._allocate(self.init_len)
+        # Set by the runner before each forward pass.
+        self._rows = slice(0, 0)
+        self._row_index: torch.Tensor | None = None
+        self._cols: torch.Tensor | None = None
+        self._kv_len = 0
+
+    # -- memory -----------------------------------------------------------------
+
+    def _allocate(self, length: int, keep: int = 0) -> None:
+        h, d = self.shape_tail
+        new_k, new_v = [], []
+        for i in range(self.num_layers):
+            k = torch.zeros(self.num_slots, h, length, d, dtype=self.dtype, device=self.device)
+            v = torch.zeros_like(k)
+            if keep:
+                k[:, :, :keep] = self.keys[i][:, :, :keep]
+                v[:, :, :keep] = self.values[i][:, :, :keep]
+            new_k.append(k)
+            new_v.append(v)
+        self.keys, self.values = new_k, new_v
+        self.capacity = length
+
+    def ensure(self, length: int, used: int) -> None:
+        """Make room for ``length`` columns, keeping the first ``used``."""
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} tokens exceeds the cache limit of {self.max_len}")
+        if length > self.capacity:
+            self._allocate(min(self.max_len, max(length, 2 * self.capacity)), keep=used)
+
+    def shrink(self, used: int) -> None:
+        """Give memory back once long sequences have left."""
+        if self.capacity > self.init_len and used * 4 <= self.capacity:
+            self._allocate(max(self.init_len, 2 * used), keep=used)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    # -- rows -------------------------------------------------------------------
+
+    def move_row(self, src: int, dst: int) -> None:
+        if src == dst:
+            return
+        for t in self.keys + self.values:
+            t[dst].copy_(t[src])
+
+    def swap_rows(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        for t in self.keys + self.values:
+            tmp = t[a].clone()
+            t[a].copy_(t[b])
+            t[b].copy_(tmp)
+
+    def to_layers(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copy of one row's first ``length`` positions, one (key, value) per layer."""
+        return [(k[row, :, :length].clone(), v[row, :, :length].clone()) for k, v in zip(self.keys, self.values)]
+
+    def from_layers(self, row: int, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        """Write a stored cache into a row's first ``length`` positions."""
+        for i, (k, v) in enumerate(layers):
+            self.keys[i][row, :, :length].copy_(k[:, :length], non_blocking=True)
+            self.values[i][row, :, :length].copy_(v[:, :length], non_blocking=True)
+
+    # -- the forward pass -------------------------------------------------------
+
+    def plan(self, first_row: int, starts: torch.Tensor, query_len: int, kv_len: int) -> None:
+        """Rows ``first_row .. first_row+len(starts)`` each write ``query_len`` tokens at
+        columns ``start .. start+query_len`` and attend over ``kv_len`` columns."""
+        m = starts.shape[0]
+        self._rows = slice(first_row, first_row + m)
+        self._row_index = torch.arange(m, device=self.device).unsqueeze(1)
+        self._cols = starts.unsqueeze(1) + torch.arange(query_len, device=self.device).unsqueeze(0)
+        self._kv_len = kv_len
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k = self.keys[layer_idx][self._rows]
+        v = self.values[layer_idx][self._rows]
+        k[self._row_index, :, self._cols] = key_states.transpose(1, 2).to(k.dtype)
+        v[self._row_index, :, self._cols] = value_states.transpose(1, 2).to(v.dtype)
+        return k[:, :, : self._kv_len], v[:, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len

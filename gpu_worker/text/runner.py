@@ -1,0 +1,79 @@
+"""The only part of the text engine that touches torch models."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from gpu_worker.text.kvcache import SlotKVCache
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path | str, *, device: torch.device, dtype: torch.dtype, max_slots: int,
+                 context_length: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.device, self.dtype = device, dtype
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, attn_implementation="sdpa"
+        ).to(device).eval()
+        cfg = self.model.config.get_text_config()
+        self.config = cfg
+        self.context_length = context_length or getattr(cfg, "max_position_embeddings", 4096)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.cache = SlotKVCache(
+            cfg.num_hidden_layers, max_slots, kv_heads, head_dim,
+            dtype=dtype, device=device, max_len=self.context_length,
+        )
+        self.bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self._additive_mask = self.model.config._attn_implementation != "sdpa"
+
+    @torch.inference_mode()
+    def forward(self, first_row: int, chunks: list[list[int]], starts: list[int], used_len: int) -> torch.Tensor:
+        """Run ``chunks[j]`` for cache row ``first_row + j``, whose first ``starts[j]``
+        tokens are already cached. Returns the logits after each chunk's last token.
+        ``used_len`` = columns in use over all rows (kept if the cache grows)."""
+        m = len(chunks)
+        query_len = max(len(c) for c in chunks)
+        lens = torch.tensor([len(c) for c in chunks], device=self.device)
+        start_t = torch.tensor(starts, device=self.device)
+        ends = start_t + lens
+        kv_len = int(max(s + query_len for s in starts))
+        self.cache.ensure(kv_len, used_len)
+
+        ids = torch.zeros(m, query_len, dtype=torch.long)
+        for j, c in enumerate(chunks):
+            ids[j, : len(c)] = torch.tensor(c, dtype=torch.long)  # right-padded
+        ids = ids.to(self.device)
+        offsets = torch.arange(query_len, device=self.device)
+        positions = start_t.unsqueeze(1) + offsets.unsqueeze(0)  # [m, L]
+        cols = torch.arange(kv_len, device=self.device)
+        # Row j, query i sees columns <= its own position and none past the row's data;
+        # padded queries (i >= len) see their prefix too, so no row is fully masked.
+        mask = (cols.view(1, 1, -1) <= positions.unsqueeze(-1)) & (cols.view(1, 1, -1) < ends.view(-1, 1, 1).clamp(min=1))
+        mask = mask | ((offsets.view(1, -1, 1) >= lens.view(-1, 1, 1)) & (cols.view(1, 1, -1) == 0))
+        mask = mask.unsqueeze(1)  # [m, 1, L, kv_len]
+        if self._additive_mask:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(self.dtype).min
+            )
+        self.cache.plan(first_row, start_t, query_len, kv_len)
+        keep = (lens - 1).unsqueeze(1)  # [m, 1]: position of each chunk's last token
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions,
+            past_key_values=self.cache, use_cache=True, logits_to_keep=keep,
+        )
+        return out.logits[:, -1, :]

@@ -1,0 +1,133 @@
+"""Logits -> next tokens, with per-request parameters inside one batch.
+
+Order of operations (as in vLLM): raw logprobs for reporting; penalties
+(repetition, frequency, presence); min_tokens; then greedy rows take the argmax and
+sampling rows apply temperature, top-k, top-p and min-p and draw. A request with a
+seed draws from a generator seeded by (seed, choice, position), so it is
+reproducible inside any batch and after a resume on another worker.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_worker.text.sequence import Sequence
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def position_seed(seed: int, choice: int, position: int) -> int:
+    return (seed * 1_000_003 + choice * 7_919 + position * _SEED_MIX) % (2**63 - 1)
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int], token_text):
+        self.eos = sorted(eos_token_ids)
+        self._token_text = token_text
+        """Callable id -> str, used only for logprob records."""
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
+        logits = logits.float()
+        want_logprobs = [s.params.logprobs for s in seqs]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        if any(_has_penalty(s) for s in seqs) or any(_blocks_stop(s) for s in seqs):
+            logits = logits.clone()
+            for row, seq in enumerate(seqs):
+                if _has_penalty(seq):
+                    _apply_penalties(logits[row], seq)
+                if _blocks_stop(seq):
+                    banned = list(self.eos) + list(seq.params.stop_token_ids)
+                    logits[row, banned] = float("-inf")
+
+        greedy = [s.params.temperature == 0.0 for s in seqs]
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            g_rows = [i for i, g in enumerate(greedy) if g]
+            s_rows = [i for i, g in enumerate(greedy) if not g]
+            if g_rows:
+                tokens[g_rows] = logits[g_rows].argmax(dim=-1)
+            tokens[s_rows] = self._sample(logits[s_rows], [seqs[i] for i in s_rows])
+
+        token_list = tokens.tolist()
+        records: list[dict | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            for row, seq in enumerate(seqs):
+                if want_logprobs[row]:
+                    records[row] = self._record(raw_logprobs[row], token_list[row], seq.params.top_logprobs)
+        return token_list, records
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=logits.device).unsqueeze(1)
+        logits = logits / temps
+        top_k = [s.params.top_k for s in seqs]
+        top_p = [s.params.top_p for s in seqs]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = _top_k_top_p(logits, top_k, top_p)
+        min_p = [s.params.min_p for s in seqs]
+        if any(m > 0 for m in min_p):
+            probs = torch.softmax(logits, dim=-1)
+            threshold = torch.tensor(min_p, dtype=probs.dtype, device=probs.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+
+        out = torch.empty(len(seqs), dtype=torch.long, device=probs.device)
+        unseeded = [i for i, s in enumerate(seqs) if s.params.seed is None]
+        if unseeded:
+            out[unseeded] = torch.multinomial(probs[unseeded], 1).squeeze(1)
+        for i, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                gen = torch.Generator(device=probs.device)
+                gen.manual_seed(position_seed(seq.params.seed, seq.choice, len(seq.output_ids)))
+                out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+        return out
+
+    def _record(self, logprobs: torch.Tensor, token: int, top_n: int) -> dict:
+        record = {"token": self._token_text(token), "id": token, "logprob": float(logprobs[token])}
+        if top_n > 0:
+            values, ids = logprobs.topk(top_n)
+            record["top_logprobs"] = [
+                {"token": self._token_text(i), "id": i, "logprob": v}
+                for v, i in zip(values.tolist(), ids.tolist())
+            ]
+        else:
+            record["top_logprobs"] = []
+        return record
+
+
+def _has_penalty(seq: Sequence) -> bool:
+    p = seq.params
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _blocks_stop(seq: Sequence) -> bool:
+    return len(seq.output_ids) < seq.params.min_tokens
+
+
+def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)), dtype=torch.long, device=row.device)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if seq.output_ids and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
+        counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long, device=row.device), minlength=row.shape[0])
+        counts = counts[: row.shape[0]].to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    dev = logits.device
+    ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev).unsqueeze(1)
+    ranks = torch.arange(vocab, device=dev).unsqueeze(0)
+    sorted_logits = sorted_logits.masked_fill(ranks >= ks, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass strictly before each token
+    ps = torch.tensor(top_p, dtype=probs.dtype, device=dev).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill((before > ps) & (ranks > 0), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)

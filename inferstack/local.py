@@ -1,0 +1,130 @@
+"""``inferstack up``: the whole stack on one machine — a private Redis (unless
+REDIS_URL is set), the API and one worker — with Ctrl-C stopping all of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from gpu_worker.settings import WorkerSettings
+from inferstack import modelstore
+from inferstack.registry import Registry
+
+
+def say(msg: str) -> None:
+    print(f"[inferstack] {msg}", flush=True)
+
+
+def prepare(names: list[str] | None = None) -> list[str]:
+    """Make the models' weights loadable now (converting once); returns the ready ones."""
+    settings = WorkerSettings()
+    registry = Registry.load(settings.models_file)
+    names = names or settings.model_names
+    ready = []
+    for name in names:
+        spec = registry.get(name)
+        if spec is None:
+            say(f"unknown model {name!r} (registry: {', '.join(registry.names())})")
+            continue
+        try:
+            path = modelstore.resolve(spec, settings.cache_dir)
+            say(f"{name}: ready at {path}")
+            ready.append(name)
+        except modelstore.ModelUnavailable as exc:
+            say(f"skipping {exc}")
+    return ready
+
+
+def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float = 300) -> bool:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        for name, p in procs.items():
+            if p.poll() is not None:
+                say(f"{name} exited with code {p.returncode}; see its log above")
+                return False
+        try:
+            r = httpx.get(f"{url}/ready", timeout=2)
+            if r.status_code == 200:
+                return True
+            reason = r.json().get("reason", "")
+        except httpx.HTTPError:
+            reason = "API starting"
+        if reason != last:
+            say(f"waiting: {reason} ...")
+            last = reason
+        time.sleep(0.5)
+    say("the stack did not become ready in time")
+    return False
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def run_local(port: int | None = None) -> int:
+    port = port or int(os.environ.get("PORT") or os.environ.get("INFERSTACK_PORT") or 8000)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C
+    env = dict(os.environ)
+    redis_server = None
+    if not (env.get("REDIS_URL") or env.get("INFERSTACK_REDIS_URL")):
+        from inferstack.redis_server import RedisServer
+
+        redis_server = RedisServer()
+        env["INFERSTACK_REDIS_URL"] = redis_server.url
+        say(f"started redis-server on port {redis_server.port}")
+    else:
+        say(f"using Redis at {env.get('INFERSTACK_REDIS_URL') or env.get('REDIS_URL')}")
+
+    models = prepare()
+    if not models:
+        say("no model is available on this host; nothing to serve")
+        if redis_server:
+            redis_server.stop()
+        return 1
+    env["INFERSTACK_WORKER_MODELS"] = ",".join(models)
+    env["INFERSTACK_PORT"] = str(port)
+    env.setdefault("INFERSTACK_HOST", "127.0.0.1")
+    procs: dict[str, subprocess.Popen] = {}
+    code = 0
+    try:
+        procs["api"] = subprocess.Popen([sys.executable, "-m", "inferstack.cli", "api"], env=env)
+        procs["worker"] = subprocess.Popen([sys.executable, "-m", "inferstack.cli", "worker"], env=env)
+        url = f"http://{env['INFERSTACK_HOST']}:{port}"
+        if not _wait_ready(url, procs):
+            return 1
+        model = models[0]
+        print(f"""
+Inference Stack is up at {url}  (Ctrl-C stops everything)
+
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+  OpenAI SDK: OpenAI(base_url="{url}/v1", api_key="unused")
+""", flush=True)
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(0.5)
+        for name, p in procs.items():
+            if p.poll() is not None:
+                say(f"{name} exited with code {p.returncode}; stopping the rest")
+                code = 1
+    except KeyboardInterrupt:
+        say("stopping ...")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if redis_server:
+            redis_server.stop()
+        say("stopped")
+    return code

@@ -1,0 +1,52 @@
+-- Admit one request, or refuse it with a reason and a Retry-After.
+-- ARGV: prefix, rid, payload, user, tier, cost, weight, timeout_s, max_queue,
+--       tier_share, user_cap, now(optional)
+-- Returns {"ok", queued_len} or {reason, retry_after_s, detail}.
+local rid, payload, user, tier = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local cost, weight, timeout = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local max_queue, share, user_cap = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local now = now_s(ARGV[12])
+
+local len = num(redis.call("HGET", K_STATE, "len"), 0)
+local rate = num(redis.call("HGET", K_DRAIN, "rate"), 0)
+local queued_cost = 0
+for _, t in ipairs(TIERS) do queued_cost = queued_cost + num(redis.call("HGET", K_STATE, "cost:" .. t), 0) end
+local avg_cost = (len > 0) and (queued_cost / len) or cost
+
+-- seconds until `n` requests' worth of queued work has drained (1 s when unknown)
+local function drain_time(units)
+  if rate <= 0 then return 1 end
+  return math.max(1, math.ceil(units / rate))
+end
+
+-- Lower tiers see a smaller share of the queue: under pressure they are shed first.
+local limit = math.floor(max_queue * share)
+if len >= limit then
+  return {"queue_full", drain_time((len - limit + 1) * avg_cost), tostring(limit)}
+end
+local ucount = num(redis.call("HGET", K_UCOUNT, user), 0)
+if ucount >= user_cap then
+  return {"user_cap", drain_time(avg_cost), tostring(user_cap)}
+end
+-- Work that will run before this request: everything queued in its tier and above.
+local ahead = 0
+for _, t in ipairs(TIERS) do
+  if RANK[t] >= RANK[tier] then ahead = ahead + num(redis.call("HGET", K_STATE, "cost:" .. t), 0) end
+end
+if rate > 0 and ahead / rate > timeout then
+  return {"wait_exceeds_deadline", drain_time(ahead - rate * timeout), string.format("%.1f", ahead / rate)}
+end
+
+-- Start-time fair queueing: S = max(V_tier, F_user), F_user = S + cost / weight.
+local v = num(redis.call("HGET", K_STATE, "v:" .. tier), 0)
+local f_user = num(redis.call("HGET", K_STATE, "f:" .. tier .. ":" .. user), 0)
+local start = math.max(v, f_user)
+redis.call("HSET", K_STATE, "f:" .. tier .. ":" .. user, tostring(start + cost / weight))
+
+redis.call("HSET", k_req(rid),
+  "payload", payload, "user", user, "tier", tier, "cost", cost, "start", tostring(start),
+  "enq", tostring(now), "deadline", tostring(now + timeout), "state", "queued", "attempts", 0)
+insert_waiting(rid, tier, user, start, now, false)
+redis.call("LPUSH", K_BELL, "1")
+redis.call("LTRIM", K_BELL, 0, 63)
+return {"ok", len + 1}

@@ -1,0 +1,143 @@
+"""What the API and the workers call: admit, claim, extend, complete, reap, cancel.
+
+Each operation is one Lua script (``lua/``), so every state change is atomic and
+every key it touches shares the model's hash tag. ``FairQueue`` wraps a sync client
+(workers, tools, tests); ``AsyncFairQueue`` an asyncio client (the API).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+from broker import keys, messages
+from broker.messages import GenerateRequest
+from scheduler.settings import SchedulerSettings
+
+
+def _script(name: str) -> str:
+    lua = resources.files("scheduler") / "lua"
+    return (lua / "common.lua").read_text() + "\n" + (lua / name).read_text()
+
+
+SCRIPTS = {name: _script(f"{name}.lua") for name in ("enqueue", "claim", "cancel", "extend", "complete", "reap")}
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    admitted: bool
+    reason: str = ""
+    """``queue_full``, ``user_cap`` or ``wait_exceeds_deadline`` when refused."""
+    retry_after_s: int = 0
+    detail: str = ""
+    queued: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    request: GenerateRequest
+    attempt: int
+    """1 on the first claim; more after a lease lapsed (resume from the output log)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    claimed: list[Claimed]
+    expired: list[GenerateRequest]
+    """Deadline passed before they started: the caller reports them, never runs them."""
+
+
+def _now_arg(now: float | None) -> str:
+    return "" if now is None else repr(now)
+
+
+def _enqueue_args(req: GenerateRequest, s: SchedulerSettings, weight: float, timeout_s: float | None,
+                  user_cap: int | None, now: float | None):
+    return [
+        keys.tag(req.model), req.id, messages.encode(req), req.user, str(req.tier), req.cost, weight,
+        s.default_deadline_s if timeout_s is None else timeout_s, s.max_queue, s.tier_share(req.tier),
+        s.max_queue_per_user if user_cap is None else user_cap, _now_arg(now),
+    ]
+
+
+def _admission(res) -> Admission:
+    if res[0] == "ok":
+        return Admission(True, queued=int(res[1]))
+    return Admission(False, reason=res[0], retry_after_s=int(res[1]), detail=str(res[2]))
+
+
+class FairQueue:
+    """Synchronous face of the queue (workers, tests, tools)."""
+
+    def __init__(self, client, settings: SchedulerSettings):
+        self.r = client
+        self.s = settings
+        self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+
+    def enqueue(self, req: GenerateRequest, *, weight: float = 1.0, timeout_s: float | None = None,
+                user_cap: int | None = None, now: float | None = None) -> Admission:
+        """Admit ``req`` (it must start within ``timeout_s``) or say why not."""
+        return _admission(self._scripts["enqueue"](args=_enqueue_args(req, self.s, weight, timeout_s, user_cap, now)))
+
+    def claim_batch(self, model: str, worker_id: str, n: int, *, now: float | None = None) -> ClaimResult:
+        """Atomically take up to ``n`` requests for ``model``, in policy order, leased to ``worker_id``."""
+        if n <= 0:
+            return ClaimResult([], [])
+        claimed, expired = self._scripts["claim"](
+            args=[keys.tag(model), worker_id, n, self.s.lease_s, self.s.aging_step_s, _now_arg(now)]
+        )
+        return ClaimResult(
+            [Claimed(messages.decode(claimed[i + 1]), int(claimed[i + 2])) for i in range(0, len(claimed), 3)],
+            [messages.decode(expired[i + 1]) for i in range(0, len(expired), 2)],
+        )
+
+    def extend_leases(self, model: str, worker_id: str, request_ids: list[str], *, now: float | None = None) -> list[str]:
+        """Renew this worker's leases; returns ids it must drop (cancelled or taken over)."""
+        if not request_ids:
+            return []
+        return list(self._scripts["extend"](args=[keys.tag(model), worker_id, self.s.lease_s, _now_arg(now), *request_ids]))
+
+    def complete(self, model: str, worker_id: str, request_id: str) -> bool:
+        return bool(self._scripts["complete"](args=[keys.tag(model), worker_id, request_id, self.s.output_log_ttl_s]))
+
+    def reap(self, model: str, *, now: float | None = None) -> tuple[list[str], list[GenerateRequest]]:
+        """Requeue lapsed leases; returns (requeued ids, requests out of attempts)."""
+        requeued, failed = self._scripts["reap"](args=[keys.tag(model), self.s.max_attempts, _now_arg(now)])
+        return list(requeued), [messages.decode(failed[i + 1]) for i in range(0, len(failed), 2)]
+
+    def cancel(self, model: str, request_id: str) -> str:
+        return self._scripts["cancel"](args=[keys.tag(model), request_id])
+
+    def depth(self, model: str) -> dict[str, int]:
+        state = self.r.hgetall(keys.tier_state(model))
+        return {t: int(state.get(f"len:{t}", 0)) for t in ("high", "normal", "low")}
+
+    def output_log(self, model: str, request_id: str) -> list:
+        return [messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1)]
+
+    def wait_for_work(self, model: str, timeout_s: float) -> None:
+        """Block until an enqueue rings the model's doorbell (or the timeout)."""
+        self.r.blpop([keys.doorbell(model)], timeout=timeout_s)
+
+
+class AsyncFairQueue:
+    """asyncio face of the queue, for the API: admission and cancellation."""
+
+    def __init__(self, client, settings: SchedulerSettings):
+        self.r = client
+        self.s = settings
+        self._scripts = {name: client.register_script(SCRIPTS[name]) for name in ("enqueue", "cancel")}
+
+    async def enqueue(self, req: GenerateRequest, *, weight: float = 1.0, timeout_s: float | None = None,
+                      user_cap: int | None = None) -> Admission:
+        args = _enqueue_args(req, self.s, weight, timeout_s, user_cap, None)
+        return _admission(await self._scripts["enqueue"](args=args))
+
+    async def cancel(self, model: str, request_id: str) -> str:
+        return await self._scripts["cancel"](args=[keys.tag(model), request_id])
+
+    async def depth(self, model: str) -> dict[str, int]:
+        state = await self.r.hgetall(keys.tier_state(model))
+        return {t: int(state.get(f"len:{t}", 0)) for t in ("high", "normal", "low")}
+
+
