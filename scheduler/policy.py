@@ -3,10 +3,12 @@
 through both and require the same claim order.
 
 * Tiers: high (rank 2) > normal (1) > low (0).
-* Aging: a tier's effective level is its rank plus one per ``step`` seconds its
-  oldest request has waited, capped at 3; the highest level goes first, a tie to the
-  tier whose oldest request waited longer. A tier that won by aging yields its
-  oldest request; otherwise its fair-queue head.
+* Aging: a tier's effective level is its rank plus one per ``step`` seconds
+  (``aging_max_wait_s / 3``) its oldest request has waited, capped at 3 ("overdue",
+  above high). The highest level goes first; a tie to the higher tier, except
+  among overdue tiers, where the longest wait goes first. So a low request outranks
+  fresh high work once it has waited ``aging_max_wait_s``. A tier that won by aging
+  yields its oldest request; otherwise its fair-queue head.
 * Fairness within a tier: start-time fair queueing on token cost. A request's start
   tag is ``max(V, F_user)``; the user's finish tag becomes ``start + cost/weight``;
   the head request with the smallest start tag goes first (ties: by user name, as
@@ -68,12 +70,12 @@ class FairQueueModel:
                     continue
                 oldest = min(self.by_age[tier].values(), key=lambda w: (w.enq, w.rid))
                 waited = now - oldest.enq
-                key = (effective_level(tier, waited, self.step_s), waited)
-                if best is None or key > best[0]:
-                    best = (key, tier, oldest)
+                level = effective_level(tier, waited, self.step_s)
+                if best is None or level > best[0] or (level == MAX_LEVEL == best[0] and waited > best[1]):
+                    best = (level, waited, tier, oldest)
             if best is None:
                 break
-            (level, _), tier, oldest = best
+            level, _, tier, oldest = best
             item = oldest if level > RANK[tier] else self._fair_head(tier)
             self.queues[(tier, item.user)].remove(item)
             del self.by_age[tier][item.rid]

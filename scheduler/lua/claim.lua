@@ -11,15 +11,16 @@ local claimed_cost = 0
 
 while #claimed < 3 * n do
   -- Effective level of each tier = its rank, raised one level per `step` seconds its
-  -- oldest request has waited, capped at 3 (above high). Highest level wins; on a tie
-  -- the tier whose oldest request waited longer. (Python twin: scheduler.policy.)
+  -- oldest request has waited, capped at 3 ("overdue", above high). Highest level
+  -- wins; a tie goes to the higher tier (TIERS runs high -> low), except among
+  -- overdue tiers, where the longest wait goes first. (Python twin: scheduler.policy.)
   local best_tier, best_level, best_oldest, best_wait = nil, -1, nil, -1
   for _, t in ipairs(TIERS) do
     local head = redis.call("ZRANGE", k_age(t), 0, 0, "WITHSCORES")
     if head[1] then
       local wait = now - tonumber(head[2])
       local level = math.min(3, RANK[t] + math.floor(wait / step))
-      if level > best_level or (level == best_level and wait > best_wait) then
+      if level > best_level or (level == 3 and best_level == 3 and wait > best_wait) then
         best_tier, best_level, best_oldest, best_wait = t, level, head[1], wait
       end
     end

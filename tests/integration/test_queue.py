@@ -1,0 +1,168 @@
+"""The queue's Lua scripts against a real redis-server."""
+
+import random
+
+import pytest
+
+from broker import keys
+from broker.messages import GenerateRequest, SamplingParams, Tier
+from scheduler.policy import FairQueueModel
+from scheduler.queue import FairQueue
+from scheduler.settings import SchedulerSettings
+
+MODEL = "m"
+
+
+def req(i, user="a", tier="normal", prompt=10, max_tokens=10):
+    return GenerateRequest(id=f"r{i}", model=MODEL, prompt_token_ids=[1] * prompt,
+                           params=SamplingParams(max_tokens=max_tokens), reply_to="is:reply:t", user=user,
+                           tier=Tier(tier))
+
+
+@pytest.fixture
+def fq(rclient):
+    return FairQueue(rclient, SchedulerSettings(lease_s=5, max_queue=100, max_queue_per_user=50))
+
+
+def ids(result):
+    return [c.request.id for c in result.claimed]
+
+
+def test_claim_moves_to_in_flight_with_lease(fq, rclient):
+    fq.enqueue(req(1), now=100.0)
+    res = fq.claim_batch(MODEL, "w1", 4, now=101.0)
+    assert ids(res) == ["r1"] and res.claimed[0].attempt == 1
+    assert rclient.zscore(keys.leases(MODEL), "r1") == pytest.approx(106.0)
+    assert rclient.hget(keys.request(MODEL, "r1"), "worker") == "w1"
+    assert fq.depth(MODEL) == {"high": 0, "normal": 0, "low": 0}
+    assert ids(fq.claim_batch(MODEL, "w2", 4, now=101.0)) == []  # nobody claims it twice
+
+
+def test_claim_takes_what_is_waiting_up_to_n(fq):
+    for i in range(5):
+        fq.enqueue(req(i), now=100.0)
+    assert len(ids(fq.claim_batch(MODEL, "w", 3, now=100.0))) == 3
+    assert len(ids(fq.claim_batch(MODEL, "w", 3, now=100.0))) == 2
+
+
+def test_light_user_is_not_stuck_behind_a_flood(fq):
+    for i in range(100):
+        fq.enqueue(req(i, user="A"), now=100.0)
+    fq.claim_batch(MODEL, "w", 4, now=100.0)
+    fq.enqueue(req(1000, user="B"), now=101.0)
+    assert "r1000" in ids(fq.claim_batch(MODEL, "w", 2, now=101.0))
+
+
+def test_higher_tier_first_then_aging_lifts_low(fq):
+    fq.enqueue(req(1, tier="low"), now=100.0)
+    fq.enqueue(req(2, tier="high"), now=100.5)
+    assert ids(fq.claim_batch(MODEL, "w", 1, now=101.0)) == ["r2"]
+    # keep high work arriving; after aging_max_wait_s the low request outranks it
+    fq.enqueue(req(3, tier="high"), now=129.0)
+    assert ids(fq.claim_batch(MODEL, "w", 1, now=129.5)) == ["r3"]
+    fq.enqueue(req(4, tier="high"), now=130.0)
+    assert ids(fq.claim_batch(MODEL, "w", 1, now=130.5)) == ["r1"]
+
+
+def test_cancel_queued_and_running(fq, rclient):
+    fq.enqueue(req(1), now=100.0)
+    fq.enqueue(req(2), now=100.0)
+    assert fq.cancel(MODEL, "r1") == "dequeued"
+    assert ids(fq.claim_batch(MODEL, "w", 5, now=100.0)) == ["r2"]
+    assert fq.cancel(MODEL, "r2") == "running"
+    assert fq.extend_leases(MODEL, "w", ["r2"], now=101.0) == ["r2"]  # the worker learns to drop it
+    assert fq.cancel(MODEL, "nope") == "gone"
+    assert rclient.hgetall(keys.user_counts(MODEL)) == {}
+
+
+def test_lapsed_lease_is_requeued_first_and_resumable(fq, rclient):
+    fq.enqueue(req(1), now=100.0)
+    fq.enqueue(req(2), now=100.0)
+    assert ids(fq.claim_batch(MODEL, "dead", 1, now=100.0)) == ["r1"]
+    assert fq.extend_leases(MODEL, "dead", ["r1"], now=103.0) == []
+    assert fq.reap(MODEL, now=107.0) == ([], [])  # lease ran to 108
+    requeued, failed = fq.reap(MODEL, now=109.0)
+    assert requeued == ["r1"] and failed == []
+    res = fq.claim_batch(MODEL, "alive", 1, now=109.0)
+    assert ids(res) == ["r1"] and res.claimed[0].attempt == 2
+    assert fq.complete(MODEL, "dead", "r1") is False  # the zombie cannot complete it
+    assert fq.complete(MODEL, "alive", "r1") is True
+
+
+def test_out_of_attempts_fails(rclient):
+    fq = FairQueue(rclient, SchedulerSettings(lease_s=1, max_attempts=2))
+    fq.enqueue(req(1), now=100.0)
+    for t in (100.0, 102.0):
+        assert ids(fq.claim_batch(MODEL, "w", 1, now=t)) == ["r1"]
+        fq.reap(MODEL, now=t + 1.5)
+    assert fq.depth(MODEL)["normal"] == 0
+    assert not rclient.exists(keys.request(MODEL, "r1"))
+
+
+def test_deadline_passed_in_queue_is_expired_not_run(fq):
+    fq.enqueue(req(1), timeout_s=5, now=100.0)
+    fq.enqueue(req(2), timeout_s=50, now=100.0)
+    res = fq.claim_batch(MODEL, "w", 5, now=110.0)
+    assert ids(res) == ["r2"] and [r.id for r in res.expired] == ["r1"]
+
+
+def test_backpressure_sheds_lower_tiers_first(rclient):
+    fq = FairQueue(rclient, SchedulerSettings(max_queue=10, tier_share_low=0.5, tier_share_normal=0.8))
+    results = {}
+    for i in range(10):
+        results[i] = fq.enqueue(req(i, user=f"u{i}", tier="low"), now=100.0).admitted
+    assert sum(results.values()) == 5
+    refused = fq.enqueue(req(50, tier="low"), now=100.0)
+    assert refused.reason == "queue_full" and refused.retry_after_s >= 1
+    assert fq.enqueue(req(60, tier="normal"), now=100.0).admitted
+    assert fq.enqueue(req(61, tier="normal"), now=100.0).admitted
+    assert fq.enqueue(req(62, tier="normal"), now=100.0).admitted
+    assert not fq.enqueue(req(63, tier="normal"), now=100.0).admitted
+    assert fq.enqueue(req(70, tier="high"), now=100.0).admitted
+    assert fq.enqueue(req(71, tier="high"), now=100.0).admitted
+    assert fq.enqueue(req(72, tier="high"), now=100.0).reason == "queue_full"
+    assert not rclient.exists(keys.request(MODEL, "r72"))  # nothing half-enqueued
+
+
+def test_per_user_cap(rclient):
+    fq = FairQueue(rclient, SchedulerSettings(max_queue_per_user=2))
+    assert fq.enqueue(req(1), now=1.0).admitted and fq.enqueue(req(2), now=1.0).admitted
+    refused = fq.enqueue(req(3), now=1.0)
+    assert refused.reason == "user_cap"
+    assert fq.enqueue(req(4, user="other"), now=1.0).admitted
+    assert fq.enqueue(req(5), user_cap=5, now=1.0).admitted  # a key's own cap overrides
+
+
+def test_estimated_wait_beyond_deadline_is_refused(fq, rclient):
+    rclient.hset(keys.drain(MODEL), mapping={"rate": "10", "t0": "0", "acc": "0"})  # 10 tokens/s
+    for i in range(5):
+        assert fq.enqueue(req(i, user=f"u{i}"), timeout_s=100, now=1.0).admitted  # 20 tokens each
+    refused = fq.enqueue(req(9, user="x"), timeout_s=5, now=1.0)  # 100 tokens ahead = 10 s > 5 s
+    assert refused.reason == "wait_exceeds_deadline" and refused.retry_after_s >= 5
+
+
+def test_lua_claim_order_matches_python_twin(rclient):
+    """Random workloads (users, weights, tiers, costs, times) through the Lua scripts
+    and the plain-Python policy: the claim order must be identical."""
+    rng = random.Random(7)
+    settings = SchedulerSettings(aging_max_wait_s=6.0, max_queue=10_000, max_queue_per_user=10_000)
+    for trial in range(15):
+        rclient.flushall()
+        fq = FairQueue(rclient, settings)
+        model = FairQueueModel(step_s=settings.aging_step_s)
+        weights = {u: rng.choice([1.0, 2.0, 0.5]) for u in "abcde"}
+        now, n = 1000.0, 0
+        got, want = [], []
+        for _ in range(60):
+            now += rng.uniform(0, 0.8)
+            if rng.random() < 0.6:
+                user, tier = rng.choice("abcde"), rng.choice(["high", "normal", "low"])
+                r = req(n, user=user, tier=tier, prompt=rng.randint(1, 50), max_tokens=rng.randint(1, 50))
+                n += 1
+                assert fq.enqueue(r, weight=weights[user], now=now).admitted
+                model.enqueue(r.id, user, tier, r.cost, weights[user], now)
+            else:
+                k = rng.randint(1, 4)
+                got += ids(fq.claim_batch(MODEL, "w", k, now=now))
+                want += model.claim(k, now)
+        assert got == want, f"trial {trial}"

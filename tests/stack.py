@@ -1,0 +1,88 @@
+"""Run the API (uvicorn in a thread) and workers (threads) in-process against a real
+redis-server, for integration tests on the tiny model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+from api.app import create_app
+from api.settings import ApiSettings
+from gpu_worker.settings import WorkerSettings
+from gpu_worker.worker import Worker, build_engine
+from inferstack.redis_server import free_port
+from inferstack.registry import Registry
+from scheduler.settings import SchedulerSettings
+
+
+class ApiThread:
+    def __init__(self, settings: ApiSettings, sched: SchedulerSettings):
+        self.url = f"http://127.0.0.1:{settings.port}"
+        config = uvicorn.Config(create_app(settings, sched), host="127.0.0.1", port=settings.port,
+                                log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("API did not start")
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class WorkerThread:
+    def __init__(self, settings: WorkerSettings, sched: SchedulerSettings, registry: Registry, engines=None):
+        device = torch.device("cpu")
+        engines = engines or {name: build_engine(registry[name], settings, device) for name in settings.model_names}
+        self.worker = Worker(settings, sched, engines, device)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+
+    @property
+    def engines(self):
+        return self.worker.engines
+
+    def stop(self):
+        self.worker.request_stop()
+        self.worker.request_stop()
+        self.thread.join(10)
+
+
+class Stack:
+    def __init__(self, redis_url: str, models_file: Path, cache_dir: Path, *, sched: SchedulerSettings | None = None,
+                 workers: int = 1, worker_kw: dict | None = None):
+        self.sched = sched or SchedulerSettings(redis_url=redis_url, lease_s=3)
+        self.registry = Registry.load(models_file)
+        self.api_settings = ApiSettings(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
+                                        port=free_port())
+        self.api = ApiThread(self.api_settings, self.sched)
+        self.worker_kw = dict(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
+                              worker_models=",".join(self.registry.names()), heartbeat_s=0.2, **(worker_kw or {}))
+        self.workers = [self.add_worker() for _ in range(workers)]
+        self.url = self.api.url
+        self.wait_ready()
+
+    def add_worker(self, **kw) -> WorkerThread:
+        settings = WorkerSettings(**{**self.worker_kw, **kw})
+        return WorkerThread(settings, self.sched, self.registry)
+
+    def wait_ready(self, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while httpx.get(f"{self.url}/ready").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("stack not ready")
+            time.sleep(0.05)
+
+    def stop(self):
+        for w in self.workers:
+            w.stop()
+        self.api.stop()

@@ -1,0 +1,33 @@
+from broker import keys, messages
+from broker.messages import ErrorEvent, GenerateRequest, SamplingParams, Tier, TokenEvent
+
+
+def test_request_roundtrip_keeps_types():
+    req = GenerateRequest(
+        id="r1", model="m", prompt_token_ids=[1, 2, 3], reply_to="is:reply:a", user="u", tier=Tier.LOW,
+        params=SamplingParams(max_tokens=7, stop=("a", "bc"), stop_token_ids=(5,), seed=3, n=2),
+        session_id="s", trace={"traceparent": "00-ab-cd-01"},
+    )
+    back = messages.decode(messages.encode(req))
+    assert back == req
+    assert isinstance(back.params.stop, tuple) and back.tier is Tier.LOW
+    assert back.cost == 3 + 7 * 2
+
+
+def test_batch_roundtrip_mixed_events():
+    evs = [TokenEvent("r1", 0, 4, [9, 10], text="hé", finish_reason="stop"), ErrorEvent("r2", "boom", status=503)]
+    assert messages.decode_batch(messages.encode_batch(evs)) == evs
+
+
+def test_keys_share_the_model_hash_tag():
+    model = "smollm2-135m"
+    touched = [keys.request(model, "r"), keys.output_log(model, "r"), keys.user_queue(model, "high", "u"),
+               keys.tier_users(model, "low"), keys.tier_age(model, "normal"), keys.tier_state(model),
+               keys.user_counts(model), keys.leases(model), keys.doorbell(model), keys.drain(model)]
+    assert all("{smollm2-135m}" in k for k in touched)
+    assert len(set(touched)) == len(touched)
+    assert all(k.startswith("is:") for k in touched + [keys.WORKERS, keys.worker("w"), keys.reply_channel("a")])
+
+
+def test_tier_rank_order():
+    assert Tier.HIGH.rank > Tier.NORMAL.rank > Tier.LOW.rank

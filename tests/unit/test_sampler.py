@@ -1,0 +1,89 @@
+"""Sampling parameters, each shown to have its effect on hand-made logits."""
+
+import math
+
+import torch
+
+from broker.messages import GenerateRequest, SamplingParams
+from gpu_worker.text.sampler import Sampler
+from gpu_worker.text.sequence import Sequence
+
+V = 8
+EOS = 7
+
+
+def mk(output=(), prompt=(0,), **params):
+    req = GenerateRequest(id="r", model="m", prompt_token_ids=list(prompt), params=SamplingParams(**params),
+                          reply_to="x")
+    s = Sequence(req, 0, list(prompt))
+    s.output_ids = list(output)
+    return s
+
+
+SAMPLER = Sampler({EOS}, token_text=str)
+LOGITS = torch.tensor([[0.0, 1.0, 3.0, 2.9, -1.0, 0.5, 0.2, 2.0]])
+
+
+def draw(seq, n=300, logits=LOGITS):
+    return [SAMPLER(logits, [seq])[0][0] for _ in range(n)]
+
+
+def test_greedy_is_argmax():
+    assert SAMPLER(LOGITS, [mk(temperature=0.0)])[0] == [2]
+
+
+def test_top_k_restricts_the_support():
+    assert set(draw(mk(temperature=1.0, top_k=2))) <= {2, 3}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.softmax(LOGITS[0], -1)
+    assert probs[2] + probs[3] > 0.5
+    assert set(draw(mk(temperature=1.0, top_p=0.5))) <= {2, 3}
+
+
+def test_min_p_cuts_unlikely_tokens():
+    # token 3 has 0.90x the top probability (kept), token 7 0.37x (cut at min_p 0.5)
+    assert set(draw(mk(temperature=1.0, min_p=0.5))) == {2, 3}
+
+
+def test_temperature_sharpens():
+    cold = draw(mk(temperature=0.05))
+    assert cold.count(2) > 200
+
+
+def test_seed_reproducible_and_position_dependent():
+    a = [SAMPLER(LOGITS, [mk(temperature=1.0, seed=42, output=[1] * i)])[0][0] for i in range(20)]
+    b = [SAMPLER(LOGITS, [mk(temperature=1.0, seed=42, output=[1] * i)])[0][0] for i in range(20)]
+    c = [SAMPLER(LOGITS, [mk(temperature=1.0, seed=43, output=[1] * i)])[0][0] for i in range(20)]
+    assert a == b and a != c
+    # same seed gives the same draw whatever shares the batch
+    batch = SAMPLER(LOGITS.repeat(3, 1), [mk(temperature=1.0), mk(temperature=1.0, seed=42, output=[1] * 5),
+                                          mk(temperature=0.0)])[0]
+    assert batch[1] == a[5] and batch[2] == 2
+
+
+def test_min_tokens_blocks_eos_and_stop_ids():
+    logits = torch.full((1, V), -5.0)
+    logits[0, EOS] = 10.0
+    logits[0, 4] = 9.0
+    assert SAMPLER(logits, [mk(temperature=0.0, min_tokens=2, output=[1])])[0] == [4]
+    assert SAMPLER(logits, [mk(temperature=0.0, min_tokens=2, output=[1, 1])])[0] == [EOS]
+    blocked = mk(temperature=0.0, min_tokens=5, stop_token_ids=(4,))
+    assert SAMPLER(logits, [blocked])[0] not in ([EOS], [4])
+
+
+def test_penalties_push_repeated_tokens_down():
+    logits = torch.tensor([[0.0, 0.0, 3.0, 2.9, 0.0, 0.0, 0.0, 0.0]])
+    assert SAMPLER(logits, [mk(temperature=0.0, output=[2], frequency_penalty=0.2)])[0] == [3]
+    assert SAMPLER(logits, [mk(temperature=0.0, output=[2], presence_penalty=0.2)])[0] == [3]
+    assert SAMPLER(logits, [mk(temperature=0.0, prompt=[2], repetition_penalty=1.1)])[0] == [3]
+    assert SAMPLER(logits, [mk(temperature=0.0, output=[2])])[0] == [2]
+
+
+def test_logprobs_are_raw_model_logprobs():
+    toks, recs = SAMPLER(LOGITS, [mk(temperature=0.0, logprobs=True, top_logprobs=3)])
+    expected = torch.log_softmax(LOGITS[0], -1)
+    assert math.isclose(recs[0]["logprob"], float(expected[2]), rel_tol=1e-5)
+    assert [t["id"] for t in recs[0]["top_logprobs"]] == [2, 3, 7]
+    assert SAMPLER(LOGITS, [mk(temperature=0.0)])[1] == [None]
