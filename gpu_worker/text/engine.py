@@ -93,7 +93,7 @@ class TextEngine:
             seqs, chunks = plan.prefill, plan.chunks
             token_chunks = [s.all_ids[s.num_computed: s.num_computed + n] for s, n in zip(seqs, chunks)]
             logits = self.runner.forward(seqs[0].slot, token_chunks, [s.num_computed for s in seqs],
-                                         self.planner.used_len())
+                                         self.planner.num_admitted, self.planner.used_len())
             done = []
             for row, (seq, n) in enumerate(zip(seqs, chunks)):
                 seq.num_computed += n
@@ -111,11 +111,14 @@ class TextEngine:
         if plan.decode:
             seqs = plan.decode
             logits = self.runner.forward(0, [[s.output_ids[-1]] for s in seqs],
-                                         [s.num_computed for s in seqs], self.planner.used_len())
+                                         [s.num_computed for s in seqs], self.planner.num_admitted,
+                                         self.planner.used_len())
             for seq in seqs:
                 seq.num_computed += 1
             self._sample_and_emit(logits, seqs, out)
         self._retire_finished(out)
+        if not self.planner.slots or self.steps % 64 == 0:
+            self.runner.cache.shrink(self.planner.num_admitted, self.planner.used_len())
         self.steps += 1
         if out:
             emit(out)

