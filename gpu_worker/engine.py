@@ -44,3 +44,6 @@ class Engine(Protocol):
 
     def request_ids(self) -> list[str]:
         """Requests this engine holds (their leases are extended by the heartbeat)."""
+
+    def fail_all(self, message: str, emit: Emit) -> None:
+        """A step raised: report every held request as failed and start clean."""

@@ -99,9 +99,13 @@ class Worker:
         try:
             while not self.halt.is_set():
                 busy = False
-                for engine in self.engines.values():
+                for model, engine in self.engines.items():
                     if engine.has_work():
-                        engine.step(self.publisher.submit)
+                        try:
+                            engine.step(self.publisher.submit)
+                        except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker
+                            log.exception("%s: engine step failed; failing its requests", model)
+                            engine.fail_all(f"{type(exc).__name__}: {exc}", self.publisher.submit)
                         self.claimer.capacity_freed.set()
                         busy = True
                 if busy:

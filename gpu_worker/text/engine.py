@@ -123,6 +123,22 @@ class TextEngine:
         if out:
             emit(out)
 
+    def fail_all(self, message: str, emit: Emit) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            self._aborts.clear()
+        held = [s.request for s in self._requests.values()] + [c.request for c, _ in inbox]
+        self._requests.clear()
+        self.planner.waiting.clear()
+        for seq in self.planner.slots:
+            seq.slot = -1
+        self.planner.slots.clear()
+        self.planner.n_running = 0
+        self.runner.cache.shrink(0, 0)
+        emit([Outgoing(self.model, req.reply_to, req.id, ErrorEvent(
+            req.id, f"the worker failed while generating: {message}", type="server_error",
+            code="engine_error", status=500), request_done=True) for req in held])
+
     # -- internals --------------------------------------------------------------
 
     def _take_inbox(self, out: list[Outgoing]) -> None:

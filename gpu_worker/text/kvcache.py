@@ -48,6 +48,7 @@ class SlotKVCache:
 
     # -- memory: grows (by doubling) in rows and in length, only as far as used ----
 
+    @torch.inference_mode()
     def _allocate(self, rows: int, length: int, keep_rows: int = 0, keep_len: int = 0) -> None:
         h, d = self.shape_tail
         new_k, new_v = [], []
@@ -55,9 +56,10 @@ class SlotKVCache:
             # zeros, not empty: masked columns get zero weight, and 0 * NaN garbage would still be NaN
             k = torch.zeros(rows, h, length, d, dtype=self.dtype, device=self.device)
             v = torch.zeros_like(k)
-            if keep_rows and keep_len:
-                k[:keep_rows, :, :keep_len] = self.keys[i][:keep_rows, :, :keep_len]
-                v[:keep_rows, :, :keep_len] = self.values[i][:keep_rows, :, :keep_len]
+            rows_kept, len_kept = min(keep_rows, self.rows, rows), min(keep_len, self.capacity, length)
+            if rows_kept and len_kept:
+                k[:rows_kept, :, :len_kept] = self.keys[i][:rows_kept, :, :len_kept]
+                v[:rows_kept, :, :len_kept] = self.values[i][:rows_kept, :, :len_kept]
             new_k.append(k)
             new_v.append(v)
         self.keys, self.values = new_k, new_v
@@ -92,12 +94,14 @@ class SlotKVCache:
 
     # -- rows -------------------------------------------------------------------
 
+    @torch.inference_mode()
     def move_row(self, src: int, dst: int) -> None:
         if src == dst:
             return
         for t in self.keys + self.values:
             t[dst].copy_(t[src])
 
+    @torch.inference_mode()
     def swap_rows(self, a: int, b: int) -> None:
         if a == b:
             return
@@ -106,10 +110,12 @@ class SlotKVCache:
             t[a].copy_(t[b])
             t[b].copy_(tmp)
 
+    @torch.inference_mode()
     def to_layers(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copy of one row's first ``length`` positions, one (key, value) per layer."""
         return [(k[row, :, :length].clone(), v[row, :, :length].clone()) for k, v in zip(self.keys, self.values)]
 
+    @torch.inference_mode()
     def from_layers(self, row: int, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
         """Write a stored cache into a row's first ``length`` positions."""
         for i, (k, v) in enumerate(layers):

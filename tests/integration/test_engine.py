@@ -131,3 +131,33 @@ def test_resume_from_output_log_continues_exactly(engine_factory):
         engine.step(lambda batch: events.extend(o.event for o in batch if o.event is not None))
     assert events[0].start == 5
     assert full[:5] + [t for e in events for t in e.token_ids] == full
+
+
+def test_more_rows_than_the_initial_allocation(engine_factory):
+    engine = engine_factory(max_seqs=20)
+    reqs = [request(i, [5 + i % 7] * (2 + i % 5), 3 + i % 4) for i in range(20)]
+    outputs = run(engine, {0: reqs[:5], 1: reqs[5:]})
+    for req in reqs[::4]:
+        assert outputs[req.id] == reference_greedy(engine.runner.model, req.prompt_token_ids, req.params.max_tokens)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine_factory, monkeypatch):
+    engine = engine_factory(max_seqs=4)
+    a = request(0, [5, 6], 5)
+    engine.add(Claimed(a, 1), [])
+    emitted = []
+    real_forward = engine.runner.forward
+
+    def boom(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.runner, "forward", boom)
+    try:
+        engine.step(emitted.extend)
+    except RuntimeError as exc:
+        engine.fail_all(str(exc), emitted.extend)
+    assert [(o.request_id, o.event.code, o.request_done) for o in emitted] == [("r0", "engine_error", True)]
+    assert not engine.has_work()
+    monkeypatch.setattr(engine.runner, "forward", real_forward)
+    b = request(1, [7, 8], 4)
+    assert run(engine, {0: [b]})["r1"] == reference_greedy(engine.runner.model, b.prompt_token_ids, 4)
