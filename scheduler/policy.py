@@ -7,8 +7,9 @@ through both and require the same claim order.
   (``aging_max_wait_s / 3``) its oldest request has waited, capped at 3 ("overdue",
   above high). The highest level goes first; a tie to the higher tier, except
   among overdue tiers, where the longest wait goes first. So a low request outranks
-  fresh high work once it has waited ``aging_max_wait_s``. A tier that won by aging
-  yields its oldest request; otherwise its fair-queue head.
+  fresh high work once it has waited ``aging_max_wait_s``. A tier that overtook a
+  higher tier by aging yields its oldest request; otherwise its fair-queue head
+  (aging alone never turns a tier's fair queue into FIFO).
 * Fairness within a tier: start-time fair queueing on token cost. A request's start
   tag is ``max(V, F_user)``; the user's finish tag becomes ``start + cost/weight``;
   the head request with the smallest start tag goes first (ties: by user name, as
@@ -65,6 +66,7 @@ class FairQueueModel:
         out = []
         while len(out) < n:
             best = None
+            top_rank = max((RANK[t] for t in TIERS if self.by_age[t]), default=-1)
             for tier in TIERS:
                 if not self.by_age[tier]:
                     continue
@@ -76,7 +78,7 @@ class FairQueueModel:
             if best is None:
                 break
             level, _, tier, oldest = best
-            item = oldest if level > RANK[tier] else self._fair_head(tier)
+            item = oldest if level > RANK[tier] and top_rank > RANK[tier] else self._fair_head(tier)
             self.queues[(tier, item.user)].remove(item)
             del self.by_age[tier][item.rid]
             self.virtual[tier] = max(self.virtual[tier], item.start)

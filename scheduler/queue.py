@@ -56,7 +56,7 @@ def _enqueue_args(req: GenerateRequest, s: SchedulerSettings, weight: float, tim
     return [
         keys.tag(req.model), req.id, messages.encode(req), req.user, str(req.tier), req.cost, weight,
         s.default_deadline_s if timeout_s is None else timeout_s, s.max_queue, s.tier_share(req.tier),
-        s.max_queue_per_user if user_cap is None else user_cap, _now_arg(now),
+        s.max_queue_per_user if user_cap is None else user_cap, _now_arg(now), "1" if s.fairness else "0",
     ]
 
 

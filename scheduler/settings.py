@@ -8,6 +8,7 @@ from inferstack.settings import CommonSettings
 class SchedulerSettings(CommonSettings):
     """Queue policy, read by the API (admission) and the workers (claim, leases)."""
 
+    fairness: bool = Field(True, description="Weighted fair queueing across users (off = FIFO, a benchmark baseline).")
     max_queue: int = Field(1000, description="Most requests waiting per model; beyond it, 429.")
     max_queue_per_user: int = Field(200, description="Most requests one user may have waiting per model.")
     tier_share_normal: float = Field(0.85, description="Share of max_queue open to the normal tier.")

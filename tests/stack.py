@@ -59,21 +59,34 @@ class WorkerThread:
 
 class Stack:
     def __init__(self, redis_url: str, models_file: Path, cache_dir: Path, *, sched: SchedulerSettings | None = None,
-                 workers: int = 1, worker_kw: dict | None = None):
+                 workers: int = 1, worker_kw: dict | None = None, api_kw: dict | None = None):
         self.sched = sched or SchedulerSettings(redis_url=redis_url, lease_s=3)
         self.registry = Registry.load(models_file)
         self.api_settings = ApiSettings(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
-                                        port=free_port())
+                                        port=free_port(), **(api_kw or {}))
         self.api = ApiThread(self.api_settings, self.sched)
         self.worker_kw = dict(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
                               worker_models=",".join(self.registry.names()), heartbeat_s=0.2, **(worker_kw or {}))
         self.workers = [self.add_worker() for _ in range(workers)]
         self.url = self.api.url
-        self.wait_ready()
+        if workers:
+            self.wait_ready()
 
-    def add_worker(self, **kw) -> WorkerThread:
+    def add_worker(self, step_delay_s: float = 0.0, **kw) -> WorkerThread:
+        """``step_delay_s`` slows every forward pass, so tests can act mid-generation."""
         settings = WorkerSettings(**{**self.worker_kw, **kw})
-        return WorkerThread(settings, self.sched, self.registry)
+        device = torch.device("cpu")
+        engines = {name: build_engine(self.registry[name], settings, device) for name in settings.model_names}
+        if step_delay_s:
+            for engine in engines.values():
+                forward = engine.runner.forward
+
+                def slow(*a, _forward=forward, **k):
+                    time.sleep(step_delay_s)
+                    return _forward(*a, **k)
+
+                engine.runner.forward = slow
+        return WorkerThread(settings, self.sched, self.registry, engines)
 
     def wait_ready(self, timeout: float = 30):
         deadline = time.monotonic() + timeout

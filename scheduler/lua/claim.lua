@@ -15,9 +15,11 @@ while #claimed < 3 * n do
   -- wins; a tie goes to the higher tier (TIERS runs high -> low), except among
   -- overdue tiers, where the longest wait goes first. (Python twin: scheduler.policy.)
   local best_tier, best_level, best_oldest, best_wait = nil, -1, nil, -1
+  local top_rank = -1  -- highest tier with any waiting work
   for _, t in ipairs(TIERS) do
     local head = redis.call("ZRANGE", k_age(t), 0, 0, "WITHSCORES")
     if head[1] then
+      if RANK[t] > top_rank then top_rank = RANK[t] end
       local wait = now - tonumber(head[2])
       local level = math.min(3, RANK[t] + math.floor(wait / step))
       if level > best_level or (level == 3 and best_level == 3 and wait > best_wait) then
@@ -28,8 +30,8 @@ while #claimed < 3 * n do
   if not best_tier then break end
 
   local rid
-  if best_level > RANK[best_tier] then
-    rid = best_oldest  -- aged: the oldest request of the tier goes now
+  if best_level > RANK[best_tier] and top_rank > RANK[best_tier] then
+    rid = best_oldest  -- aged past a higher tier: its oldest request goes now
   else
     local u = redis.call("ZRANGE", k_tu(best_tier), 0, 0)[1]
     rid = redis.call("LINDEX", k_uq(best_tier, u), 0)

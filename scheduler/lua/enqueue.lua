@@ -1,11 +1,12 @@
 -- Admit one request, or refuse it with a reason and a Retry-After.
 -- ARGV: prefix, rid, payload, user, tier, cost, weight, timeout_s, max_queue,
---       tier_share, user_cap, now(optional)
+--       tier_share, user_cap, now(optional), fair ("1", or "0" = FIFO within a tier)
 -- Returns {"ok", queued_len} or {reason, retry_after_s, detail}.
 local rid, payload, user, tier = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local cost, weight, timeout = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local max_queue, share, user_cap = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local now = now_s(ARGV[12])
+local fair = ARGV[13] ~= "0"
 
 local len = num(redis.call("HGET", K_STATE, "len"), 0)
 local rate = num(redis.call("HGET", K_DRAIN, "rate"), 0)
@@ -38,10 +39,14 @@ if rate > 0 and ahead / rate > timeout then
 end
 
 -- Start-time fair queueing: S = max(V_tier, F_user), F_user = S + cost / weight.
-local v = num(redis.call("HGET", K_STATE, "v:" .. tier), 0)
-local f_user = num(redis.call("HGET", K_STATE, "f:" .. tier .. ":" .. user), 0)
-local start = math.max(v, f_user)
-redis.call("HSET", K_STATE, "f:" .. tier .. ":" .. user, tostring(start + cost / weight))
+-- With fairness off (the benchmark baseline) the tag is the arrival time: plain FIFO.
+local start = now
+if fair then
+  local v = num(redis.call("HGET", K_STATE, "v:" .. tier), 0)
+  local f_user = num(redis.call("HGET", K_STATE, "f:" .. tier .. ":" .. user), 0)
+  start = math.max(v, f_user)
+  redis.call("HSET", K_STATE, "f:" .. tier .. ":" .. user, tostring(start + cost / weight))
+end
 
 redis.call("HSET", k_req(rid),
   "payload", payload, "user", user, "tier", tier, "cost", cost, "start", tostring(start),
