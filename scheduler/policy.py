@@ -3,13 +3,13 @@
 through both and require the same claim order.
 
 * Tiers: high (rank 2) > normal (1) > low (0).
-* Aging: a tier's effective level is its rank plus one per ``step`` seconds
-  (``aging_max_wait_s / 3``) its oldest request has waited, capped at 3 ("overdue",
-  above high). The highest level goes first; a tie to the higher tier, except
-  among overdue tiers, where the longest wait goes first. So a low request outranks
-  fresh high work once it has waited ``aging_max_wait_s``. A tier that overtook a
-  higher tier by aging yields its oldest request; otherwise its fair-queue head
-  (aging alone never turns a tier's fair queue into FIFO).
+* Aging: strict priority by tier, except that a request which has waited
+  ``max_wait_s`` (``AGING_MAX_WAIT_S``) is overdue and goes before all fresher work,
+  whatever its tier; among overdue tiers the longest wait goes first. So a low
+  request starts within the bound under sustained high load, while a lower tier
+  that is merely busy never outranks fresh high work before its requests are overdue.
+  An overdue tier that overtakes a higher tier yields its oldest request; otherwise
+  its fair-queue head (aging never turns a tier's fair queue into FIFO).
 * Fairness within a tier: start-time fair queueing on token cost. A request's start
   tag is ``max(V, F_user)``; the user's finish tag becomes ``start + cost/weight``;
   the head request with the smallest start tag goes first (ties: by user name, as
@@ -26,8 +26,8 @@ TIERS = ("high", "normal", "low")
 MAX_LEVEL = 3
 
 
-def effective_level(tier: str, waited_s: float, step_s: float) -> int:
-    return min(MAX_LEVEL, RANK[tier] + int(waited_s // step_s))
+def effective_level(tier: str, waited_s: float, max_wait_s: float) -> int:
+    return MAX_LEVEL if waited_s >= max_wait_s else RANK[tier]
 
 
 @dataclass
@@ -44,7 +44,7 @@ class _Waiting:
 class FairQueueModel:
     """In-memory model of one model's queue."""
 
-    step_s: float
+    max_wait_s: float
     virtual: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TIERS})
     finish: dict[tuple[str, str], float] = field(default_factory=dict)
     queues: dict[tuple[str, str], deque] = field(default_factory=dict)
@@ -72,13 +72,13 @@ class FairQueueModel:
                     continue
                 oldest = min(self.by_age[tier].values(), key=lambda w: (w.enq, w.rid))
                 waited = now - oldest.enq
-                level = effective_level(tier, waited, self.step_s)
+                level = effective_level(tier, waited, self.max_wait_s)
                 if best is None or level > best[0] or (level == MAX_LEVEL == best[0] and waited > best[1]):
                     best = (level, waited, tier, oldest)
             if best is None:
                 break
             level, _, tier, oldest = best
-            item = oldest if level > RANK[tier] and top_rank > RANK[tier] else self._fair_head(tier)
+            item = oldest if level == MAX_LEVEL and top_rank > RANK[tier] else self._fair_head(tier)
             self.queues[(tier, item.user)].remove(item)
             del self.by_age[tier][item.rid]
             self.virtual[tier] = max(self.virtual[tier], item.start)

@@ -84,7 +84,7 @@ class FairQueue:
         if n <= 0:
             return ClaimResult([], [])
         claimed, expired = self._scripts["claim"](
-            args=[keys.tag(model), worker_id, n, self.s.lease_s, self.s.aging_step_s, _now_arg(now)]
+            args=[keys.tag(model), worker_id, n, self.s.lease_s, self.s.aging_max_wait_s, _now_arg(now)]
         )
         return ClaimResult(
             [Claimed(messages.decode(claimed[i + 1]), int(claimed[i + 2])) for i in range(0, len(claimed), 3)],

@@ -14,7 +14,7 @@ class SchedulerSettings(CommonSettings):
     tier_share_normal: float = Field(0.85, description="Share of max_queue open to the normal tier.")
     tier_share_low: float = Field(0.6, description="Share of max_queue open to the low tier (shed first).")
     aging_max_wait_s: float = Field(
-        30.0, description="A waiting request rises one tier every third of this; a low one outranks high at it."
+        30.0, description="A request waiting this long is overdue: it goes before all fresher work, whatever its tier."
     )
     default_deadline_s: float = Field(120.0, description="A request not started within this fails (clients may ask for less).")
     lease_s: float = Field(10.0, description="In-flight lease; heartbeats extend it, the reaper requeues it when it lapses.")
@@ -23,7 +23,3 @@ class SchedulerSettings(CommonSettings):
 
     def tier_share(self, tier: str) -> float:
         return {"high": 1.0, "normal": self.tier_share_normal, "low": self.tier_share_low}[tier]
-
-    @property
-    def aging_step_s(self) -> float:
-        return self.aging_max_wait_s / 3.0

@@ -1,19 +1,19 @@
 -- Claim up to n requests for one worker: pick across tiers (with aging) and users
 -- (start-time fair queueing), move each to in-flight with a lease.
--- ARGV: prefix, worker, n, lease_s, aging_step_s, now(optional)
+-- ARGV: prefix, worker, n, lease_s, aging_max_wait_s, now(optional)
 -- Returns {claimed, expired}: claimed = flat {rid, payload, attempts, ...},
 -- expired = flat {rid, payload, ...} (deadline passed before start: never run late).
-local worker, n, lease_s, step = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local worker, n, lease_s, max_wait = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_s(ARGV[6])
 local claimed, expired = {}, {}
 local backlogged = false
 local claimed_cost = 0
 
 while #claimed < 3 * n do
-  -- Effective level of each tier = its rank, raised one level per `step` seconds its
-  -- oldest request has waited, capped at 3 ("overdue", above high). Highest level
-  -- wins; a tie goes to the higher tier (TIERS runs high -> low), except among
-  -- overdue tiers, where the longest wait goes first. (Python twin: scheduler.policy.)
+  -- Strict priority by tier (high 2 > normal 1 > low 0), except that a request which
+  -- has waited `max_wait` seconds is overdue (level 3) and goes before all fresher
+  -- work; among overdue tiers the longest wait goes first. A tier's head is its
+  -- oldest request, so checking it is enough. (Python twin: scheduler.policy.)
   local best_tier, best_level, best_oldest, best_wait = nil, -1, nil, -1
   local top_rank = -1  -- highest tier with any waiting work
   for _, t in ipairs(TIERS) do
@@ -21,7 +21,7 @@ while #claimed < 3 * n do
     if head[1] then
       if RANK[t] > top_rank then top_rank = RANK[t] end
       local wait = now - tonumber(head[2])
-      local level = math.min(3, RANK[t] + math.floor(wait / step))
+      local level = (wait >= max_wait) and 3 or RANK[t]
       if level > best_level or (level == 3 and best_level == 3 and wait > best_wait) then
         best_tier, best_level, best_oldest, best_wait = t, level, head[1], wait
       end
@@ -30,8 +30,8 @@ while #claimed < 3 * n do
   if not best_tier then break end
 
   local rid
-  if best_level > RANK[best_tier] and top_rank > RANK[best_tier] then
-    rid = best_oldest  -- aged past a higher tier: its oldest request goes now
+  if best_level == 3 and top_rank > RANK[best_tier] then
+    rid = best_oldest  -- overdue, overtaking a higher tier: its oldest request goes now
   else
     local u = redis.call("ZRANGE", k_tu(best_tier), 0, 0)[1]
     rid = redis.call("LINDEX", k_uq(best_tier, u), 0)
