@@ -42,7 +42,8 @@ def build_engine(spec: ModelSpec, settings: WorkerSettings, device: torch.device
         from gpu_worker.text.engine import TextEngine
 
         return TextEngine(spec, model_dir, device=device, dtype=dtype, max_seqs=settings.max_batch,
-                          max_prefill_tokens=settings.max_prefill_tokens, static=settings.batching == "static")
+                          max_prefill_tokens=settings.max_prefill_tokens, static=settings.batching == "static",
+                          kv_cache_bytes=settings.kv_cache_bytes)
     raise NotImplementedError(f"{spec.name}: no engine for modality {spec.modality} yet")
 
 
@@ -81,6 +82,10 @@ class Worker:
             "free_memory_bytes": int(free),
             "total_memory_bytes": int(total),
             "running": {m: len(e.request_ids()) for m, e in self.engines.items()},
+            "tokens_generated": sum(getattr(e, "tokens_generated", 0) for e in self.engines.values()),
+            "publish_busy_s": round(self.publisher.busy_s, 6),
+            "publish_round_trips": self.publisher.round_trips,
+            "events_published": self.publisher.published,
             "state": "draining" if self.stopping.is_set() else "ready",
             "started_at": self.started_at,
             "heartbeat_at": time.time(),

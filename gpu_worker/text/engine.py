@@ -35,7 +35,8 @@ class _Request:
 
 class TextEngine:
     def __init__(self, spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype,
-                 max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False):
+                 max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False,
+                 kv_cache_bytes: int | None = None):
         from transformers import AutoTokenizer
 
         self.model = spec.name
@@ -44,7 +45,7 @@ class TextEngine:
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
         max_seqs = max_seqs or spec.max_batch
         self.runner = ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs,
-                                  context_length=spec.context_length)
+                                  context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes)
         self.sampler = Sampler(self._eos_ids(), self._token_text)
         self.planner = StepPlanner(self.runner.cache, max_seqs=max_seqs,
                                    max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static)

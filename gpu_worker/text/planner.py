@@ -15,6 +15,7 @@ from gpu_worker.text.sequence import Sequence, SeqStatus
 class RowMover(Protocol):
     def move_row(self, src: int, dst: int) -> None: ...
     def swap_rows(self, a: int, b: int) -> None: ...
+    def fits(self, rows: int, length: int) -> bool: ...
 
 
 @dataclass
@@ -67,6 +68,10 @@ class StepPlanner:
     def schedule(self) -> StepPlan:
         if not self.static or not self.slots:
             while self.waiting and len(self.slots) < self.max_seqs:
+                # Admit only what the KV cache budget can hold at everyone's full length.
+                need = max([s.max_length for s in self.slots] + [self.waiting[0].max_length])
+                if self.slots and not self.rows.fits(len(self.slots) + 1, need):
+                    break
                 seq = self.waiting.popleft()
                 seq.slot = len(self.slots)
                 seq.status = SeqStatus.PREFILLING

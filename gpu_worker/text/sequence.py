@@ -70,6 +70,11 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def max_length(self) -> int:
+        """Prompt plus every token it may generate (the API keeps this within the context)."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
     def pending_prefill(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
         return self.length - self.num_computed

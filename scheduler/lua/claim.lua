@@ -10,32 +10,28 @@ local backlogged = false
 local claimed_cost = 0
 
 while #claimed < 3 * n do
-  -- Strict priority by tier (high 2 > normal 1 > low 0), except that a request which
-  -- has waited `max_wait` seconds is overdue (level 3) and goes before all fresher
-  -- work; among overdue tiers the longest wait goes first. A tier's head is its
-  -- oldest request, so checking it is enough. (Python twin: scheduler.policy.)
-  local best_tier, best_level, best_oldest, best_wait = nil, -1, nil, -1
-  local top_rank = -1  -- highest tier with any waiting work
+  -- Strict priority by tier (high 2 > normal 1 > low 0), except that a tier which
+  -- has had waiting work but no claim for `max_wait` seconds is starved (level 3)
+  -- and goes next; among starved tiers the longest-starved first. So every tier
+  -- with work is served at least once per `max_wait`, while a tier that is merely
+  -- busy (served, but backlogged) never outranks higher tiers. (Twin: scheduler.policy.)
+  local best_tier, best_level, best_starved = nil, -1, -1
   for _, t in ipairs(TIERS) do
     local head = redis.call("ZRANGE", k_age(t), 0, 0, "WITHSCORES")
     if head[1] then
-      if RANK[t] > top_rank then top_rank = RANK[t] end
-      local wait = now - tonumber(head[2])
-      local level = (wait >= max_wait) and 3 or RANK[t]
-      if level > best_level or (level == 3 and best_level == 3 and wait > best_wait) then
-        best_tier, best_level, best_oldest, best_wait = t, level, head[1], wait
+      local since = math.max(tonumber(head[2]), num(redis.call("HGET", K_STATE, "served:" .. t), 0))
+      local starved = now - since
+      local level = (starved >= max_wait) and 3 or RANK[t]
+      if level > best_level or (level == 3 and best_level == 3 and starved > best_starved) then
+        best_tier, best_level, best_starved = t, level, starved
       end
     end
   end
   if not best_tier then break end
 
-  local rid
-  if best_level == 3 and top_rank > RANK[best_tier] then
-    rid = best_oldest  -- overdue, overtaking a higher tier: its oldest request goes now
-  else
-    local u = redis.call("ZRANGE", k_tu(best_tier), 0, 0)[1]
-    rid = redis.call("LINDEX", k_uq(best_tier, u), 0)
-  end
+  local u = redis.call("ZRANGE", k_tu(best_tier), 0, 0)[1]
+  local rid = redis.call("LINDEX", k_uq(best_tier, u), 0)
+  redis.call("HSET", K_STATE, "served:" .. best_tier, tostring(now))
   local rk = k_req(rid)
   local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
   remove_waiting(rid, best_tier, f[2])

@@ -141,4 +141,16 @@ def test_a_busy_lower_tier_does_not_outrank_fresh_high_work_before_it_is_overdue
     fq.enqueue(req("vip", "V", tier="high"), now=25.0)
     assert [c.request.id for c in fq.claim_batch(MODEL, "w", 1, now=25.0).claimed] == ["vip"]
     fq.enqueue(req("vip2", "V", tier="high"), now=31.0)
-    assert [c.request.id for c in fq.claim_batch(MODEL, "w", 1, now=31.0).claimed] == ["n0"]  # overdue now
+    assert [c.request.id for c in fq.claim_batch(MODEL, "w", 1, now=31.0).claimed] == ["n0"]  # starved 31 s
+
+
+def test_a_flooded_but_served_tier_never_outranks_high(rclient):
+    """The normal tier is backlogged far beyond the aging bound, but it is being
+    served all the time, so it is not starved: fresh high work still goes first."""
+    fq = FairQueue(rclient, settings(aging_max_wait_s=30.0))
+    for i in range(300):
+        fq.enqueue(req(f"n{i}", "flood"), timeout_s=1e6, now=0.0)
+    for t in range(1, 120):
+        fq.claim_batch(MODEL, "w", 1, now=float(t))  # one normal claim per second
+    fq.enqueue(req("vip", "V", tier="high"), now=120.0)
+    assert [c.request.id for c in fq.claim_batch(MODEL, "w", 1, now=120.5).claimed] == ["vip"]
