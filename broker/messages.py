@@ -8,17 +8,17 @@ Grouped by who receives them:
   per engine step.
 * API -> workers (cancel channel): the bare request id.
 
-JSON keeps the wire readable with ``redis-cli MONITOR``; each message carries a
-``t`` tag naming its type.
+JSON keeps the wire readable with ``redis-cli MONITOR``; each message is a pair
+``[tag, fields]``, the tag naming its type.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+import orjson
 
 
 class Tier(StrEnum):
@@ -122,15 +122,8 @@ _TYPES: dict[str, type] = {
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 
 
-def to_dict(msg: Any) -> dict[str, Any]:
-    d = dataclasses.asdict(msg)
-    d["t"] = _TAGS[type(msg)]
-    return d
-
-
-def from_dict(d: dict[str, Any]) -> Any:
-    d = dict(d)
-    cls = _TYPES[d.pop("t")]
+def _build(tag: str, d: dict[str, Any]) -> Any:
+    cls = _TYPES[tag]
     if cls is GenerateRequest:
         p = d["params"]
         p["stop"] = tuple(p.get("stop", ()))
@@ -140,17 +133,22 @@ def from_dict(d: dict[str, Any]) -> Any:
     return cls(**d)
 
 
-def encode(msg: Any) -> str:
-    return json.dumps(to_dict(msg), separators=(",", ":"), ensure_ascii=False)
+# orjson serializes dataclasses natively, ~20x faster than json + dataclasses.asdict:
+# this runs once per token per request on the hot path.
+
+
+def encode(msg: Any) -> bytes:
+    return orjson.dumps([_TAGS[type(msg)], msg])
 
 
 def decode(raw: str | bytes) -> Any:
-    return from_dict(json.loads(raw))
+    tag, d = orjson.loads(raw)
+    return _build(tag, d)
 
 
-def encode_batch(msgs: list[Any]) -> str:
-    return json.dumps([to_dict(m) for m in msgs], separators=(",", ":"), ensure_ascii=False)
+def encode_batch(msgs: list[Any]) -> bytes:
+    return orjson.dumps([[_TAGS[type(m)], m] for m in msgs])
 
 
 def decode_batch(raw: str | bytes) -> list[Any]:
-    return [from_dict(d) for d in json.loads(raw)]
+    return [_build(tag, d) for tag, d in orjson.loads(raw)]

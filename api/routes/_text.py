@@ -4,12 +4,12 @@ admission, and running one or more generations for one HTTP request."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import orjson
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
@@ -161,22 +161,22 @@ async def stream(request: Request, job: TextJob,
         job.close()
         raise
 
-    async def sse() -> AsyncIterator[dict]:
+    async def sse() -> AsyncIterator[bytes]:
         complete = False
         try:
             for chunk in render(*first):
-                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+                yield sse_data(chunk)
             try:
                 async for item in events:
                     for chunk in render(*item):
-                        yield {"data": json.dumps(chunk, ensure_ascii=False)}
+                        yield sse_data(chunk)
             except OpenAIError as exc:  # failed mid-stream: the status line is long gone
-                yield {"data": json.dumps(exc.body())}
+                yield sse_data(exc.body())
                 complete = True
                 return
             for chunk in finish():
-                yield {"data": json.dumps(chunk, ensure_ascii=False)}
-            yield {"data": "[DONE]"}
+                yield sse_data(chunk)
+            yield b"data: [DONE]\n\n"
             complete = True
         finally:
             if not complete:
@@ -184,6 +184,11 @@ async def stream(request: Request, job: TextJob,
             job.close()
 
     return EventSourceResponse(sse(), ping=15, sep="\n")
+
+
+def sse_data(payload: dict) -> bytes:
+    """One server-sent event, encoded once here (sse-starlette passes bytes through)."""
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:

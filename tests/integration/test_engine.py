@@ -191,3 +191,13 @@ def test_slot_rows_interchange_with_dynamic_cache_and_legacy_tuples(engine_facto
     with torch.inference_mode():
         nxt = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=dyn, use_cache=True)
     assert int(nxt.logits[0, -1].argmax()) == reference_greedy(model, prompt, 9)[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_engines_run(tiny_model_dir, dtype):
+    spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
+    engine = TextEngine(spec, tiny_model_dir, device=torch.device("cpu"), dtype=dtype, max_seqs=4)
+    reqs = [request(i, [5 + i] * (3 + i), 6) for i in range(3)]
+    outputs = run(engine, {0: reqs[:2], 1: reqs[2:]})
+    assert all(len(outputs[r.id]) == 6 for r in reqs)
+    assert engine.runner.cache.keys[0].dtype == dtype
