@@ -73,7 +73,11 @@ class GenerateRequest:
     created_at: float = 0.0
     deadline: float = 0.0
     """Unix time by which the request must have started; after that it fails, never runs late."""
-    session_id: str | None = None
+    session_key: str | None = None
+    """The user-scoped session key (a hash of user and session id): KV caches are only
+    ever reused within one user's session."""
+    prefix_hashes: list[str] = field(default_factory=list)
+    """Chained hashes of the prompt's whole token blocks (broker.prefix)."""
     reasoning: bool = False
     """Split ``<think>...</think>`` into ``reasoning_content`` (chat on reasoning models)."""
     trace: dict[str, str] = field(default_factory=dict)

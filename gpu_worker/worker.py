@@ -43,7 +43,9 @@ def build_engine(spec: ModelSpec, settings: WorkerSettings, device: torch.device
 
         return TextEngine(spec, model_dir, device=device, dtype=dtype, max_seqs=settings.max_batch,
                           max_prefill_tokens=settings.max_prefill_tokens, static=settings.batching == "static",
-                          kv_cache_bytes=settings.kv_cache_bytes)
+                          kv_cache_bytes=settings.kv_cache_bytes,
+                          kv_dram_bytes=settings.kv_dram_bytes if settings.kv_reuse else 0,
+                          prefix_min_hits=settings.prefix_min_hits)
     raise NotImplementedError(f"{spec.name}: no engine for modality {spec.modality} yet")
 
 
@@ -60,7 +62,8 @@ class Worker:
         self.halt = threading.Event()       # stop stepping
         self.wake = threading.Event()
         self.started_at = time.time()
-        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_error=lambda e: None)
+        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_error=lambda e: None,
+                                   index_ttl_s=settings.heartbeat_ttl_s)
         self.claimer = Claimer(sync_client(settings.redis_url), FairQueue(sync_client(settings.redis_url), sched),
                                self.id, engines, self.wake, self.publisher, self.stopping)
         self.heartbeat = Heartbeat(sync_client(settings.redis_url), self.fq, self.id, engines, self.info,
@@ -86,6 +89,7 @@ class Worker:
             "publish_busy_s": round(self.publisher.busy_s, 6),
             "publish_round_trips": self.publisher.round_trips,
             "events_published": self.publisher.published,
+            "kv": {m: e.kv_stats() for m, e in self.engines.items() if hasattr(e, "kv_stats")},
             "state": "draining" if self.stopping.is_set() else "ready",
             "started_at": self.started_at,
             "heartbeat_at": time.time(),

@@ -19,6 +19,9 @@ class SchedulerSettings(CommonSettings):
     default_deadline_s: float = Field(120.0, description="A request not started within this fails (clients may ask for less).")
     lease_s: float = Field(10.0, description="In-flight lease; heartbeats extend it, the reaper requeues it when it lapses.")
     max_attempts: int = Field(3, description="Claims per request before it fails instead of being requeued.")
+    affinity_window_s: float = Field(
+        1.0, description="How long a request is offered only to the worker holding its KV cache (0 = off)."
+    )
     output_log_ttl_s: int = Field(60, description="How long a finished request's token log is kept.")
 
     def tier_share(self, tier: str) -> float:

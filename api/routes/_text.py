@@ -4,6 +4,7 @@ admission, and running one or more generations for one HTTP request."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from api.generation import Generation, merged, watch_disconnect
 from api.schemas import _Sampling
 from api.state import AppState
 from broker.messages import GenerateRequest, SamplingParams, TokenEvent
+from broker.prefix import prefix_hashes
 
 _background: set[asyncio.Task] = set()
 
@@ -83,6 +85,13 @@ def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool,
     )
 
 
+def session_key(user: str, session_id: str | None) -> str | None:
+    """Sessions are scoped to their user: the same id from another user is another session."""
+    if not session_id:
+        return None
+    return hashlib.sha256(f"{user}\0{session_id}".encode()).hexdigest()[:32]
+
+
 @dataclass
 class TextJob:
     """One HTTP request's worth of generations (several for multi-prompt completions)."""
@@ -90,6 +99,8 @@ class TextJob:
     state: AppState
     identity: Identity
     body: _Sampling
+    session_id: str | None = None
+    """Body field ``session_id`` or header ``X-Session-Id``."""
     gens: list[Generation] = field(default_factory=list)
 
     def add(self, request_id: str, model: TextModel, prompt_ids: list[int], params: SamplingParams,
@@ -98,7 +109,8 @@ class TextJob:
         req = GenerateRequest(
             id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
             reply_to=self.state.relay.channel, user=self.identity.user, tier=tier, created_at=time.time(),
-            session_id=self.body.session_id, reasoning=reasoning,
+            session_key=session_key(self.identity.user, self.session_id or self.body.session_id),
+            prefix_hashes=prefix_hashes(prompt_ids), reasoning=reasoning,
         )
         self.gens.append(Generation(self.state, req, weight=self.identity.weight,
                                     deadline_s=self.body.deadline_s, user_cap=self.identity.max_queued))

@@ -46,7 +46,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs,
                              top_logprobs=body.top_logprobs or 0, max_n=state.settings.max_n)
     rid = new_id("chatcmpl")
-    job = TextJob(state, identity, body)
+    job = TextJob(state, identity, body, session_id=request.headers.get("x-session-id"))
     job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning)
     await job.admit()
 

@@ -33,8 +33,12 @@ class StepPlan:
 
 
 class StepPlanner:
-    def __init__(self, rows: RowMover, *, max_seqs: int, max_prefill_tokens: int, static: bool = False):
+    def __init__(self, rows: RowMover, *, max_seqs: int, max_prefill_tokens: int, static: bool = False,
+                 on_admit=None):
         self.rows = rows
+        self.on_admit = on_admit
+        """Called with each sequence as it gets its row, before its prefill is planned
+        (the engine restores reused KV caches there)."""
         self.max_seqs = max_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.static = static
@@ -76,6 +80,8 @@ class StepPlanner:
                 seq.slot = len(self.slots)
                 seq.status = SeqStatus.PREFILLING
                 self.slots.append(seq)
+                if self.on_admit:
+                    self.on_admit(seq)
         plan = StepPlan(decode=self.slots[: self.n_running])
         budget = self.max_prefill_tokens
         for seq in self.slots[self.n_running:]:

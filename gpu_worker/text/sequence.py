@@ -49,6 +49,8 @@ class Sequence:
     """OutputProcessor (detokenizer, stop strings, reasoning split)."""
     logprobs: list = field(default_factory=list)
     """Logprob records of tokens not yet published."""
+    restore: tuple | None = None
+    """(KvEntry, tokens) to copy into the row when admitted: a reused KV cache."""
     pending_text: str = ""
     pending_reasoning: str = ""
     """Text produced since the last published event."""

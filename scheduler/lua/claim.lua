@@ -6,8 +6,36 @@
 local worker, n, lease_s, max_wait = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_s(ARGV[6])
 local claimed, expired = {}, {}
+local blocked = {}  -- tiers whose candidates are all reserved for other workers
+local SCAN_USERS, SCAN_DEPTH = 16, 4
 local backlogged = false
 local claimed_cost = 0
+
+-- Move one waiting request to in-flight for this worker (or expire it: a request
+-- whose start deadline has passed never runs late).
+local function take(rid, tier)
+  redis.call("HSET", K_STATE, "served:" .. tier, tostring(now))
+  local rk = k_req(rid)
+  local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
+  remove_waiting(rid, tier, f[2])
+  local start = num(f[3], 0)
+  if start > num(redis.call("HGET", K_STATE, "v:" .. tier), 0) then
+    redis.call("HSET", K_STATE, "v:" .. tier, tostring(start))
+  end
+  if f[7] ~= "1" and num(f[4], now + 1) < now then
+    table.insert(expired, rid)
+    table.insert(expired, f[1])
+    redis.call("DEL", rk)
+    return
+  end
+  local attempts = redis.call("HINCRBY", rk, "attempts", 1)
+  redis.call("HSET", rk, "state", "running", "worker", worker, "started", "1", "claimed", tostring(now))
+  redis.call("ZADD", K_LEASES, now + lease_s, rid)
+  table.insert(claimed, rid)
+  table.insert(claimed, f[1])
+  table.insert(claimed, attempts)
+  claimed_cost = claimed_cost + num(f[6], 0)
+end
 
 while #claimed < 3 * n do
   -- Strict priority by tier (high 2 > normal 1 > low 0), except that a tier which
@@ -17,7 +45,7 @@ while #claimed < 3 * n do
   -- busy (served, but backlogged) never outranks higher tiers. (Twin: scheduler.policy.)
   local best_tier, best_level, best_starved = nil, -1, -1
   for _, t in ipairs(TIERS) do
-    local head = redis.call("ZRANGE", k_age(t), 0, 0, "WITHSCORES")
+    local head = (not blocked[t]) and redis.call("ZRANGE", k_age(t), 0, 0, "WITHSCORES") or {}
     if head[1] then
       local since = math.max(tonumber(head[2]), num(redis.call("HGET", K_STATE, "served:" .. t), 0))
       local starved = now - since
@@ -29,30 +57,17 @@ while #claimed < 3 * n do
   end
   if not best_tier then break end
 
-  local u = redis.call("ZRANGE", k_tu(best_tier), 0, 0)[1]
-  local rid = redis.call("LINDEX", k_uq(best_tier, u), 0)
-  redis.call("HSET", K_STATE, "served:" .. best_tier, tostring(now))
-  local rk = k_req(rid)
-  local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
-  remove_waiting(rid, best_tier, f[2])
-  local start = num(f[3], 0)
-  if start > num(redis.call("HGET", K_STATE, "v:" .. best_tier), 0) then
-    redis.call("HSET", K_STATE, "v:" .. best_tier, tostring(start))
+  -- The fair head, unless it is reserved for another worker (KV affinity, for a short
+  -- window): then the user's next request, then the next user's.
+  local rid = nil
+  for _, u in ipairs(redis.call("ZRANGE", k_tu(best_tier), 0, SCAN_USERS - 1)) do
+    for _, cand in ipairs(redis.call("LRANGE", k_uq(best_tier, u), 0, SCAN_DEPTH - 1)) do
+      local a = redis.call("HMGET", k_req(cand), "aff", "aff_until")
+      if not a[1] or a[1] == worker or tonumber(a[2]) <= now then rid = cand break end
+    end
+    if rid then break end
   end
-
-  if f[7] ~= "1" and num(f[4], now + 1) < now then
-    table.insert(expired, rid)
-    table.insert(expired, f[1])
-    redis.call("DEL", rk)
-  elseif #claimed < 3 * n then
-    local attempts = redis.call("HINCRBY", rk, "attempts", 1)
-    redis.call("HSET", rk, "state", "running", "worker", worker, "started", "1", "claimed", tostring(now))
-    redis.call("ZADD", K_LEASES, now + lease_s, rid)
-    table.insert(claimed, rid)
-    table.insert(claimed, f[1])
-    table.insert(claimed, attempts)
-    claimed_cost = claimed_cost + num(f[6], 0)
-  end
+  if rid then take(rid, best_tier) else blocked[best_tier] = true end
   if #claimed >= 3 * n then
     backlogged = num(redis.call("HGET", K_STATE, "len"), 0) > 0
     break
