@@ -303,8 +303,10 @@ class TextEngine:
             seq.restore = None
 
     def _store(self, key: str, kind: str, seq: Sequence, length: int) -> None:
+        started = time.perf_counter()
         entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length],
                                            self.runner.cache.to_layers(seq.slot, length))
+        self.kv_store.stats.save_s += time.perf_counter() - started
         for old in evicted:
             if old.kind == "session":
                 self._index_ops.append(("del", "s", old.key, 0))

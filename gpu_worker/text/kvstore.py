@@ -104,7 +104,6 @@ class KvStore:
     def put(self, key: str, kind: str, token_ids: list[int], layers: Layers) -> tuple[KvEntry | None, list[KvEntry]]:
         """Store (replacing ``key``); returns the new entry (None if it cannot fit) and
         the entries evicted to make room."""
-        started = time.perf_counter()
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         evicted: list[KvEntry] = []
         old = self.entries.get(key)
@@ -132,7 +131,6 @@ class KvStore:
         self.entries[key] = entry
         self.bytes_used += nbytes
         self.stats.saves += 1
-        self.stats.save_s += time.perf_counter() - started
         return entry, evicted
 
     def _remove(self, entry: KvEntry) -> None:
