@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
-from gpu_worker.engine import Emit, Outgoing
 from broker.prefix import BLOCK
+from gpu_worker.engine import Emit, Outgoing
 from gpu_worker.text.kvstore import KvStore
 from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.planner import StepPlanner
