@@ -55,7 +55,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflow to inf: it is argmax in all but name.
+        return self.temperature < 1e-5
 
 
 @dataclass(slots=True)

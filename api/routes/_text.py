@@ -61,9 +61,12 @@ def context_error(model: TextModel, prompt_len: int, completion: int, where: str
 
 
 def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
-                    max_n: int) -> SamplingParams:
+                    max_n: int, vocab_size: int) -> SamplingParams:
     if n > max_n:
         raise OpenAIError(400, f"n must be at most {max_n}.", param="n", code="invalid_value")
+    if any(t < 0 or t >= vocab_size for t in body.stop_token_ids or ()):
+        raise OpenAIError(400, f"stop_token_ids must be in [0, {vocab_size}).", param="stop_token_ids",
+                          code="invalid_value")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,

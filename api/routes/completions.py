@@ -54,7 +54,8 @@ async def completions(body: CompletionRequest, request: Request):
         max_tokens = max_tokens_for(model, len(ids), body.requested_max_tokens, state.settings.default_max_tokens,
                                     "prompt")
         params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
-                                 top_logprobs=body.logprobs or 0, max_n=state.settings.max_n)
+                                 top_logprobs=body.logprobs or 0, max_n=state.settings.max_n,
+                                 vocab_size=len(model.tokenizer))
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
     await job.admit()
 

@@ -141,3 +141,12 @@ def test_think_block_comes_back_as_reasoning_content(redis_url, tiny_model_dir, 
         assert "".join(d.get("content", "") for d in deltas) == "The answer."
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"stop_token_ids": [10**6]}, "stop_token_ids"),
+    ({"stop": ["x" * 300]}, "stop"),
+])
+def test_inputs_that_could_break_a_batch_are_rejected_up_front(tiny_stack, extra, param):
+    r = httpx.post(f"{tiny_stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 3, **extra}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
