@@ -123,6 +123,9 @@ class TextEngine:
         if out:
             emit(out)
 
+    def gauges(self) -> dict[str, float]:
+        return {"batch_size": self.planner.num_admitted, "kv_cache_bytes": self.runner.cache.nbytes}
+
     def fail_all(self, message: str, emit: Emit) -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
