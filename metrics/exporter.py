@@ -134,6 +134,7 @@ class Exporter:
                 stop.wait(2.0)
                 continue
             if burst and n == 0 and not self._recovering:
+                self._trim(force=True)
                 return
 
     def step(self, *, block: bool = True) -> int:
@@ -222,10 +223,10 @@ class Exporter:
         self.m.lost.inc(len(ids))
         self.r.xack(keys.EVENTS, keys.EVENTS_GROUP, *ids)
 
-    def _trim(self) -> None:
-        """Drop entries every consumer of the group has acknowledged."""
+    def _trim(self, force: bool = False) -> None:
+        """Drop entries every consumer of the group has acknowledged (every few seconds)."""
         now = time.monotonic()
-        if now < self._next_trim:
+        if now < self._next_trim and not force:
             return
         self._next_trim = now + 5.0
         pending = self.r.xpending(keys.EVENTS, keys.EVENTS_GROUP)
