@@ -59,11 +59,11 @@ class WorkerThread:
 
 class Stack:
     def __init__(self, redis_url: str, models_file: Path, cache_dir: Path, *, sched: SchedulerSettings | None = None,
-                 workers: int = 1, worker_kw: dict | None = None):
+                 workers: int = 1, worker_kw: dict | None = None, api_kw: dict | None = None):
         self.sched = sched or SchedulerSettings(redis_url=redis_url, lease_s=3)
         self.registry = Registry.load(models_file)
         self.api_settings = ApiSettings(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
-                                        port=free_port())
+                                        port=free_port(), **(api_kw or {}))
         self.api = ApiThread(self.api_settings, self.sched)
         self.worker_kw = dict(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
                               worker_models=",".join(self.registry.names()), heartbeat_s=0.2, **(worker_kw or {}))
