@@ -6,7 +6,9 @@
   directory (the default: ``make run`` needs no server).
 
 Queries use ClickHouse's own ``{name:Type}`` parameters, which both backends bind
-server-side, so the text of every statement is identical on both.
+server-side, so the text of every statement is identical on both. (Tests also run
+:class:`ClickHouseStore` itself against chDB, through clickhouse-connect's embedded
+``chdb://`` interface.)
 
 chDB lets one process at a time open a directory, and the exporter, the API's
 ``/v1/stats`` and ``inferstack stats`` all need it: a ChdbStore opens its session per

@@ -1,12 +1,17 @@
 """The stats SQL for real, on chDB, against known requests; percentiles checked
-against values computed by hand (linear interpolation between ranks)."""
+against values computed by hand (linear interpolation between ranks).
+
+Every test runs on both stores: ``ChdbStore`` (chDB sessions, what ``make run`` uses)
+and ``ClickHouseStore`` — the clickhouse-connect code that talks to a ClickHouse
+server — here pointed at clickhouse-connect's embedded chDB backend (``chdb://``
+DSN), so its inserts, parameter binding and result decoding run for real."""
 
 import pytest
 
 from metrics import stats
 from metrics.events import Kind, event
 from metrics.exporter import assemble
-from metrics.store import ChdbStore
+from metrics.store import ChdbStore, ClickHouseStore
 
 T0 = 1_800_000_000.0
 UNTIL = T0 + 1000
@@ -48,14 +53,16 @@ def known_events():
     return evs
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = ChdbStore(tmp_path / "chdb")
+@pytest.fixture(params=["chdb-session", "clickhouse-connect"])
+def store(request, tmp_path):
+    path = tmp_path / "chdb"
+    s = ChdbStore(path) if request.param == "chdb-session" else ClickHouseStore(f"chdb://{path}")
     evs = known_events()
     # Split each request over two batches, as the exporter may.
     s.insert(assemble([e for e in evs if e.kind in (Kind.ENQUEUED, Kind.REJECTED)]))
     s.insert(assemble([e for e in evs if e.kind not in (Kind.ENQUEUED, Kind.REJECTED)]))
-    return s
+    yield s
+    s.close()
 
 
 def test_one_row_per_request_in_the_view(store):

@@ -1,0 +1,71 @@
+"""Run ``loadtest/locustfile.py`` headless against a stack and record how it was run.
+
+    python -m loadtest.run --host http://127.0.0.1:8000 --users 8 --duration 60s
+    python -m loadtest.run --host ... --steps 1,2,4,8 --step-s 15     # a staircase of users
+
+This is what ``make loadtest`` calls. It writes Locust's CSVs under the ``--csv``
+prefix (``_stats.csv``, ``_stats_history.csv``, ``_failures.csv``) plus
+``<prefix>_run.json`` (command, options, start and end time) for ``make
+bench-report``, and exits with Locust's code: non-zero when any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+def locust_command(args: argparse.Namespace) -> list[str]:
+    locustfile = os.path.relpath(LOCUSTFILE) if not os.path.relpath(LOCUSTFILE).startswith("..") else str(LOCUSTFILE)
+    cmd = [sys.executable, "-m", "locust", "-f", locustfile, "--headless", "--host", args.host,
+           "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--csv", args.csv,
+           "--csv-full-history", "--only-summary", "--stop-timeout", str(args.stop_timeout),
+           "--exit-code-on-error", "1", "--model", args.model, "--max-tokens", str(args.max_tokens)]
+    return cmd + list(args.user_classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", required=True, help="the stack, e.g. http://127.0.0.1:8000")
+    ap.add_argument("--users", type=int, default=4)
+    ap.add_argument("--spawn-rate", type=float, default=1.0, help="users started per second")
+    ap.add_argument("--duration", default="60s", help="Locust run time, e.g. 20s, 5m")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--csv", default="loadtest/results/locust", help="prefix of the CSV files")
+    ap.add_argument("--steps", default="", help="e.g. 1,2,4,8: user counts held --step-s each (overrides -u/-t)")
+    ap.add_argument("--step-s", type=float, default=15.0)
+    ap.add_argument("--stop-timeout", type=int, default=60, help="seconds running requests may finish at the end")
+    ap.add_argument("user_classes", nargs="*", help="only these user classes (default: all enabled ones)")
+    args = ap.parse_args(argv)
+
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if args.steps:
+        env.update(LOCUST_STEPS=args.steps, LOCUST_STEP_S=str(args.step_s))
+    cmd = locust_command(args)
+    shown = " ".join(shlex.quote(c) for c in cmd[1:])
+    print(f"[loadtest] {'LOCUST_STEPS=' + args.steps + ' ' if args.steps else ''}{shown}", flush=True)
+    started = time.time()
+    code = subprocess.call(cmd, env=env)
+    record = {"host": args.host, "users": args.users, "spawn_rate": args.spawn_rate, "duration": args.duration,
+              "steps": args.steps, "step_s": args.step_s, "model": args.model, "max_tokens": args.max_tokens,
+              "user_classes": args.user_classes, "command": ("LOCUST_STEPS=" + args.steps + " " if args.steps else "")
+              + "locust " + " ".join(shlex.quote(c) for c in cmd[3:]), "started": started, "ended": time.time(),
+              "exit_code": code}
+    Path(f"{args.csv}_run.json").write_text(json.dumps(record, indent=2))
+    print(f"[loadtest] Locust exited with {code}; CSVs: {args.csv}_*.csv"
+          + ("" if code == 0 else " — some requests failed, see the _failures.csv"), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
