@@ -202,8 +202,8 @@ class MediaJobUser(InferstackUser):
     @task
     def image_job(self) -> None:
         started = time.perf_counter()
-        body = {"model": self.environment.parsed_options.media_model, "prompt": f"a watercolor of {random.choice(TOPICS)}",
-                "async": True, "user": self.name}
+        body = {"model": self.environment.parsed_options.media_model, "async": True, "user": self.name,
+                "prompt": f"a watercolor of {random.choice(TOPICS)}"}
         with self.client.post("/v1/images/generations", name="image job submit", catch_response=True,
                               headers=self.headers, json=body) as r:
             if r.status_code != 202:

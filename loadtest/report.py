@@ -149,8 +149,8 @@ def plot_ttft(lv: list[Level], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
     users = [x.users for x in lv]
-    for attr, label, style in (("ttft_p50_ms", "p50", "o-"), ("ttft_p95_ms", "p95", "s-"), ("ttft_p99_ms", "p99", "^-")):
-        ax.plot(users, [getattr(x, attr) for x in lv], style, label=label)
+    for q, style in (("p50", "o-"), ("p95", "s-"), ("p99", "^-")):
+        ax.plot(users, [getattr(x, f"ttft_{q}_ms") for x in lv], style, label=q)
     ax.set_xlabel("concurrent Locust users")
     ax.set_ylabel("TTFT (ms)")
     ax.set_xticks(users)
@@ -193,8 +193,9 @@ def client_tables(stats_rows: list[dict[str, str]]) -> list[str]:
 
 
 def server_tables(report: dict) -> list[str]:
-    out = ["| model | requests | errors | rejected | cancelled | TTFT p50 / p95 / p99 ms | latency p50 / p95 / p99 ms | "
-           "queue wait p50 / p95 / p99 ms | output tok/s | per-request tok/s p50 | KV hit |",
+    out = ["| model | requests | errors | rejected | cancelled | TTFT p50 / p95 / p99 ms | "
+           "latency p50 / p95 / p99 ms | queue wait p50 / p95 / p99 ms | output tok/s | per-request tok/s p50 | "
+           "KV hit |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in report["models"]:
         kv = "-" if m["kv_hit_rate"] is None else f"{m['kv_hit_rate']:.0%}"
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default="loadtest/results/locust", help="the prefix given to make loadtest")
     ap.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
     ap.add_argument("--img-dir", default=str(REPO / "docs" / "img"))
-    ap.add_argument("--json", default="", help="where to keep the numbers (default loadtest/results/<date>-issue6-locust.json)")
+    ap.add_argument("--json", default="",
+                    help="where to keep the numbers (default loadtest/results/<date>-issue6-locust.json)")
     ap.add_argument("--heading", default=SECTION)
     ap.add_argument("--note", default="", help="a sentence about the setup, shown under the heading")
     args = ap.parse_args(argv)

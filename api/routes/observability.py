@@ -50,7 +50,8 @@ def _require_admin(request: Request, state: AppState) -> None:
             return
     elif not admin_key:
         return  # open mode without an admin key: everything is open
-    raise OpenAIError(403, "This endpoint needs an admin key (INFERSTACK_ADMIN_KEY, or `admin = true` in the keys file).",
+    raise OpenAIError(403, "This endpoint needs an admin key (INFERSTACK_ADMIN_KEY, or `admin = true` in the "
+                      "keys file).",
                       type="permission_error", code="admin_required")
 
 

@@ -73,7 +73,8 @@ def test_one_row_per_request_in_the_view(store):
     assert a3["queue_wait_s"] == pytest.approx(0.2) and a3["ttft_s"] == pytest.approx(0.4)
     assert a3["latency_s"] == pytest.approx(4.0) and a3["tokens_per_s"] == pytest.approx(20 / 3.6)
     assert a3["batch_size"] == 4 and a3["kv_reused_tokens"] == 25 and a3["error_type"] == ""
-    assert (rows["b0"]["status"], rows["b0"]["error_type"], rows["b0"]["latency_s"]) == ("failed", "deadline_exceeded", 30)
+    b0 = rows["b0"]
+    assert (b0["status"], b0["error_type"], b0["latency_s"]) == ("failed", "deadline_exceeded", 30)
     assert rows["b1"]["status"] == "cancelled" and rows["b1"]["queue_wait_s"] is None
     assert (rows["c0"]["status"], rows["c0"]["tier"], rows["c0"]["latency_s"]) == ("rejected", "low", 0)
 
