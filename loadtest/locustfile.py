@@ -10,7 +10,7 @@ User classes:
   every gap between content chunks (``ITL``) as their own Locust request types;
 * ``CompletionUser`` — non-streaming completions;
 * ``NoisyTenant`` — one tenant (fixed count 1) that floods: bursts of concurrent
-  low-priority requests. A 429 is the stack shedding load as designed; it is counted
+  requests, low priority by default (served after the others, within the aging bound). A 429 is the stack shedding load as designed; it is counted
   under ``noisy flood [429 shed]``, not as a failure;
 * ``MultiTurnUser`` — conversations of a few turns on one ``session_id``, the history
   growing each turn (the KV-reuse path);
@@ -20,7 +20,8 @@ User classes:
 
 Options (flag or environment): ``--model``/``LOCUST_MODEL`` (smollm2-135m),
 ``--max-tokens``/``LOCUST_MAX_TOKENS`` (32), ``--api-key``/``LOCUST_API_KEY``,
-``--noisy-burst``/``LOCUST_NOISY_BURST`` (6), ``--media-model``/``LOCUST_MEDIA_MODEL``
+``--noisy-burst``/``LOCUST_NOISY_BURST`` (6), ``--noisy-priority``/``LOCUST_NOISY_PRIORITY``
+(low), ``--media-model``/``LOCUST_MEDIA_MODEL``
 (sd-turbo). ``LOCUST_STEPS=1,2,4,8`` with ``LOCUST_STEP_S=15`` replaces ``-u``/``-t``
 with a staircase of user counts (for throughput-versus-concurrency plots).
 Requests use ``ignore_eos`` so every answer has exactly ``max_tokens`` tokens.
@@ -28,6 +29,7 @@ Requests use ``ignore_eos`` so every answer has exactly ``max_tokens`` tokens.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -38,6 +40,7 @@ import uuid
 import gevent
 from gevent.pool import Group
 from locust import HttpUser, LoadTestShape, between, constant, events, task
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
 from loadtest.prompts import TOPICS
 
@@ -51,8 +54,26 @@ def _options(parser):
     parser.add_argument("--api-key", env_var="LOCUST_API_KEY", default="", help="Bearer key, if the stack wants one")
     parser.add_argument("--noisy-burst", env_var="LOCUST_NOISY_BURST", type=int, default=6,
                         help="concurrent requests per burst of the noisy tenant")
+    parser.add_argument("--noisy-priority", env_var="LOCUST_NOISY_PRIORITY", default="low",
+                        choices=["high", "normal", "low"], help="priority the noisy tenant asks for")
     parser.add_argument("--media-model", env_var="LOCUST_MEDIA_MODEL", default="sd-turbo",
                         help="image model of MediaJobUser (LOCUST_MEDIA=1)")
+
+
+@events.test_stop.add_listener
+def _final_csv(environment, **_kw) -> None:
+    """Locust's CSV writer runs once a second and is stopped before the requests still
+    running at the end have finished (``--stop-timeout`` lets them finish, and its
+    summary counts them). Write the final numbers once more, after every user stopped:
+    ``<prefix>_final_stats.csv`` / ``_final_failures.csv`` / ``_final_exceptions.csv``."""
+    prefix = getattr(environment.parsed_options, "csv_prefix", None)
+    if not prefix:
+        return
+    writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    for name, write in (("stats", writer.requests_csv), ("failures", writer.failures_csv),
+                        ("exceptions", writer.exceptions_csv)):
+        with open(f"{prefix}_final_{name}.csv", "w", newline="") as f:
+            write(csv.writer(f))
 
 
 class InferstackUser(HttpUser):
@@ -147,7 +168,7 @@ class NoisyTenant(InferstackUser):
 
     def one(self, i: int) -> None:
         body = self.body(messages=[{"role": "user", "content": f"Say something about {TOPICS[i % len(TOPICS)]}."}],
-                         priority="low")
+                         priority=self.environment.parsed_options.noisy_priority)
         with self.client.post("/v1/chat/completions", name="noisy flood", catch_response=True,
                               headers=self.headers, json=body) as r:
             if r.status_code == 429 and r.headers.get("Retry-After"):

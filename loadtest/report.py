@@ -3,7 +3,7 @@ ClickHouse/chDB into a section of docs/BENCHMARKS.md with PNG plots.
 
     python -m loadtest.report --csv loadtest/results/locust          # make bench-report
 
-Reads ``<csv>_stats.csv``, ``<csv>_stats_history.csv`` and ``<csv>_run.json``, and
+Reads ``<csv>_final_stats.csv``, ``<csv>_stats_history.csv`` and ``<csv>_run.json``, and
 from the metrics store (``INFERSTACK_CLICKHOUSE_URL``, or chDB in
 ``INFERSTACK_CHDB_PATH`` / the cache directory) the rows of the requests the run
 sent. Writes (replacing a section with the same heading, leaving the others alone):
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prefix = Path(args.csv)
     run = json.loads(Path(f"{prefix}_run.json").read_text())
-    stats_rows = read_csv(Path(f"{prefix}_stats.csv"))
+    stats_rows = read_csv(Path(f"{prefix}_final_stats.csv"))
     segs = segments(read_csv(Path(f"{prefix}_stats_history.csv")))
     if not segs:
         print(f"{prefix}_stats_history.csv holds no seconds with users: was the run empty?")
@@ -295,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.note:
         lines.append(f"- {args.note}")
-    lines += ["", "Client side (Locust; `TTFT`/`ITL` are its custom events, measured on the SSE stream; requests "
-                  "still running when the run time ends finish during Locust's stop timeout but are not in its "
-                  "tables):", ""]
+    lines += ["", "Client side (Locust; `TTFT`/`ITL` are its custom events, measured on the SSE stream):", ""]
     lines += client_tables(stats_rows)
     lines += ["", "Server side, same requests (`inferstack stats` over the run: rows the exporter wrote to the "
                   "metrics store; TTFT and queue wait measured from admission):", ""]

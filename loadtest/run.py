@@ -4,14 +4,17 @@
     python -m loadtest.run --host ... --steps 1,2,4,8 --step-s 15     # a staircase of users
 
 This is what ``make loadtest`` calls. It writes Locust's CSVs under the ``--csv``
-prefix (``_stats.csv``, ``_stats_history.csv``, ``_failures.csv``) plus
-``<prefix>_run.json`` (command, options, start and end time) for ``make
-bench-report``, and exits with Locust's code: non-zero when any request failed.
+prefix (``_stats_history.csv`` per second; ``_final_stats.csv``, ``_final_failures.csv``,
+``_final_exceptions.csv`` once every request has ended) plus ``<prefix>_run.json``
+(command, options, start and end time) for ``make bench-report``. It exits non-zero
+when any request failed or a task raised — also during the stop timeout, which
+Locust's own exit code does not see.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -56,15 +59,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[loadtest] {'LOCUST_STEPS=' + args.steps + ' ' if args.steps else ''}{shown}", flush=True)
     started = time.time()
     code = subprocess.call(cmd, env=env)
+    failures = final_failures(args.csv)
+    if code == 0 and failures:
+        code = 1
     record = {"host": args.host, "users": args.users, "spawn_rate": args.spawn_rate, "duration": args.duration,
               "steps": args.steps, "step_s": args.step_s, "model": args.model, "max_tokens": args.max_tokens,
               "user_classes": args.user_classes, "command": ("LOCUST_STEPS=" + args.steps + " " if args.steps else "")
               + "locust " + " ".join(shlex.quote(c) for c in cmd[3:]), "started": started, "ended": time.time(),
               "exit_code": code}
     Path(f"{args.csv}_run.json").write_text(json.dumps(record, indent=2))
-    print(f"[loadtest] Locust exited with {code}; CSVs: {args.csv}_*.csv"
-          + ("" if code == 0 else " — some requests failed, see the _failures.csv"), flush=True)
+    print(f"[loadtest] exit code {code}: {failures} failed requests or task errors; CSVs: {args.csv}_*.csv"
+          + ("" if code == 0 else f" — see {args.csv}_final_failures.csv and _final_exceptions.csv"), flush=True)
     return code
+
+
+def final_failures(prefix: str) -> int:
+    """Failed requests plus task exceptions, from the CSVs written after the last user stopped."""
+    total = 0
+    try:
+        with open(f"{prefix}_final_stats.csv", newline="") as f:
+            total += sum(int(r["Failure Count"]) for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+        with open(f"{prefix}_final_exceptions.csv", newline="") as f:
+            total += sum(int(r["Count"]) for r in csv.DictReader(f))
+    except FileNotFoundError:
+        return 1  # Locust did not get to the end
+    return total
 
 
 if __name__ == "__main__":
