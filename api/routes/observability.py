@@ -21,7 +21,7 @@ TIERS = ("high", "normal", "low")
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request):
+async def prometheus_metrics(request: Request):
     """This process's counters and histograms (all API processes' in multiprocess
     mode), plus the queue depth per model and tier read from Redis now."""
     state = state_of(request)
