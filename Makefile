@@ -66,7 +66,7 @@ loadtest: install
 		--max-tokens $(LOCUST_MAX_TOKENS) --csv $(LOCUST_CSV) $(if $(STEPS),--steps $(STEPS) --step-s $(STEP_S))
 
 bench-report: install
-	@$(PY) -m loadtest.report --csv $(LOCUST_CSV)
+	@$(PY) -m loadtest.report --csv $(LOCUST_CSV) $(if $(NOTE),--note "$(NOTE)")
 
 clean:
 	rm -rf $(VENV) .pytest_cache

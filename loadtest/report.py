@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_throughput(lv, img / "issue6-throughput.png")
     plot_ttft(lv, img / "issue6-ttft.png")
     out_path = Path(args.out)
-    rel = lambda p: Path(p).resolve().relative_to(out_path.resolve().parent).as_posix()  # noqa: E731
+    rel = lambda p: Path(os.path.relpath(Path(p).resolve(), out_path.resolve().parent)).as_posix()  # noqa: E731
 
     m = machine()
     m["cpu"] = cpu_model() or m["cpu"]

@@ -28,8 +28,12 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 def locust_command(args: argparse.Namespace) -> list[str]:
     locustfile = os.path.relpath(LOCUSTFILE) if not os.path.relpath(LOCUSTFILE).startswith("..") else str(LOCUSTFILE)
+    users, duration = args.users, args.duration
+    if args.steps:  # the step shape decides; -u/-t only restate it
+        steps = [int(x) for x in args.steps.split(",")]
+        users, duration = max(steps), f"{len(steps) * args.step_s:g}s"
     cmd = [sys.executable, "-m", "locust", "-f", locustfile, "--headless", "--host", args.host,
-           "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--csv", args.csv,
+           "-u", str(users), "-r", str(args.spawn_rate), "-t", duration, "--csv", args.csv,
            "--csv-full-history", "--only-summary", "--stop-timeout", str(args.stop_timeout),
            "--exit-code-on-error", "1", "--model", args.model, "--max-tokens", str(args.max_tokens)]
     return cmd + list(args.user_classes)
@@ -52,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
 
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    prefix = ""
     if args.steps:
-        env.update(LOCUST_STEPS=args.steps, LOCUST_STEP_S=str(args.step_s))
+        env.update(LOCUST_STEPS=args.steps, LOCUST_STEP_S=f"{args.step_s:g}")
+        prefix = f"LOCUST_STEPS={args.steps} LOCUST_STEP_S={args.step_s:g} "
     cmd = locust_command(args)
-    shown = " ".join(shlex.quote(c) for c in cmd[1:])
-    print(f"[loadtest] {'LOCUST_STEPS=' + args.steps + ' ' if args.steps else ''}{shown}", flush=True)
+    command = prefix + "locust " + " ".join(shlex.quote(c) for c in cmd[3:])
+    print(f"[loadtest] {command}", flush=True)
     started = time.time()
     code = subprocess.call(cmd, env=env)
     failures = final_failures(args.csv)
@@ -64,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     record = {"host": args.host, "users": args.users, "spawn_rate": args.spawn_rate, "duration": args.duration,
               "steps": args.steps, "step_s": args.step_s, "model": args.model, "max_tokens": args.max_tokens,
-              "user_classes": args.user_classes, "command": ("LOCUST_STEPS=" + args.steps + " " if args.steps else "")
-              + "locust " + " ".join(shlex.quote(c) for c in cmd[3:]), "started": started, "ended": time.time(),
+              "user_classes": args.user_classes, "command": command, "started": started, "ended": time.time(),
               "exit_code": code}
     Path(f"{args.csv}_run.json").write_text(json.dumps(record, indent=2))
     print(f"[loadtest] exit code {code}: {failures} failed requests or task errors; CSVs: {args.csv}_*.csv"
