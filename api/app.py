@@ -12,12 +12,14 @@ from api import errors
 from api.auth import KeyStore
 from api.catalog import Catalog
 from api.relay import TokenRelay
-from api.routes import chat, completions, system
+from api.routes import chat, completions, observability, system
 from api.settings import ApiSettings
 from api.state import AppState
 from broker.connection import async_client
 from inferstack import __version__
 from inferstack.registry import Modality, Registry
+from metrics import prom, tracing
+from metrics.events import EventSink
 from scheduler.queue import AsyncFairQueue
 from scheduler.settings import SchedulerSettings
 
@@ -33,11 +35,15 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
         redis = async_client(settings.redis_url)
         relay = TokenRelay(settings.redis_url, settings.instance_id)
         await relay.start()
+        events = EventSink(redis, settings.events_maxlen)
+        await events.start()
+        if not tracing.enabled():
+            tracing.setup("inferstack-api", settings.otlp_endpoint)
         registry = Registry.load(settings.models_file)
         catalog = Catalog(registry, settings.cache_dir)
         app.state.inferstack = AppState(
             settings=settings, sched=sched, redis=redis, relay=relay, queue=AsyncFairQueue(redis, sched),
-            catalog=catalog, keys=KeyStore.load(settings.keys_file),
+            catalog=catalog, keys=KeyStore.load(settings.keys_file), events=events,
         )
         for spec in registry:  # warm the tokenizers of the text models this host has
             if spec.modality is Modality.TEXT:
@@ -48,6 +54,9 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
         log.info("API %s ready (reply channel %s)", settings.instance_id, relay.channel)
         yield
         await relay.stop()
+        await events.stop()
+        if app.state.inferstack.stats_store is not None:
+            app.state.inferstack.stats_store.close()
         await redis.aclose()
 
     app = FastAPI(title="Inference Stack", version=__version__, lifespan=lifespan)
@@ -55,6 +64,7 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
     app.include_router(system.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(observability.router)
     return app
 
 
@@ -64,6 +74,18 @@ def main(settings: ApiSettings | None = None) -> None:
     settings = settings or ApiSettings()
     logging.basicConfig(level=os.environ.get("INFERSTACK_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s api %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    if settings.api_workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                    timeout_graceful_shutdown=5)
+        return
+    # Several processes on one port: each builds its app from the environment, and
+    # their Prometheus counters meet in one directory (multiprocess mode).
+    path, created = prom.prepare_multiprocess()
+    log.info("%d API processes; Prometheus multiprocess directory %s", settings.api_workers, path)
+    try:
+        uvicorn.run("api.app:create_app", factory=True, workers=settings.api_workers, host=settings.host,
+                    port=settings.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        if created:
+            prom.cleanup_multiprocess(path)
 

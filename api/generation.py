@@ -13,6 +13,7 @@ from api.errors import OpenAIError
 from api.state import AppState
 from broker import keys, messages
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
+from metrics.lifecycle import RequestRecorder
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Generation:
         self._next: dict[int, int] = {}
         self._finished: set[int] = set()
         self._closed = False
+        self.rec = RequestRecorder(state.events, req)  # lifecycle events, Prometheus, trace span
 
     @property
     def done(self) -> bool:
@@ -49,16 +51,19 @@ class Generation:
         self._queue = self.state.relay.register(self.req.id)
         self.enqueued_at = time.monotonic()
         try:
-            adm = await self.state.queue.enqueue(self.req, weight=self.weight, timeout_s=self.deadline_s,
-                                                 user_cap=self.user_cap)
+            with self.rec.admit():
+                adm = await self.state.queue.enqueue(self.req, weight=self.weight, timeout_s=self.deadline_s,
+                                                     user_cap=self.user_cap)
         except BaseException:
             self.close()
             raise
         if not adm.admitted:
+            self.rec.rejected(adm.reason)
             self.close()
             msg = REFUSALS[adm.reason].format(model=self.req.model, detail=adm.detail, retry=adm.retry_after_s)
             raise OpenAIError(429, msg, type="rate_limit_error", code=adm.reason,
                               headers={"Retry-After": str(adm.retry_after_s)})
+        self.rec.enqueued()
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Token events in order, each exactly once, until every choice has finished."""
@@ -75,6 +80,7 @@ class Generation:
                 if self.first_event_at is None:
                     await self._deadline_passed()
                     continue
+                self.rec.failed("stalled")
                 raise OpenAIError(504, "The worker stopped sending tokens for this request.",
                                   type="server_error", code="stalled") from None
             if item is None:  # relay reconnected: whatever was missed is in the log
@@ -83,6 +89,7 @@ class Generation:
                         yield out
                 continue
             if isinstance(item, ErrorEvent):
+                self.rec.failed(item.code or item.type)
                 raise OpenAIError(item.status, item.message, type=item.type, code=item.code)
             for out in self._accept(item):
                 yield out
@@ -98,8 +105,11 @@ class Generation:
         if self.first_event_at is None:
             self.first_event_at = time.monotonic()
         self._next[ev.choice] = ev.start + len(ev.token_ids)
+        self.rec.tokens(ev)
         if ev.finish_reason:
             self._finished.add(ev.choice)
+            if self.done:
+                self.rec.finished()
         return [ev]
 
     async def _from_log(self, since: int) -> list[TokenEvent]:
@@ -109,6 +119,7 @@ class Generation:
     async def _deadline_passed(self) -> None:
         result = await self.state.queue.cancel(self.req.model, self.req.id)
         if result == "dequeued":
+            self.rec.failed("deadline_exceeded")
             raise OpenAIError(503, f"Request not started within its deadline of {self.deadline_s:g} s; "
                               "the model is overloaded. Retry later.", type="server_error",
                               code="deadline_exceeded", headers={"Retry-After": "1"})
@@ -119,6 +130,7 @@ class Generation:
         """The client went away: dequeue it, or stop it at its worker's next step."""
         if self.done:
             return
+        self.rec.cancelled()
         try:
             result = await self.state.queue.cancel(self.req.model, self.req.id)
             if result == "running":
@@ -130,6 +142,7 @@ class Generation:
         if not self._closed:
             self._closed = True
             self.state.relay.unregister(self.req.id)
+            self.rec.cancelled()  # the client is gone; a no-op unless admitted and not yet ended
 
 
 async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, TokenEvent]]:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from pydantic import Field
 
-from inferstack.settings import CommonSettings
+from metrics.settings import StoreSettings
 
 
-class ApiSettings(CommonSettings):
+class ApiSettings(StoreSettings):
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, description="Port the API binds to.")
     instance_id: str = Field(
@@ -24,3 +24,6 @@ class ApiSettings(CommonSettings):
         0.0, description="With no live worker for a model, wait this long for one before answering 503 (0 = queue anyway)."
     )
     admin_key: str | None = Field(None, description="Bearer key for admin endpoints (/v1/stats); unset = open.")
+    api_workers: int = Field(
+        1, ge=1, description="API processes sharing the port (uvicorn workers); >1 uses Prometheus multiprocess mode."
+    )

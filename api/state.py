@@ -8,6 +8,7 @@ from api.auth import KeyStore
 from api.catalog import Catalog
 from api.relay import TokenRelay
 from api.settings import ApiSettings
+from metrics.events import EventSink
 from scheduler.queue import AsyncFairQueue
 from scheduler.settings import SchedulerSettings
 
@@ -21,3 +22,7 @@ class AppState:
     queue: AsyncFairQueue
     catalog: Catalog
     keys: KeyStore
+    events: EventSink | None = None
+    """Lifecycle events for the metrics exporter."""
+    stats_store: object = None
+    """The metrics store (``metrics.store``), opened by the first /v1/stats."""

@@ -103,3 +103,11 @@ def reply_channel(api_instance: str) -> str:
 
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Pub/sub channel: API processes announce cancelled request ids; workers drop them."""
+
+
+EVENTS = f"{PREFIX}:events"
+"""Stream: one entry per request lifecycle step (``metrics.events``), appended by API
+processes and workers with ``XADD MAXLEN ~``, consumed by the metrics exporter."""
+
+EVENTS_GROUP = "exporter"
+"""Consumer group of :data:`EVENTS` that the metrics exporters share."""

@@ -49,3 +49,7 @@ class Engine(Protocol):
 
     def fail_all(self, message: str, emit: Emit) -> None:
         """A step raised: report every held request as failed and start clean."""
+
+    def gauges(self) -> dict[str, float]:
+        """For /metrics, read from another thread: ``batch_size`` (sequences running)
+        and ``kv_cache_bytes``."""

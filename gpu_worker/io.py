@@ -14,6 +14,7 @@ from collections import defaultdict
 from broker import keys, messages
 from broker.messages import ErrorEvent, TokenEvent
 from gpu_worker.engine import Engine, Outgoing
+from metrics.lifecycle import Claim, WorkerRecorder
 from scheduler.queue import FairQueue
 
 log = logging.getLogger(__name__)
@@ -22,20 +23,23 @@ log = logging.getLogger(__name__)
 class Publisher(threading.Thread):
     """Ships each step's events in one pipelined round trip: append to each request's
     output log (for resume after a crash), then one PUBLISH per API process, then
-    release finished requests' leases."""
+    release finished requests' leases; the lifecycle events of claims and releases
+    (``metrics.lifecycle``) ride along in the same round trip."""
 
-    def __init__(self, client, fq: FairQueue, worker_id: str, on_error, index_ttl_s: float = 5.0):
+    def __init__(self, client, fq: FairQueue, worker_id: str, on_error, index_ttl_s: float = 5.0,
+                 events_maxlen: int = 100_000):
         super().__init__(name="publisher", daemon=True)
         self.r, self.fq, self.worker_id = client, fq, worker_id
         self.index_ttl_s = index_ttl_s
-        self.q: queue.Queue[list[Outgoing] | None] = queue.Queue()
+        self.recorder = WorkerRecorder(worker_id, events_maxlen)
+        self.q: queue.Queue[list[Outgoing | Claim] | None] = queue.Queue()
         self._complete = fq._scripts["complete"]  # noqa: SLF001 - same script, pipelined
         self._on_error = on_error
         self.published = 0
         self.round_trips = 0
         self.busy_s = 0.0
 
-    def submit(self, batch: list[Outgoing]) -> None:
+    def submit(self, batch: list[Outgoing | Claim]) -> None:
         self.q.put(batch)
 
     def stop(self) -> None:
@@ -64,16 +68,21 @@ class Publisher(threading.Thread):
             if stop:
                 return
 
-    def _ship(self, batch: list[Outgoing]) -> None:
+    def _ship(self, batch: list[Outgoing | Claim]) -> None:
         started = time.perf_counter()
+        now = time.time()
         pipe = self.r.pipeline(transaction=False)
         channels: dict[str, list] = defaultdict(list)
         done = []
         for o in batch:  # the KV index first: a follow-up turn must find it once the answer is out
-            if o.index_ops:
+            if isinstance(o, Outgoing) and o.index_ops:
                 self.fq.kv_index(o.model, self.worker_id, o.index_ops, self.index_ttl_s, client=pipe)
         for o in batch:
+            if isinstance(o, Claim):
+                self.recorder.claim(pipe, o)
+                continue
             if isinstance(o.event, TokenEvent):
+                self.recorder.token(o.model, o.event, now)
                 pipe.rpush(keys.output_log(o.model, o.event.request_id), messages.encode(o.event))
             if o.event is not None:
                 channels[o.reply_to].append(o.event)
@@ -84,10 +93,13 @@ class Publisher(threading.Thread):
         for o in done:
             self._complete(args=[keys.tag(o.model), self.worker_id, o.request_id,
                                  self.fq.s.output_log_ttl_s], client=pipe)
+            self.recorder.release(pipe, o.model, o.request_id, o.event, now)
         pipe.execute()
         self.published += len(batch)
         self.round_trips += 1
-        self.busy_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.busy_s += elapsed
+        self.recorder.round_trip(now, now + elapsed)
 
 
 class Claimer(threading.Thread):
@@ -131,6 +143,9 @@ class Claimer(threading.Thread):
                 continue
             had_room = True
             res = self.fq.claim_batch(model, self.worker_id, n)
+            if res.claimed:  # noted before the engine sees them, so before any of their tokens
+                held, now = len(engine.request_ids()) + len(res.claimed), time.time()
+                self.publisher.submit([Claim(model, c.request, c.attempt, held, now) for c in res.claimed])
             for c in res.claimed:
                 log_events = self.fq.output_log(model, c.request.id) if c.attempt > 1 else []
                 engine.add(c, log_events)

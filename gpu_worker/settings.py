@@ -29,6 +29,7 @@ class WorkerSettings(CommonSettings):
     heartbeat_ttl_s: float = Field(5.0, description="A worker silent this long is considered dead.")
     drain_timeout_s: float = Field(10.0, description="On SIGTERM, how long running requests may finish.")
     torch_threads: int | None = Field(None, description="torch intra-op threads (default: torch's choice).")
+    metrics_port: int = Field(0, description="Port of this worker's Prometheus /metrics (0 = off).")
 
     @property
     def model_names(self) -> list[str]:

@@ -21,6 +21,7 @@ from gpu_worker.io import CancelListener, Claimer, Heartbeat, Publisher
 from gpu_worker.settings import WorkerSettings
 from inferstack import modelstore
 from inferstack.registry import Modality, ModelSpec, Registry
+from metrics import prom, tracing
 from scheduler.queue import FairQueue
 from scheduler.settings import SchedulerSettings
 
@@ -63,7 +64,8 @@ class Worker:
         self.wake = threading.Event()
         self.started_at = time.time()
         self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_error=lambda e: None,
-                                   index_ttl_s=settings.heartbeat_ttl_s)
+                                   index_ttl_s=settings.heartbeat_ttl_s, events_maxlen=settings.events_maxlen)
+        self.metrics_server = None
         self.claimer = Claimer(sync_client(settings.redis_url), FairQueue(sync_client(settings.redis_url), sched),
                                self.id, engines, self.wake, self.publisher, self.stopping)
         self.heartbeat = Heartbeat(sync_client(settings.redis_url), self.fq, self.id, engines, self.info,
@@ -98,6 +100,11 @@ class Worker:
     def run(self, *, burst: bool = False) -> None:
         """Serve until stopped. ``burst``: stop once the queues and engines are empty
         (tests use it to run a worker deterministically to completion)."""
+        prom.engine_gauges().attach(self.id, self.engines)
+        if self.s.metrics_port:
+            self.metrics_server = prom.serve(self.s.metrics_port)
+            log.info("worker %s: Prometheus metrics on :%d/metrics", self.id, self.s.metrics_port)
+        step_seconds = prom.worker_metrics().step
         for t in (self.publisher, self.heartbeat, self.cancels):
             t.start()
         self.heartbeat.beat()  # visible (and /ready) before the first claim
@@ -111,7 +118,8 @@ class Worker:
                 for model, engine in self.engines.items():
                     if engine.has_work():
                         try:
-                            engine.step(self.publisher.submit)
+                            with step_seconds.labels(model).time():
+                                engine.step(self.publisher.submit)
                         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker
                             log.exception("%s: engine step failed; failing its requests", model)
                             engine.fail_all(f"{type(exc).__name__}: {exc}", self.publisher.submit)
@@ -151,6 +159,10 @@ class Worker:
         self.halt.set()
         self.publisher.stop()
         self.publisher.join(timeout=5)
+        prom.engine_gauges().detach(self.id)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         try:
             self.r.zrem(keys.WORKERS, self.id)
             self.r.delete(keys.worker(self.id))
@@ -165,6 +177,7 @@ def main(settings: WorkerSettings | None = None) -> None:
                         format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    tracing.setup("inferstack-worker", settings.otlp_endpoint)
     registry = Registry.load(settings.models_file)
     device = pick_device(settings.device)
     engines: dict[str, Engine] = {}

@@ -11,7 +11,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("api", help="run the OpenAI-compatible API (INFERSTACK_HOST/PORT)")
     sub.add_parser("worker", help="run a worker (INFERSTACK_WORKER_MODELS, INFERSTACK_DEVICE)")
-    up = sub.add_parser("up", help="run Redis (unless REDIS_URL), the API and one worker on this machine")
+    sub.add_parser("exporter", help="run the metrics exporter (lifecycle events -> ClickHouse, or chDB locally)")
+    st = sub.add_parser("stats", help="per model and per tenant stats over a window, from the metrics store")
+    st.add_argument("--window", default="1h", help="e.g. 90s, 15m, 1h, 7d (default 1h)")
+    st.add_argument("--model", default="", help="only this model")
+    st.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    up = sub.add_parser("up", help="run Redis (unless REDIS_URL), the API, one worker and the exporter on this machine")
     up.add_argument("--port", type=int, default=None, help="API port (default $PORT or 8000)")
     prep = sub.add_parser("prepare", help="convert/locate model weights now (with progress)")
     prep.add_argument("models", nargs="*", help="registry names (default: the worker's models)")
@@ -27,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
         from gpu_worker.worker import main as worker_main
 
         worker_main()
+    elif args.command == "exporter":
+        from metrics.exporter import main as exporter_main
+
+        exporter_main()
+    elif args.command == "stats":
+        sys.exit(print_stats(args.window, args.model, args.json))
     elif args.command == "up":
         from inferstack.local import run_local
 
@@ -39,6 +50,32 @@ def main(argv: list[str] | None = None) -> None:
         from api.auth import hash_key
 
         print(hash_key(args.key))
+
+
+def print_stats(window: str, model: str, as_json: bool) -> int:
+    import json
+
+    from metrics import stats
+    from metrics.settings import StoreSettings
+    from metrics.store import open_store
+
+    try:
+        window_s = stats.parse_window(window)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    settings = StoreSettings()
+    if not settings.clickhouse_url and not settings.chdb_dir.exists():
+        print(f"no metrics yet: {settings.chdb_dir} does not exist. Start the stack with `make run` (it runs the "
+              "exporter), or set INFERSTACK_CLICKHOUSE_URL / INFERSTACK_CHDB_PATH.", file=sys.stderr)
+        return 1
+    store = open_store(settings)
+    try:
+        report = stats.stats(store, window_s, model=model)
+    finally:
+        store.close()
+    print(json.dumps(report, indent=2) if as_json else stats.render(report))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """``inferstack up``: the whole stack on one machine — a private Redis (unless
-REDIS_URL is set), the API and one worker — with Ctrl-C stopping all of it."""
+REDIS_URL is set), the API, one worker and the metrics exporter (on chDB in the
+cache directory unless INFERSTACK_CLICKHOUSE_URL is set) — with Ctrl-C stopping all of it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import httpx
 
 from gpu_worker.settings import WorkerSettings
 from inferstack import modelstore
+from inferstack.redis_server import free_port
 from inferstack.registry import Registry
+from metrics.settings import StoreSettings
 
 
 def say(msg: str) -> None:
@@ -90,11 +93,17 @@ def run_local(port: int | None = None) -> int:
     env["INFERSTACK_WORKER_MODELS"] = ",".join(models)
     env["INFERSTACK_PORT"] = str(port)
     env.setdefault("INFERSTACK_HOST", "127.0.0.1")
+    worker_metrics_port = int(env.get("INFERSTACK_METRICS_PORT") or free_port())
+    store = StoreSettings()
+    metrics_at = store.clickhouse_url.split("@")[-1] if store.clickhouse_url else f"chDB in {store.chdb_dir}"
     procs: dict[str, subprocess.Popen] = {}
     code = 0
     try:
         procs["api"] = subprocess.Popen([sys.executable, "-m", "inferstack.cli", "api"], env=env)
-        procs["worker"] = subprocess.Popen([sys.executable, "-m", "inferstack.cli", "worker"], env=env)
+        procs["worker"] = subprocess.Popen([sys.executable, "-m", "inferstack.cli", "worker"],
+                                           env={**env, "INFERSTACK_METRICS_PORT": str(worker_metrics_port)})
+        procs["exporter"] = subprocess.Popen([sys.executable, "-m", "inferstack.cli", "exporter"],
+                                             env={**env, "INFERSTACK_METRICS_PORT": "0"})
         url = f"http://{env['INFERSTACK_HOST']}:{port}"
         if not _wait_ready(url, procs):
             return 1
@@ -106,6 +115,9 @@ Inference Stack is up at {url}  (Ctrl-C stops everything)
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
   OpenAI SDK: OpenAI(base_url="{url}/v1", api_key="unused")
+
+  Metrics: {url}/metrics (API), http://127.0.0.1:{worker_metrics_port}/metrics (worker);
+  request rows: {metrics_at}; `inferstack stats` or {url}/v1/stats
 """, flush=True)
         while all(p.poll() is None for p in procs.values()):
             time.sleep(0.5)

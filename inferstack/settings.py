@@ -30,3 +30,9 @@ class CommonSettings(BaseSettings):
         Path.home() / ".cache" / "inferstack",
         description="Converted models and other derived files (safe to delete).",
     )
+    events_maxlen: int = Field(
+        100_000, description="Approximate cap of the lifecycle event stream (is:events) feeding the metrics exporter."
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP endpoint for traces (or the standard OTEL_EXPORTER_OTLP_* variables); unset = off."
+    )

@@ -138,6 +138,14 @@ class TextEngine:
         if out:
             emit(out)
 
+    def gauges(self) -> dict[str, float]:
+        out = {"batch_size": self.planner.num_admitted, "kv_cache_bytes": self.runner.cache.nbytes}
+        if self.kv_store is not None:
+            st = self.kv_store.stats
+            out.update(kv_store_bytes=self.kv_store.bytes_used, kv_store_hits=st.hits, kv_store_misses=st.misses,
+                       kv_store_tokens_saved=st.tokens_saved)
+        return out
+
     def fail_all(self, message: str, emit: Emit) -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []

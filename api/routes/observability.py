@@ -1,0 +1,73 @@
+"""GET /metrics (Prometheus), GET /v1/stats (admin: per model and tenant, from the metrics store)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from api.errors import OpenAIError
+from api.routes._text import state_of
+from api.state import AppState
+from broker import keys
+from metrics import prom, stats
+from metrics.store import open_store
+
+router = APIRouter()
+
+TIERS = ("high", "normal", "low")
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request):
+    """This process's counters and histograms (all API processes' in multiprocess
+    mode), plus the queue depth per model and tier read from Redis now."""
+    state = state_of(request)
+    models = [spec.name for spec in state.catalog.registry]
+    depths: dict[str, dict[str, int]] = {}
+    try:
+        pipe = state.redis.pipeline(transaction=False)
+        for model in models:
+            pipe.hmget(keys.tier_state(model), [f"len:{t}" for t in TIERS])
+        for model, lens in zip(models, await pipe.execute()):
+            depths[model] = {t: int(n or 0) for t, n in zip(TIERS, lens)}
+    except Exception:  # noqa: BLE001 - Redis down: the rest of the metrics still matter
+        depths = {}
+    body = prom.exposition([prom.queue_depth_family(depths)] if depths else [])
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _require_admin(request: Request, state: AppState) -> None:
+    auth = request.headers.get("authorization")
+    token = auth[7:].strip() if auth and auth.lower().startswith("bearer ") else ""
+    admin_key = state.settings.admin_key
+    if admin_key and hmac.compare_digest(token.encode(), admin_key.encode()):
+        return
+    if not state.keys.open:
+        if state.keys.identify(auth, None).admin:  # 401 for a missing or unknown key
+            return
+    elif not admin_key:
+        return  # open mode without an admin key: everything is open
+    raise OpenAIError(403, "This endpoint needs an admin key (INFERSTACK_ADMIN_KEY, or `admin = true` in the "
+                      "keys file).",
+                      type="permission_error", code="admin_required")
+
+
+@router.get("/v1/stats")
+async def get_stats(request: Request, window: str = "1h", model: str = ""):
+    """Per model and per tenant over the last ``window`` (``90s``, ``15m``, ``1h``, ``7d``)."""
+    state = state_of(request)
+    _require_admin(request, state)
+    try:
+        window_s = stats.parse_window(window)
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), param="window", code="invalid_value") from None
+    try:
+        if state.stats_store is None:
+            state.stats_store = await asyncio.to_thread(open_store, state.settings)
+        return await asyncio.to_thread(stats.stats, state.stats_store, window_s, model=model)
+    except Exception as exc:  # noqa: BLE001
+        raise OpenAIError(503, f"The metrics store is unavailable: {exc}", type="server_error",
+                          code="metrics_unavailable") from exc

@@ -1,0 +1,148 @@
+"""Request lifecycle events: what API processes and workers append to the
+``is:events`` stream, one entry per step, for the exporter to turn into rows.
+
+Who emits what:
+
+* API: ``enqueued`` or ``rejected`` (admission), ``first_token``, then one of
+  ``finished`` / ``failed`` / ``cancelled`` (what the client saw).
+* worker: ``claimed`` (per claim: worker, attempt, batch size at start) and
+  ``released`` (its lease released: tokens it generated, KV tokens reused, an error
+  code, ``aborted`` when it dropped the request).
+
+Events are flat string maps (readable with ``XRANGE is:events - +``); fields at their
+default value are left out. Emitting never makes a request wait: the API queues
+events for one writer task (:class:`EventSink`), the worker's publisher thread adds
+them to the pipeline it sends anyway (:func:`add_to_pipeline`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from broker import keys
+
+log = logging.getLogger(__name__)
+
+
+class Kind(StrEnum):
+    ENQUEUED = "enqueued"
+    REJECTED = "rejected"
+    CLAIMED = "claimed"
+    FIRST_TOKEN = "first_token"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RELEASED = "released"
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleEvent:
+    kind: Kind
+    request_id: str
+    ts: float
+    """Unix time of the step, on the emitting host's clock."""
+    model: str = ""
+    user: str = ""
+    tier: str = ""
+    worker: str = ""
+    attempt: int = 0
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens served from a reused KV cache instead of prefilled."""
+    batch_size: int = 0
+    """Requests the worker held when this one started (claimed)."""
+    error: str = ""
+
+    def fields(self) -> dict[str, str]:
+        out = {"kind": str(self.kind), "request_id": self.request_id, "ts": repr(self.ts)}
+        for f in _OPTIONAL:
+            value = getattr(self, f.name)
+            if value != f.default:
+                out[f.name] = str(value)
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> "LifecycleEvent":
+        """Parse a stream entry; unknown fields (from a newer emitter) are ignored."""
+        kw: dict = {"kind": Kind(fields["kind"]), "request_id": fields["request_id"], "ts": float(fields["ts"])}
+        for f in _OPTIONAL:
+            if f.name in fields:
+                kw[f.name] = int(fields[f.name]) if f.type == "int" else fields[f.name]
+        return cls(**kw)
+
+
+_OPTIONAL = [f for f in dataclasses.fields(LifecycleEvent) if f.name not in ("kind", "request_id", "ts")]
+
+
+def event(kind: Kind, request_id: str, ts: float | None = None, **kw) -> LifecycleEvent:
+    return LifecycleEvent(kind, request_id, time.time() if ts is None else ts, **kw)
+
+
+def add_to_pipeline(pipe, ev: LifecycleEvent, maxlen: int) -> None:
+    """Append ``ev`` as part of a pipeline the caller executes (worker: the publisher's)."""
+    pipe.xadd(keys.EVENTS, ev.fields(), maxlen=maxlen, approximate=True)
+
+
+class EventSink:
+    """An asyncio process's writer: ``emit()`` never blocks or fails the request; one
+    task appends whatever has queued up in one pipelined round trip."""
+
+    def __init__(self, redis, maxlen: int):
+        self.r = redis
+        self.maxlen = maxlen
+        self._q: asyncio.Queue[LifecycleEvent | None] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.written = 0
+        self.dropped = 0
+
+    def emit(self, ev: LifecycleEvent) -> None:
+        self._q.put_nowait(ev)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-sink")
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Write what is still queued, then stop."""
+        if self._task is None:
+            return
+        self._q.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._task, timeout_s)
+        except TimeoutError:
+            log.warning("event sink did not finish writing within %.0f s", timeout_s)
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._q.get()]
+            while not self._q.empty():
+                batch.append(self._q.get_nowait())
+            stop = None in batch
+            events = [ev for ev in batch if ev is not None]
+            if events:
+                await self._write(events)
+            if stop:
+                return
+
+    async def _write(self, batch: list[LifecycleEvent]) -> None:
+        for attempt in range(2):
+            try:
+                pipe = self.r.pipeline(transaction=False)
+                for ev in batch:
+                    add_to_pipeline(pipe, ev, self.maxlen)
+                await pipe.execute()
+                self.written += len(batch)
+                return
+            except Exception:  # noqa: BLE001 - metrics are best effort; requests go on
+                if attempt == 0:
+                    await asyncio.sleep(0.5)
+        self.dropped += len(batch)
+        log.warning("dropped %d lifecycle events: Redis did not take them (%d dropped so far)",
+                    len(batch), self.dropped)

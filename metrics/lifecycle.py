@@ -1,0 +1,205 @@
+"""What one request records at each step, on each side: its lifecycle events (the
+rows in ClickHouse), its Prometheus series and its trace spans. The request code
+calls one method per step; these classes keep the bookkeeping out of it.
+
+* :class:`RequestRecorder` — the API's view: admission, first token, what the client
+  got in the end (each terminal step counts once).
+* :class:`WorkerRecorder` — the worker's publisher thread: claims, tokens it
+  shipped, releases; it adds its events to the publisher's pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
+from metrics import tracing
+from metrics.events import EventSink, Kind, add_to_pipeline, event
+from metrics.prom import api_metrics, worker_metrics
+
+
+class RequestRecorder:
+    def __init__(self, sink: EventSink | None, req: GenerateRequest):
+        self.sink = sink
+        self.req = req
+        self.tier = str(req.tier)
+        self.m = api_metrics()
+        self.enqueued_at = 0.0
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.admitted = False
+        self.outcome: str | None = None
+        # The trace context goes into req.trace now, before the request is encoded.
+        self.span = tracing.RequestSpan(req.id, req.model, req.user, self.tier, req.trace)
+
+    def _emit(self, kind: Kind, ts: float | None = None, **kw) -> None:
+        if self.sink is not None:
+            self.sink.emit(event(kind, self.req.id, ts, model=self.req.model, **kw))
+
+    def admit(self):
+        """Context manager around the enqueue (the ``admit`` span)."""
+        return self.span.admit()
+
+    def enqueued(self) -> None:
+        self.admitted = True
+        self.enqueued_at = self.req.created_at or time.time()
+        self._emit(Kind.ENQUEUED, self.enqueued_at, user=self.req.user, tier=self.tier,
+                   prompt_tokens=len(self.req.prompt_token_ids),
+                   max_tokens=self.req.params.max_tokens * self.req.params.n)
+        self.m.prompt_tokens.labels(self.req.model).inc(len(self.req.prompt_token_ids))
+
+    def rejected(self, reason: str) -> None:
+        if self.outcome is None:
+            self._emit(Kind.REJECTED, user=self.req.user, tier=self.tier,
+                       prompt_tokens=len(self.req.prompt_token_ids), error=reason)
+            self._end("rejected", reason)
+
+    def tokens(self, ev: TokenEvent) -> None:
+        now = time.time()
+        n = len(ev.token_ids)
+        self.completion_tokens += n
+        self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self._emit(Kind.FIRST_TOKEN, now)
+            self.m.ttft.labels(self.req.model).observe(max(0.0, now - self.enqueued_at))
+        elif n:
+            self.m.itl.labels(self.req.model).observe((now - self.last_token_at) / n)
+        self.last_token_at = now
+        self.m.generation_tokens.labels(self.req.model).inc(n)
+
+    def finished(self) -> None:
+        if self.outcome is None:
+            now = time.time()
+            self._emit(Kind.FINISHED, now, completion_tokens=self.completion_tokens,
+                       cached_tokens=self.cached_tokens)
+            self.m.e2e.labels(self.req.model).observe(max(0.0, now - self.enqueued_at))
+            self._end("finished")
+
+    def failed(self, error: str) -> None:
+        if self.outcome is None and self.admitted:
+            self._emit(Kind.FAILED, completion_tokens=self.completion_tokens, cached_tokens=self.cached_tokens,
+                       error=error)
+            self._end("failed", error)
+
+    def cancelled(self, reason: str = "client_closed") -> None:
+        """The client went away (or stopped reading) before the request finished."""
+        if self.outcome is None and not self.admitted:  # the enqueue itself failed: nothing ran
+            self.outcome = "not_admitted"
+            self.span.end("not_admitted")
+        elif self.outcome is None:
+            self._emit(Kind.CANCELLED, completion_tokens=self.completion_tokens,
+                       cached_tokens=self.cached_tokens, error=reason)
+            self._end("cancelled", reason)
+
+    def _end(self, status: str, error: str = "") -> None:
+        self.outcome = status
+        self.m.requests.labels(self.req.model, self.tier, status).inc()
+        self.span.end(status, error, completion_tokens=self.completion_tokens)
+
+
+@dataclass(slots=True)
+class Claim:
+    """The claimer's note of one claimed request, shipped through the publisher's
+    queue so that one thread owns the per-request bookkeeping."""
+
+    model: str
+    request: GenerateRequest
+    attempt: int
+    batch_size: int
+    at: float
+
+
+@dataclass(slots=True)
+class _Live:
+    claim: Claim
+    tokens: int = 0
+    cached: int = 0
+    finished: bool = False
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
+    first_publish: tuple[float, float] | None = None
+    round_trips: int = 0
+    shipped: bool = False
+
+
+class WorkerRecorder:
+    """Used by the publisher thread only. Events go into the round trip it sends anyway."""
+
+    def __init__(self, worker_id: str, maxlen: int):
+        self.worker_id = worker_id
+        self.maxlen = maxlen
+        self.m = worker_metrics()
+        self._live: dict[str, _Live] = {}
+        self._released: list[_Live] = []
+
+    def claim(self, pipe, c: Claim) -> None:
+        req = c.request
+        self._live[req.id] = _Live(c)
+        add_to_pipeline(pipe, event(Kind.CLAIMED, req.id, c.at, model=c.model, user=req.user, tier=str(req.tier),
+                                    worker=self.worker_id, attempt=c.attempt, batch_size=c.batch_size,
+                                    prompt_tokens=len(req.prompt_token_ids)), self.maxlen)
+        self.m.claimed.labels(c.model).inc()
+        if req.created_at:
+            self.m.queue_wait.labels(c.model, str(req.tier)).observe(max(0.0, c.at - req.created_at))
+
+    def token(self, model: str, ev: TokenEvent, now: float) -> None:
+        self.m.generated_tokens.labels(model).inc(len(ev.token_ids))
+        live = self._live.get(ev.request_id)
+        if live is None:
+            return
+        live.tokens += len(ev.token_ids)
+        live.cached = max(live.cached, ev.cached_tokens)
+        live.finished = live.finished or (ev.finish_reason not in (None, "abort"))
+        if live.first_token_at is None:
+            live.first_token_at = now
+        live.last_token_at = now
+        live.shipped = True
+
+    def release(self, pipe, model: str, request_id: str, ev: TokenEvent | ErrorEvent | None, now: float) -> None:
+        live = self._live.pop(request_id, None)
+        if isinstance(ev, ErrorEvent):
+            error, outcome = ev.code or ev.type, "failed"
+        elif live is not None and not live.finished:
+            error, outcome = "aborted", "aborted"
+        else:
+            error, outcome = "", "finished"
+        add_to_pipeline(pipe, event(Kind.RELEASED, request_id, now, model=model, worker=self.worker_id,
+                                    completion_tokens=live.tokens if live else 0,
+                                    cached_tokens=live.cached if live else 0, error=error), self.maxlen)
+        self.m.released.labels(model, outcome).inc()
+        if live is not None and tracing.enabled():
+            self._released.append(live)
+
+    def round_trip(self, started: float, ended: float) -> None:
+        """After a round trip: note which requests it carried, record finished requests' spans."""
+        self.m.publish.observe(ended - started)
+        for live in self._live.values():
+            self._note(live, started, ended)
+        for live in self._released:
+            self._note(live, started, ended)
+            self._spans(live)
+        self._released.clear()
+
+    @staticmethod
+    def _note(live: _Live, started: float, ended: float) -> None:
+        if live.shipped:
+            live.shipped = False
+            live.round_trips += 1
+            if live.first_publish is None:
+                live.first_publish = (started, ended)
+
+    def _spans(self, live: _Live) -> None:
+        c = live.claim
+        attrs = {"inferstack.worker": self.worker_id, "inferstack.attempt": c.attempt}
+        spans = [("queue_wait", c.request.created_at or c.at, c.at, {"inferstack.batch_size": c.batch_size, **attrs})]
+        if live.first_token_at is not None:
+            spans.append(("prefill", c.at, live.first_token_at, {"inferstack.cached_tokens": live.cached, **attrs}))
+            spans.append(("decode", live.first_token_at, live.last_token_at,
+                          {"inferstack.completion_tokens": live.tokens, **attrs}))
+        if live.first_publish is not None:
+            spans.append(("publish", *live.first_publish, {"inferstack.round_trips": live.round_trips, **attrs}))
+        tracing.record_spans(c.request.trace, spans)
