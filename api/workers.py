@@ -38,3 +38,23 @@ async def served_models(redis) -> dict[str, int]:
         for m in w.get("models", []):
             served[m] = served.get(m, 0) + 1
     return served
+
+
+async def check_servable(redis, spec) -> None:
+    """Queue work for any registered model some worker serves, is loading, or could load
+    on demand; refuse only when live workers exist and none of them could ever hold it.
+    With no live worker at all the request queues: a worker may be starting."""
+    from api.errors import OpenAIError
+
+    workers = await live_workers(redis)
+    if not workers:
+        return
+    for w in workers:
+        if spec.name in w.get("models", []) or spec.name in w.get("states", {}) or spec.name in w.get("can_load", []):
+            return
+    largest = max(int(w.get("model_capacity_bytes", 0)) for w in workers) / (1 << 30)
+    raise OpenAIError(
+        503, f"No worker of this deployment can hold `{spec.name}` (needs about {spec.memory_gb:g} GiB"
+        + (f" on {spec.device}" if spec.device != "any" else "")
+        + f"; the largest worker can give models {largest:.1f} GiB, or lacks its weights). "
+        "Add a worker that can serve it.", type="server_error", param="model", code="no_capable_worker")

@@ -100,7 +100,6 @@ class Claimer(threading.Thread):
         self.claimed = 0
 
     def run(self) -> None:
-        bells = [keys.doorbell(m) for m in self.engines]
         while not self.stopping.is_set():
             if self.paused.is_set():
                 time.sleep(0.05)
@@ -110,7 +109,9 @@ class Claimer(threading.Thread):
                 if got:
                     continue
                 if had_room:
-                    self.r.blpop(bells, timeout=0.25)
+                    # Models come and go (the model manager loads and evicts them), so the
+                    # doorbells to wait on are those of the models ready now.
+                    self.r.blpop([keys.doorbell(m) for m in self.engines], timeout=0.25)
                 else:
                     self.capacity_freed.wait(0.05)
                     self.capacity_freed.clear()

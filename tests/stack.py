@@ -65,8 +65,8 @@ class Stack:
         self.api_settings = ApiSettings(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
                                         port=free_port())
         self.api = ApiThread(self.api_settings, self.sched)
-        self.worker_kw = dict(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
-                              worker_models=",".join(self.registry.names()), heartbeat_s=0.2, **(worker_kw or {}))
+        self.worker_kw = {**dict(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
+                                 worker_models=",".join(self.registry.names()), heartbeat_s=0.2), **(worker_kw or {})}
         self.workers = [self.add_worker() for _ in range(workers)]
         self.url = self.api.url
         self.wait_ready()

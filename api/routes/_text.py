@@ -19,6 +19,7 @@ from api.errors import OpenAIError
 from api.generation import Generation, merged, watch_disconnect
 from api.schemas import _Sampling
 from api.state import AppState
+from api.workers import check_servable
 from broker.messages import GenerateRequest, SamplingParams, TokenEvent
 
 _background: set[asyncio.Task] = set()
@@ -104,6 +105,8 @@ class TextJob:
                                     deadline_s=self.body.deadline_s, user_cap=self.identity.max_queued))
 
     async def admit(self) -> None:
+        for spec in {g.req.model: self.state.catalog.spec(g.req.model) for g in self.gens}.values():
+            await check_servable(self.state.redis, spec)
         admitted = []
         try:
             for g in self.gens:
