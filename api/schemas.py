@@ -136,3 +136,23 @@ class ErrorBody(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's image generation body, plus ``seed``, ``steps``, ``guidance_scale``,
+    ``negative_prompt`` and ``async`` (answer 202 with a job at once)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    model: str | None = None
+    prompt: str = Field(min_length=1, max_length=4000)
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = Field(None, max_length=256)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    steps: int | None = Field(None, ge=1, le=100)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    negative_prompt: str | None = Field(None, max_length=4000)
+    priority: Tier | None = None
+    async_: bool = Field(False, alias="async")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from api.auth import KeyStore
 from api.catalog import Catalog
+from api.jobs import JobService
 from api.relay import TokenRelay
 from api.settings import ApiSettings
 from scheduler.queue import AsyncFairQueue
@@ -21,3 +22,5 @@ class AppState:
     queue: AsyncFairQueue
     catalog: Catalog
     keys: KeyStore
+    jobs: JobService | None = None
+    """Media jobs (rq)."""

@@ -7,6 +7,8 @@ Grouped by who receives them:
   :class:`ErrorEvent`; a worker publishes one JSON list of events per API process
   per engine step.
 * API -> workers (cancel channel): the bare request id.
+* API -> workers (rq job argument): :class:`MediaRequest`; worker -> API (reply
+  channel) when the job ends: :class:`JobEvent`.
 
 JSON keeps the wire readable with ``redis-cli MONITOR``; each message carries a
 ``t`` tag naming its type.
@@ -114,10 +116,49 @@ class ErrorEvent:
     status: int = 500
 
 
+# -- media -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class MediaRequest:
+    """One image or video generation job: the argument of its rq job."""
+
+    id: str
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+    n: int = 1
+    width: int = 512
+    height: int = 512
+    steps: int | None = None
+    """Denoising steps; None = the model's default (registry ``steps``)."""
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_frames: int | None = None
+    """Video only."""
+    fps: int = 8
+    response_format: str = "b64_json"
+    user: str = "anonymous"
+    tier: Tier = Tier.NORMAL
+    reply_to: str = ""
+    """Reply channel of the API process waiting synchronously, or empty."""
+    created_at: float = 0.0
+
+
+@dataclass(slots=True)
+class JobEvent:
+    """A media job reached a final state (worker -> the API process waiting on it)."""
+
+    request_id: str
+    status: str
+
+
 _TYPES: dict[str, type] = {
     "req": GenerateRequest,
     "tok": TokenEvent,
     "err": ErrorEvent,
+    "media": MediaRequest,
+    "job": JobEvent,
 }
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 
@@ -136,7 +177,8 @@ def from_dict(d: dict[str, Any]) -> Any:
         p["stop"] = tuple(p.get("stop", ()))
         p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
         d["params"] = SamplingParams(**p)
-        d["tier"] = Tier(d.get("tier", "normal"))
+    if "tier" in d:
+        d["tier"] = Tier(d["tier"])
     return cls(**d)
 
 

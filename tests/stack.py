@@ -40,10 +40,13 @@ class ApiThread:
 
 
 class WorkerThread:
-    def __init__(self, settings: WorkerSettings, sched: SchedulerSettings, registry: Registry, engines=None):
+    def __init__(self, settings: WorkerSettings, sched: SchedulerSettings, registry: Registry, engines=None,
+                 setup=None):
         device = torch.device("cpu")
         engines = engines or {name: build_engine(registry[name], settings, device) for name in settings.model_names}
         self.worker = Worker(settings, sched, engines, device)
+        if setup is not None:
+            setup(self.worker)  # before it runs: e.g. attach step observers
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
 
@@ -59,21 +62,29 @@ class WorkerThread:
 
 class Stack:
     def __init__(self, redis_url: str, models_file: Path, cache_dir: Path, *, sched: SchedulerSettings | None = None,
-                 workers: int = 1, worker_kw: dict | None = None):
+                 workers: int = 1, worker_kw: dict | None = None, api_kw: dict | None = None):
         self.sched = sched or SchedulerSettings(redis_url=redis_url, lease_s=3)
         self.registry = Registry.load(models_file)
         self.api_settings = ApiSettings(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
-                                        port=free_port())
+                                        port=free_port(), **(api_kw or {}))
         self.api = ApiThread(self.api_settings, self.sched)
         self.worker_kw = {**dict(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
                                  worker_models=",".join(self.registry.names()), heartbeat_s=0.2), **(worker_kw or {})}
         self.workers = [self.add_worker() for _ in range(workers)]
         self.url = self.api.url
-        self.wait_ready()
+        if workers:
+            self.wait_ready()
 
-    def add_worker(self, **kw) -> WorkerThread:
+    def add_worker(self, setup=None, **kw) -> WorkerThread:
         settings = WorkerSettings(**{**self.worker_kw, **kw})
-        return WorkerThread(settings, self.sched, self.registry)
+        return WorkerThread(settings, self.sched, self.registry, setup=setup)
+
+    def start_worker(self, setup=None, **kw) -> WorkerThread:
+        """Add a worker after the stack started (e.g. once jobs are queued)."""
+        worker = self.add_worker(setup, **kw)
+        self.workers.append(worker)
+        self.wait_ready()
+        return worker
 
     def wait_ready(self, timeout: float = 30):
         deadline = time.monotonic() + timeout
