@@ -156,3 +156,19 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, max_length=4000)
     priority: Tier | None = None
     async_: bool = Field(False, alias="async")
+
+
+class SpeechRequestBody(BaseModel):
+    """OpenAI's /v1/audio/speech body (``instructions`` is accepted and ignored: Kokoro
+    has no style prompt), plus ``priority``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: str = Field(min_length=1, max_length=4096)
+    voice: str = Field(min_length=1, max_length=64)
+    response_format: Literal["wav", "mp3", "flac", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+    user: str | None = Field(None, max_length=256)
+    priority: Tier | None = None

@@ -7,6 +7,7 @@ Grouped by who receives them:
   :class:`ErrorEvent`; a worker publishes one JSON list of events per API process
   per engine step.
 * API -> workers (cancel channel): the bare request id.
+* API -> worker (fair queue) :class:`SpeechRequest`; worker -> API: :class:`AudioChunk`.
 * API -> workers (rq job argument): :class:`MediaRequest`; worker -> API (reply
   channel) when the job ends: :class:`JobEvent`.
 
@@ -116,6 +117,44 @@ class ErrorEvent:
     status: int = 500
 
 
+# -- speech ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SpeechRequest:
+    """One admitted text-to-speech request (fair queue, like text)."""
+
+    id: str
+    model: str
+    input: str
+    voice: str
+    reply_to: str
+    speed: float = 1.0
+    user: str = "anonymous"
+    tier: Tier = Tier.NORMAL
+    created_at: float = 0.0
+    deadline: float = 0.0
+    trace: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cost(self) -> int:
+        """Scheduling cost: characters to speak (synthesis time grows with them)."""
+        return len(self.input)
+
+
+@dataclass(slots=True)
+class AudioChunk:
+    """The next piece of a speech request's audio: 16-bit little-endian mono PCM."""
+
+    request_id: str
+    index: int
+    """Chunk number; lets the API drop repeats after a resume on another worker."""
+    sample_rate: int
+    pcm: str
+    """Base64 of the PCM bytes."""
+    final: bool = False
+
+
 # -- media -------------------------------------------------------------------------
 
 
@@ -159,6 +198,8 @@ _TYPES: dict[str, type] = {
     "err": ErrorEvent,
     "media": MediaRequest,
     "job": JobEvent,
+    "speech": SpeechRequest,
+    "audio": AudioChunk,
 }
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 

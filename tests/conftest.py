@@ -41,3 +41,10 @@ def tiny_sd_dir(tmp_path_factory):
     from tests.tiny_media import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kokoro_dir(tmp_path_factory):
+    from tests.tiny_media import build_tiny_kokoro
+
+    return build_tiny_kokoro(tmp_path_factory.mktemp("tiny-kokoro"))

@@ -4,6 +4,7 @@ in tests. Outputs are noise; shapes, formats, batching and job flow are real."""
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -46,3 +47,38 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     out = path / "model"
     pipe.save_pretrained(out)
     return out
+
+
+KOKORO_SYMBOLS = (" .,!?;:'\"-—…()“”ˈˌːʔ" "abcdefhijklmnopqrstuvwxyzðŋɐɑɒɔəɚɛɜɡɪɫɬɹɾʃʊʌʒʤʧθæçβ"
+                  "AIOQWYᵊ")
+
+
+def build_tiny_kokoro(path: Path, seed: int = 0, voices: tuple[str, ...] = ("af_heart", "bf_emma")) -> Path:
+    """A Kokoro KModel from a tiny config (the decoder's fixed widths keep it at a few
+    million weights), saved like hexgrad/Kokoro-82M: config.json, kokoro-v1_0.pth,
+    voices/<name>.pt (style packs of shape [510, 1, 256])."""
+    import torch
+    from kokoro import KModel
+
+    path = Path(path)
+    (path / "voices").mkdir(parents=True, exist_ok=True)
+    config = {
+        "istftnet": {"upsample_kernel_sizes": [20, 12], "upsample_rates": [10, 6], "gen_istft_hop_size": 5,
+                     "gen_istft_n_fft": 20, "resblock_dilation_sizes": [[1, 3, 5]], "resblock_kernel_sizes": [3],
+                     "upsample_initial_channel": 512},
+        "dim_in": 64, "dropout": 0.2, "hidden_dim": 512, "max_conv_dim": 512, "max_dur": 2, "multispeaker": True,
+        "n_layer": 1, "n_mels": 80, "n_token": 178, "style_dim": 128, "text_encoder_kernel_size": 5,
+        "plbert": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+                   "max_position_embeddings": 512, "num_hidden_layers": 1, "dropout": 0.1},
+        "vocab": {c: i + 1 for i, c in enumerate(dict.fromkeys(KOKORO_SYMBOLS))},
+    }
+    (path / "config.json").write_text(json.dumps(config, ensure_ascii=False))
+    weights = path / "kokoro-v1_0.pth"
+    torch.save({}, weights)  # KModel loads whatever the file holds: nothing = its random init
+    torch.manual_seed(seed)
+    model = KModel(repo_id="hexgrad/Kokoro-82M", config=str(path / "config.json"), model=str(weights))
+    torch.save({name: getattr(model, name).state_dict()
+                for name in ("bert", "bert_encoder", "predictor", "text_encoder", "decoder")}, weights)
+    for voice in voices:
+        torch.save(torch.randn(510, 1, 256) * 0.1, path / "voices" / f"{voice}.pt")
+    return path
