@@ -89,6 +89,15 @@ class GenerateRequest:
 
 
 @dataclass(slots=True)
+class VisionRequest(GenerateRequest):
+    """A chat request with images (vision-language models). ``prompt_token_ids`` already
+    hold one image-pad token per vision token, so cost and context checks are exact."""
+
+    images: list[str] = field(default_factory=list)
+    """Base64 PNG of each image, in prompt order."""
+
+
+@dataclass(slots=True)
 class TokenEvent:
     """New output of one choice of one request, produced by one engine step."""
 
@@ -199,6 +208,7 @@ _TYPES: dict[str, type] = {
     "media": MediaRequest,
     "job": JobEvent,
     "speech": SpeechRequest,
+    "vision": VisionRequest,
     "audio": AudioChunk,
 }
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
@@ -213,7 +223,7 @@ def to_dict(msg: Any) -> dict[str, Any]:
 def from_dict(d: dict[str, Any]) -> Any:
     d = dict(d)
     cls = _TYPES[d.pop("t")]
-    if cls is GenerateRequest:
+    if issubclass(cls, GenerateRequest):
         p = d["params"]
         p["stop"] = tuple(p.get("stop", ()))
         p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))

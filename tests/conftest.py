@@ -48,3 +48,10 @@ def tiny_kokoro_dir(tmp_path_factory):
     from tests.tiny_media import build_tiny_kokoro
 
     return build_tiny_kokoro(tmp_path_factory.mktemp("tiny-kokoro"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vl_dir(tmp_path_factory):
+    from tests.tiny_media import build_tiny_qwen_vl
+
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen-vl"))

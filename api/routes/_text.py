@@ -20,7 +20,7 @@ from api.generation import Generation, merged, watch_disconnect
 from api.schemas import _Sampling
 from api.state import AppState
 from api.workers import check_servable
-from broker.messages import GenerateRequest, SamplingParams, TokenEvent
+from broker.messages import GenerateRequest, SamplingParams, TokenEvent, VisionRequest
 
 _background: set[asyncio.Task] = set()
 
@@ -94,12 +94,13 @@ class TextJob:
     gens: list[Generation] = field(default_factory=list)
 
     def add(self, request_id: str, model: TextModel, prompt_ids: list[int], params: SamplingParams,
-            reasoning: bool = False) -> None:
+            reasoning: bool = False, images: list[str] | None = None) -> None:
         tier = self.identity.with_priority(self.body.priority)
-        req = GenerateRequest(
+        kind, extra = (VisionRequest, {"images": images}) if images else (GenerateRequest, {})
+        req = kind(
             id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
             reply_to=self.state.relay.channel, user=self.identity.user, tier=tier, created_at=time.time(),
-            session_id=self.body.session_id, reasoning=reasoning,
+            session_id=self.body.session_id, reasoning=reasoning, **extra,
         )
         self.gens.append(Generation(self.state, req, weight=self.identity.weight,
                                     deadline_s=self.body.deadline_s, user_cap=self.identity.max_queued))
