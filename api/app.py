@@ -13,7 +13,7 @@ from api.auth import KeyStore
 from api.catalog import Catalog
 from api.relay import TokenRelay
 from api.jobs import JobService
-from api.routes import audio, chat, completions, images, jobs, system
+from api.routes import audio, chat, completions, images, jobs, system, videos
 from api.settings import ApiSettings
 from api.state import AppState
 from broker.connection import async_client
@@ -59,6 +59,7 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
     app.include_router(completions.router)
     app.include_router(images.router)
     app.include_router(audio.router)
+    app.include_router(videos.router)
     app.include_router(jobs.router)
     return app
 

@@ -172,3 +172,19 @@ class SpeechRequestBody(BaseModel):
     stream_format: Literal["audio", "sse"] = "audio"
     user: str | None = Field(None, max_length=256)
     priority: Tier | None = None
+
+
+class VideoGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str = Field(min_length=1, max_length=4000)
+    size: str | None = None
+    num_frames: int | None = Field(None, ge=1, le=257)
+    fps: int = Field(8, ge=1, le=60)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    steps: int | None = Field(None, ge=1, le=100)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    negative_prompt: str | None = Field(None, max_length=4000)
+    user: str | None = Field(None, max_length=256)
+    priority: Tier | None = None

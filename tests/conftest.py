@@ -55,3 +55,10 @@ def tiny_qwen_vl_dir(tmp_path_factory):
     from tests.tiny_media import build_tiny_qwen_vl
 
     return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cogvideox_dir(tmp_path_factory):
+    from tests.tiny_media import build_tiny_cogvideox
+
+    return build_tiny_cogvideox(tmp_path_factory.mktemp("tiny-cogvideox"))

@@ -136,3 +136,35 @@ def build_tiny_qwen_vl(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
     return path
+
+
+def build_tiny_cogvideox(path: Path, seed: int = 0) -> Path:
+    """A CogVideoXPipeline shaped like CogVideoX-2B (CogVideoXTransformer3DModel,
+    AutoencoderKLCogVideoX, T5EncoderModel with a Unigram T5 tokenizer, DDIM scheduler),
+    tiny: 16x16 frames, one transformer layer (the shapes of diffusers' own tests)."""
+    import torch
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    path = Path(path)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(ch, -3.0) for ch in string.ascii_lowercase + string.digits + ".,!?'-"]
+    pieces += [("▁" + ch, -2.5) for ch in string.ascii_lowercase]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=16)
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4, relative_attention_num_buckets=8))
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+    out = path / "model"
+    pipe.save_pretrained(out)
+    return out
