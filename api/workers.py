@@ -32,10 +32,10 @@ async def live_workers(redis) -> list[dict]:
 
 
 async def served_models(redis) -> dict[str, int]:
-    """Model name -> number of live workers serving it."""
+    """Model name -> number of live workers serving it, or able to load it on demand."""
     served: dict[str, int] = {}
     for w in await live_workers(redis):
-        for m in w.get("models", []):
+        for m in set(w.get("models", [])) | set(w.get("can_load", [])):
             served[m] = served.get(m, 0) + 1
     return served
 

@@ -135,7 +135,9 @@ class Worker:
         """Models this worker could load (weights and packages here, fits its memory);
         rechecked every 30 s, since weights can appear on the host."""
         if time.monotonic() - self._servable_at > 30:
-            self._servable = self.models.servable(lambda spec: engine_available(spec, self.s))
+            on_gpu = self.device.type == "cuda"
+            self._servable = self.models.servable(
+                lambda spec: spec.device in ("any", "cuda" if on_gpu else "cpu") and engine_available(spec, self.s))
             self._servable_at = time.monotonic()
         return self._servable
 
