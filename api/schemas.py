@@ -53,6 +53,8 @@ class _Sampling(BaseModel):
         stops = [v] if isinstance(v, str) else v
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(s) > 256 for s in stops):
+            raise ValueError("stop sequences are at most 256 characters")
         return [s for s in stops if s]
 
     @model_validator(mode="after")

@@ -42,11 +42,13 @@ async def served_models(redis) -> dict[str, int]:
 
 async def check_servable(redis, spec) -> None:
     """Queue work for any registered model some worker serves, is loading, or could load
-    on demand; refuse only when live workers exist and none of them could ever hold it.
-    With no live worker at all the request queues: a worker may be starting."""
+    on demand; refuse only when live workers that know the model exist and none of them
+    could ever hold it. With no such worker the request queues: one may be starting."""
     from api.errors import OpenAIError
 
-    workers = await live_workers(redis)
+    # Only workers whose registry has the model have a say: during a registry rollout (or
+    # with several deployments on one Redis) the others know nothing about it.
+    workers = [w for w in await live_workers(redis) if spec.name in w.get("registry", [])]
     if not workers:
         return
     for w in workers:

@@ -69,6 +69,22 @@ def reaper_lock(model: str) -> str:
     return f"{tag(model)}:reaper"
 
 
+def worker_doorbell(model: str, worker_id: str) -> str:
+    """List: wakes one worker when a request reserved for it (KV affinity) arrives."""
+    return f"{tag(model)}:bell:{worker_id}"
+
+
+def kv_session(model: str, session_key: str) -> str:
+    """Hash: worker id -> "expiry:tokens" for each worker holding this session's KV cache
+    in DRAM. Fields past their expiry are ignored; the key expires with its last holder."""
+    return f"{tag(model)}:kvs:{session_key}"
+
+
+def kv_prefix(model: str, block_hash: str) -> str:
+    """Hash: worker id -> "expiry:tokens" for each worker holding this prefix block's KV."""
+    return f"{tag(model)}:kvp:{block_hash}"
+
+
 # -- cluster-wide -------------------------------------------------------------
 
 WORKERS = f"{PREFIX}:workers"

@@ -19,6 +19,8 @@ class Outgoing:
     event: TokenEvent | ErrorEvent | None
     request_done: bool = False
     """All choices of the request are finished: release its lease."""
+    index_ops: list[tuple[str, str, str, int]] | None = None
+    """KV-index changes (op, kind, key, tokens) to write before the events go out."""
 
 
 Emit = Callable[[list[Outgoing]], None]

@@ -24,9 +24,10 @@ class Publisher(threading.Thread):
     output log (for resume after a crash), then one PUBLISH per API process, then
     release finished requests' leases."""
 
-    def __init__(self, client, fq: FairQueue, worker_id: str, on_error):
+    def __init__(self, client, fq: FairQueue, worker_id: str, on_error, index_ttl_s: float = 5.0):
         super().__init__(name="publisher", daemon=True)
         self.r, self.fq, self.worker_id = client, fq, worker_id
+        self.index_ttl_s = index_ttl_s
         self.q: queue.Queue[list[Outgoing] | None] = queue.Queue()
         self._complete = fq._scripts["complete"]  # noqa: SLF001 - same script, pipelined
         self._on_error = on_error
@@ -68,6 +69,9 @@ class Publisher(threading.Thread):
         pipe = self.r.pipeline(transaction=False)
         channels: dict[str, list] = defaultdict(list)
         done = []
+        for o in batch:  # the KV index first: a follow-up turn must find it once the answer is out
+            if o.index_ops:
+                self.fq.kv_index(o.model, self.worker_id, o.index_ops, self.index_ttl_s, client=pipe)
         for o in batch:
             if isinstance(o.event, TokenEvent):
                 pipe.rpush(keys.output_log(o.model, o.event.request_id), messages.encode(o.event))
@@ -109,9 +113,11 @@ class Claimer(threading.Thread):
                 if got:
                     continue
                 if had_room:
-                    # Models come and go (the model manager loads and evicts them), so the
-                    # doorbells to wait on are those of the models ready now.
-                    self.r.blpop([keys.doorbell(m) for m in self.engines], timeout=0.25)
+                    # Each ready model's doorbell, and this worker's own (rung for requests
+                    # reserved for it). Models come and go (the model manager loads and
+                    # evicts them), so the list is taken afresh each time.
+                    bells = [b for m in self.engines for b in (keys.doorbell(m), keys.worker_doorbell(m, self.worker_id))]
+                    self.r.blpop(bells, timeout=0.25)
                 else:
                     self.capacity_freed.wait(0.05)
                     self.capacity_freed.clear()
@@ -175,6 +181,9 @@ class Heartbeat(threading.Thread):
         for model, engine in self.engines.items():
             for rid in self.fq.extend_leases(model, self.worker_id, engine.request_ids()):
                 engine.abort(rid)
+            refresh = getattr(engine, "index_refresh_ops", None)
+            if refresh:
+                self.fq.kv_index(model, self.worker_id, refresh(), self.ttl_s)
             if self.r.set(keys.reaper_lock(model), self.worker_id, nx=True, px=int(self.period_s * 1000)):
                 requeued, failed = self.fq.reap(model)
                 if requeued:

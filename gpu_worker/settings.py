@@ -22,6 +22,12 @@ class WorkerSettings(CommonSettings):
     dtype: str | None = Field(None, description="Overrides the registry dtype (float32, bfloat16, float16).")
     max_batch: int | None = Field(None, description="Overrides the registry's max_batch (sequences per step).")
     max_prefill_tokens: int | None = Field(None, description="Overrides the registry's prefill budget per step.")
+    kv_cache_bytes: int | None = Field(
+        None, description="Batch KV cache budget in bytes (default: half the free GPU memory, a quarter of free RAM)."
+    )
+    kv_reuse: bool = Field(True, description="Keep session and prefix KV caches in DRAM and reuse them.")
+    kv_dram_bytes: int = Field(1 << 30, description="DRAM budget of the session/prefix KV store (LRU).")
+    prefix_min_hits: int = Field(2, description="Requests that must share a prefix before its KV is kept.")
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="static = admit only into an empty batch (the baseline for benchmarks)."
     )

@@ -67,7 +67,10 @@ def build_engine(spec: ModelSpec, settings: WorkerSettings, device: torch.device
         from gpu_worker.text.engine import TextEngine
 
         return TextEngine(spec, model_dir, device=device, dtype=dtype, max_seqs=settings.max_batch,
-                          max_prefill_tokens=settings.max_prefill_tokens, static=settings.batching == "static")
+                          max_prefill_tokens=settings.max_prefill_tokens, static=settings.batching == "static",
+                          kv_cache_bytes=settings.kv_cache_bytes,
+                          kv_dram_bytes=settings.kv_dram_bytes if settings.kv_reuse else 0,
+                          prefix_min_hits=settings.prefix_min_hits)
     if spec.modality is Modality.VISION:
         from gpu_worker.vision.engine import VisionEngine
 
@@ -117,7 +120,8 @@ class Worker:
         self.halt = threading.Event()       # stop stepping
         self.wake = threading.Event()
         self.started_at = time.time()
-        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_error=lambda e: None)
+        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_error=lambda e: None,
+                                   index_ttl_s=settings.heartbeat_ttl_s)
         self.claimer = Claimer(sync_client(settings.redis_url), FairQueue(sync_client(settings.redis_url), sched),
                                self.id, self.engines, self.wake, self.publisher, self.stopping)
         self.heartbeat = Heartbeat(sync_client(settings.redis_url), self.fq, self.id, self.engines, self.info,
@@ -155,12 +159,18 @@ class Worker:
             "models": list(self.engines),
             "states": self.models.states(),
             "can_load": self.servable(),
+            "registry": self.models.registry.names(),
             "free_memory_bytes": int(free),
             "total_memory_bytes": int(total),
             "model_free_bytes": self.models.free_bytes(),
             "model_reclaimable_bytes": self.models.reclaimable_bytes(),
             "model_capacity_bytes": self.models.capacity_bytes(),
             "running": {m: len(e.request_ids()) for m, e in self.engines.items()},
+            "tokens_generated": sum(getattr(e, "tokens_generated", 0) for e in self.engines.values()),
+            "publish_busy_s": round(self.publisher.busy_s, 6),
+            "publish_round_trips": self.publisher.round_trips,
+            "events_published": self.publisher.published,
+            "kv": {m: e.kv_stats() for m, e in self.engines.items() if hasattr(e, "kv_stats")},
             "state": "draining" if self.stopping.is_set() else "ready",
             "started_at": self.started_at,
             "heartbeat_at": time.time(),

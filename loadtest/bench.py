@@ -50,13 +50,14 @@ class StackResult:
     extra: dict = field(default_factory=dict)
 
 
-async def one_request(client: httpx.AsyncClient, host: str, model: str, i: int, max_tokens: int) -> RequestSample:
+async def one_request(client: httpx.AsyncClient, host: str, model: str, i: int, max_tokens: int,
+                      headers: dict | None = None, **extra) -> RequestSample:
     body = {"model": model, "messages": chat_prompt(i), "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **extra}
     started = time.perf_counter()
     first = last = None
     itl, tokens = [], 0
-    async with client.stream("POST", f"{host}/v1/chat/completions", json=body) as r:
+    async with client.stream("POST", f"{host}/v1/chat/completions", json=body, headers=headers or {}) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():

@@ -3,12 +3,13 @@
 through both and require the same claim order.
 
 * Tiers: high (rank 2) > normal (1) > low (0).
-* Aging: a tier's effective level is its rank plus one per ``step`` seconds
-  (``aging_max_wait_s / 3``) its oldest request has waited, capped at 3 ("overdue",
-  above high). The highest level goes first; a tie to the higher tier, except
-  among overdue tiers, where the longest wait goes first. So a low request outranks
-  fresh high work once it has waited ``aging_max_wait_s``. A tier that won by aging
-  yields its oldest request; otherwise its fair-queue head.
+* Aging (starvation freedom): strict priority by tier, except that a tier which
+  has had waiting work but no claim for ``max_wait_s`` (``AGING_MAX_WAIT_S``) is
+  starved and goes next; among starved tiers, the longest-starved first. The clock
+  of a tier runs from the later of its last claim and its oldest waiting request.
+  So a low request starts within the bound under sustained high load, while a
+  lower tier that is merely busy (served, but backlogged) never outranks fresh high
+  work. The starved tier yields its fair-queue head.
 * Fairness within a tier: start-time fair queueing on token cost. A request's start
   tag is ``max(V, F_user)``; the user's finish tag becomes ``start + cost/weight``;
   the head request with the smallest start tag goes first (ties: by user name, as
@@ -25,8 +26,8 @@ TIERS = ("high", "normal", "low")
 MAX_LEVEL = 3
 
 
-def effective_level(tier: str, waited_s: float, step_s: float) -> int:
-    return min(MAX_LEVEL, RANK[tier] + int(waited_s // step_s))
+def effective_level(tier: str, starved_s: float, max_wait_s: float) -> int:
+    return MAX_LEVEL if starved_s >= max_wait_s else RANK[tier]
 
 
 @dataclass
@@ -43,11 +44,12 @@ class _Waiting:
 class FairQueueModel:
     """In-memory model of one model's queue."""
 
-    step_s: float
+    max_wait_s: float
     virtual: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TIERS})
     finish: dict[tuple[str, str], float] = field(default_factory=dict)
     queues: dict[tuple[str, str], deque] = field(default_factory=dict)
     by_age: dict[str, OrderedDict] = field(default_factory=lambda: {t: OrderedDict() for t in TIERS})
+    served: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TIERS})
 
     def enqueue(self, rid: str, user: str, tier: str, cost: float, weight: float, now: float) -> None:
         start = max(self.virtual[tier], self.finish.get((tier, user), 0.0))
@@ -69,14 +71,15 @@ class FairQueueModel:
                 if not self.by_age[tier]:
                     continue
                 oldest = min(self.by_age[tier].values(), key=lambda w: (w.enq, w.rid))
-                waited = now - oldest.enq
-                level = effective_level(tier, waited, self.step_s)
-                if best is None or level > best[0] or (level == MAX_LEVEL == best[0] and waited > best[1]):
-                    best = (level, waited, tier, oldest)
+                starved = now - max(oldest.enq, self.served[tier])
+                level = effective_level(tier, starved, self.max_wait_s)
+                if best is None or level > best[0] or (level == MAX_LEVEL == best[0] and starved > best[1]):
+                    best = (level, starved, tier)
             if best is None:
                 break
-            level, _, tier, oldest = best
-            item = oldest if level > RANK[tier] else self._fair_head(tier)
+            tier = best[2]
+            item = self._fair_head(tier)
+            self.served[tier] = now
             self.queues[(tier, item.user)].remove(item)
             del self.by_age[tier][item.rid]
             self.virtual[tier] = max(self.virtual[tier], item.start)

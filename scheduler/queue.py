@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
+import orjson
+
 from broker import keys, messages
 from broker.messages import GenerateRequest
 from scheduler.settings import SchedulerSettings
@@ -20,7 +22,8 @@ def _script(name: str) -> str:
     return (lua / "common.lua").read_text() + "\n" + (lua / name).read_text()
 
 
-SCRIPTS = {name: _script(f"{name}.lua") for name in ("enqueue", "claim", "cancel", "extend", "complete", "reap")}
+SCRIPTS = {name: _script(f"{name}.lua")
+           for name in ("enqueue", "claim", "cancel", "extend", "complete", "reap", "kv_index")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +59,8 @@ def _enqueue_args(req: GenerateRequest, s: SchedulerSettings, weight: float, tim
     return [
         keys.tag(req.model), req.id, messages.encode(req), req.user, str(req.tier), req.cost, weight,
         s.default_deadline_s if timeout_s is None else timeout_s, s.max_queue, s.tier_share(req.tier),
-        s.max_queue_per_user if user_cap is None else user_cap, _now_arg(now),
+        s.max_queue_per_user if user_cap is None else user_cap, _now_arg(now), "1" if s.fairness else "0",
+        req.session_key or "", orjson.dumps(req.prefix_hashes), s.affinity_window_s,
     ]
 
 
@@ -84,7 +88,7 @@ class FairQueue:
         if n <= 0:
             return ClaimResult([], [])
         claimed, expired = self._scripts["claim"](
-            args=[keys.tag(model), worker_id, n, self.s.lease_s, self.s.aging_step_s, _now_arg(now)]
+            args=[keys.tag(model), worker_id, n, self.s.lease_s, self.s.aging_max_wait_s, _now_arg(now)]
         )
         return ClaimResult(
             [Claimed(messages.decode(claimed[i + 1]), int(claimed[i + 2])) for i in range(0, len(claimed), 3)],
@@ -108,6 +112,13 @@ class FairQueue:
     def cancel(self, model: str, request_id: str) -> str:
         return self._scripts["cancel"](args=[keys.tag(model), request_id])
 
+    def kv_index(self, model: str, worker_id: str, ops: list[tuple[str, str, str, int]], ttl_s: float, *,
+                 client=None, now: float | None = None) -> None:
+        """Apply KV-index ops ``(op, kind, key, tokens)`` for this worker (see lua/kv_index.lua)."""
+        if ops:
+            args = [keys.tag(model), worker_id, ttl_s, _now_arg(now)] + [x for op in ops for x in op]
+            self._scripts["kv_index"](args=args, client=client)
+
     def depth(self, model: str) -> dict[str, int]:
         state = self.r.hgetall(keys.tier_state(model))
         return {t: int(state.get(f"len:{t}", 0)) for t in ("high", "normal", "low")}
@@ -115,9 +126,7 @@ class FairQueue:
     def output_log(self, model: str, request_id: str) -> list:
         return [messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1)]
 
-    def wait_for_work(self, model: str, timeout_s: float) -> None:
-        """Block until an enqueue rings the model's doorbell (or the timeout)."""
-        self.r.blpop([keys.doorbell(model)], timeout=timeout_s)
+
 
 
 class AsyncFairQueue:

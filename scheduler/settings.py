@@ -8,21 +8,21 @@ from inferstack.settings import CommonSettings
 class SchedulerSettings(CommonSettings):
     """Queue policy, read by the API (admission) and the workers (claim, leases)."""
 
+    fairness: bool = Field(True, description="Weighted fair queueing across users (off = FIFO, a benchmark baseline).")
     max_queue: int = Field(1000, description="Most requests waiting per model; beyond it, 429.")
     max_queue_per_user: int = Field(200, description="Most requests one user may have waiting per model.")
     tier_share_normal: float = Field(0.85, description="Share of max_queue open to the normal tier.")
     tier_share_low: float = Field(0.6, description="Share of max_queue open to the low tier (shed first).")
     aging_max_wait_s: float = Field(
-        30.0, description="A waiting request rises one tier every third of this; a low one outranks high at it."
+        30.0, description="A tier with waiting work but no claim for this long is starved and goes next."
     )
     default_deadline_s: float = Field(120.0, description="A request not started within this fails (clients may ask for less).")
     lease_s: float = Field(10.0, description="In-flight lease; heartbeats extend it, the reaper requeues it when it lapses.")
     max_attempts: int = Field(3, description="Claims per request before it fails instead of being requeued.")
+    affinity_window_s: float = Field(
+        1.0, description="How long a request is offered only to the worker holding its KV cache (0 = off)."
+    )
     output_log_ttl_s: int = Field(60, description="How long a finished request's token log is kept.")
 
     def tier_share(self, tier: str) -> float:
         return {"high": 1.0, "normal": self.tier_share_normal, "low": self.tier_share_low}[tier]
-
-    @property
-    def aging_step_s(self) -> float:
-        return self.aging_max_wait_s / 3.0

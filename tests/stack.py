@@ -75,13 +75,26 @@ class Stack:
         if workers:
             self.wait_ready()
 
-    def add_worker(self, setup=None, **kw) -> WorkerThread:
+    def add_worker(self, step_delay_s: float = 0.0, setup=None, **kw) -> WorkerThread:
+        """``step_delay_s`` slows every forward pass of text engines, so tests can act
+        mid-generation; ``setup(worker)`` runs before the worker starts."""
         settings = WorkerSettings(**{**self.worker_kw, **kw})
-        return WorkerThread(settings, self.sched, self.registry, setup=setup)
+        device = torch.device("cpu")
+        engines = {name: build_engine(self.registry[name], settings, device) for name in settings.model_names}
+        if step_delay_s:
+            for engine in engines.values():
+                forward = engine.runner.forward
+
+                def slow(*a, _forward=forward, **k):
+                    time.sleep(step_delay_s)
+                    return _forward(*a, **k)
+
+                engine.runner.forward = slow
+        return WorkerThread(settings, self.sched, self.registry, engines, setup=setup)
 
     def start_worker(self, setup=None, **kw) -> WorkerThread:
         """Add a worker after the stack started (e.g. once jobs are queued)."""
-        worker = self.add_worker(setup, **kw)
+        worker = self.add_worker(setup=setup, **kw)
         self.workers.append(worker)
         self.wait_ready()
         return worker

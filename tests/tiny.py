@@ -50,12 +50,13 @@ def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0, max_position
 
 
 def registry_toml(path: Path, model_dir: Path, name: str = "tiny", max_batch: int = 8,
-                  max_prefill_tokens: int = 256) -> Path:
+                  max_prefill_tokens: int = 256, reasoning: bool = False) -> Path:
     path.write_text(f"""
 [models."{name}"]
 modality = "text"
 path = "{model_dir}"
 max_batch = {max_batch}
 max_prefill_tokens = {max_prefill_tokens}
+reasoning = {str(reasoning).lower()}
 """)
     return path

@@ -4,12 +4,13 @@ admission, and running one or more generations for one HTTP request."""
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import orjson
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
@@ -21,6 +22,7 @@ from api.schemas import _Sampling
 from api.state import AppState
 from api.workers import check_servable
 from broker.messages import GenerateRequest, SamplingParams, TokenEvent, VisionRequest
+from broker.prefix import prefix_hashes
 
 _background: set[asyncio.Task] = set()
 
@@ -60,9 +62,12 @@ def context_error(model: TextModel, prompt_len: int, completion: int, where: str
 
 
 def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
-                    max_n: int) -> SamplingParams:
+                    max_n: int, vocab_size: int) -> SamplingParams:
     if n > max_n:
         raise OpenAIError(400, f"n must be at most {max_n}.", param="n", code="invalid_value")
+    if any(t < 0 or t >= vocab_size for t in body.stop_token_ids or ()):
+        raise OpenAIError(400, f"stop_token_ids must be in [0, {vocab_size}).", param="stop_token_ids",
+                          code="invalid_value")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -84,6 +89,13 @@ def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool,
     )
 
 
+def session_key(user: str, session_id: str | None) -> str | None:
+    """Sessions are scoped to their user: the same id from another user is another session."""
+    if not session_id:
+        return None
+    return hashlib.sha256(f"{user}\0{session_id}".encode()).hexdigest()[:32]
+
+
 @dataclass
 class TextJob:
     """One HTTP request's worth of generations (several for multi-prompt completions)."""
@@ -91,6 +103,8 @@ class TextJob:
     state: AppState
     identity: Identity
     body: _Sampling
+    session_id: str | None = None
+    """Body field ``session_id`` or header ``X-Session-Id``."""
     gens: list[Generation] = field(default_factory=list)
 
     def add(self, request_id: str, model: TextModel, prompt_ids: list[int], params: SamplingParams,
@@ -100,7 +114,8 @@ class TextJob:
         req = kind(
             id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
             reply_to=self.state.relay.channel, user=self.identity.user, tier=tier, created_at=time.time(),
-            session_id=self.body.session_id, reasoning=reasoning, **extra,
+            session_key=session_key(self.identity.user, self.session_id or self.body.session_id),
+            prefix_hashes=prefix_hashes(prompt_ids), reasoning=reasoning, **extra,
         )
         self.gens.append(Generation(self.state, req, weight=self.identity.weight,
                                     deadline_s=self.body.deadline_s, user_cap=self.identity.max_queued))
@@ -165,22 +180,22 @@ async def stream(request: Request, job: TextJob,
         job.close()
         raise
 
-    async def sse() -> AsyncIterator[dict]:
+    async def sse() -> AsyncIterator[bytes]:
         complete = False
         try:
             for chunk in render(*first):
-                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+                yield sse_data(chunk)
             try:
                 async for item in events:
                     for chunk in render(*item):
-                        yield {"data": json.dumps(chunk, ensure_ascii=False)}
+                        yield sse_data(chunk)
             except OpenAIError as exc:  # failed mid-stream: the status line is long gone
-                yield {"data": json.dumps(exc.body())}
+                yield sse_data(exc.body())
                 complete = True
                 return
             for chunk in finish():
-                yield {"data": json.dumps(chunk, ensure_ascii=False)}
-            yield {"data": "[DONE]"}
+                yield sse_data(chunk)
+            yield b"data: [DONE]\n\n"
             complete = True
         finally:
             if not complete:
@@ -188,6 +203,11 @@ async def stream(request: Request, job: TextJob,
             job.close()
 
     return EventSourceResponse(sse(), ping=15, sep="\n")
+
+
+def sse_data(payload: dict) -> bytes:
+    """One server-sent event, encoded once here (sse-starlette passes bytes through)."""
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:

@@ -49,12 +49,13 @@ async def completions(body: CompletionRequest, request: Request):
     if any(t < 0 or t >= vocab for p in prompts for t in p):
         raise OpenAIError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt", code="invalid_value")
     rid = new_id("cmpl")
-    job = TextJob(state, identity, body)
+    job = TextJob(state, identity, body, session_id=request.headers.get("x-session-id"))
     for i, ids in enumerate(prompts):
         max_tokens = max_tokens_for(model, len(ids), body.requested_max_tokens, state.settings.default_max_tokens,
                                     "prompt")
         params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
-                                 top_logprobs=body.logprobs or 0, max_n=state.settings.max_n)
+                                 top_logprobs=body.logprobs or 0, max_n=state.settings.max_n,
+                                 vocab_size=len(model.tokenizer))
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
     await job.admit()
 

@@ -146,7 +146,7 @@ class JobConsumer(threading.Thread):
                 continue
             execution = self.rq.prepare_execution(job)
             self.rq.prepare_job_execution(job)
-            request = messages.from_dict({**job.args[0], "t": "media"})
+            request = messages.from_dict(MediaRequest, job.args[0])
             running = _Running(job, queue, execution, request, time.monotonic())
             groups.setdefault(engine.batch_key(request), []).append(running)
         for group in groups.values():

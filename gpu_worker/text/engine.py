@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
+from broker.prefix import BLOCK
 from gpu_worker.engine import Emit, Outgoing
+from gpu_worker.text.kvstore import KvStore
 from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.planner import StepPlanner
 from gpu_worker.text.runner import ModelRunner
@@ -35,7 +38,8 @@ class _Request:
 
 class TextEngine:
     def __init__(self, spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype,
-                 max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False):
+                 max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False,
+                 kv_cache_bytes: int | None = None, kv_dram_bytes: int = 0, prefix_min_hits: int = 2):
         from transformers import AutoTokenizer
 
         self.model = spec.name
@@ -44,10 +48,16 @@ class TextEngine:
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
         max_seqs = max_seqs or spec.max_batch
         self.runner = ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs,
-                                  context_length=spec.context_length)
+                                  context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes)
         self.sampler = Sampler(self._eos_ids(), self._token_text)
         self.planner = StepPlanner(self.runner.cache, max_seqs=max_seqs,
-                                   max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static)
+                                   max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static,
+                                   on_admit=self._restore)
+        self.kv_store = KvStore(kv_dram_bytes, pin=device.type == "cuda") if kv_dram_bytes > 0 else None
+        """Session and prefix KV caches in host DRAM (None: reuse disabled)."""
+        self.prefix_min_hits = prefix_min_hits
+        self._prefix_seen: OrderedDict[str, int] = OrderedDict()
+        self._index_ops: list[tuple[str, str, str, int]] = []
         self._requests: dict[str, _Request] = {}
         self._aborts: set[str] = set()
         self._lock = threading.Lock()  # add/abort arrive from IO threads
@@ -101,6 +111,8 @@ class TextEngine:
                     done.append(row)
             if done:
                 finished_prefill = [seqs[i] for i in done]
+                for seq in finished_prefill:
+                    self._maybe_store_prefix(seq)
                 self._sample_and_emit(logits[done], finished_prefill, out)
                 for seq in sorted(finished_prefill, key=lambda s: s.slot):
                     if not seq.status.finished:
@@ -117,6 +129,9 @@ class TextEngine:
                 seq.num_computed += 1
             self._sample_and_emit(logits, seqs, out)
         self._retire_finished(out)
+        if self._index_ops:
+            out.insert(0, Outgoing(self.model, "", "", None, index_ops=self._index_ops))
+            self._index_ops = []
         if not self.planner.slots or self.steps % 64 == 0:
             self.runner.cache.shrink(self.planner.num_admitted, self.planner.used_len())
         self.steps += 1
@@ -128,6 +143,9 @@ class TextEngine:
             inbox, self._inbox = self._inbox, []
             self._aborts.clear()
         held = [s.request for s in self._requests.values()] + [c.request for c, _ in inbox]
+        for state in self._requests.values():
+            for seq in state.seqs:
+                self._release_restore(seq)
         self._requests.clear()
         self.planner.waiting.clear()
         for seq in self.planner.slots:
@@ -182,7 +200,13 @@ class TextEngine:
                     seq.status = SeqStatus.FINISHED_STOPPED
             state.seqs.append(seq)
             if not seq.status.finished:
+                self._match_cache(seq)
                 self.planner.add(seq)
+        if self.kv_store is not None:
+            for h in req.prefix_hashes:
+                self._prefix_seen[h] = self._prefix_seen.pop(h, 0) + 1
+            while len(self._prefix_seen) > 65536:
+                self._prefix_seen.popitem(last=False)
         self._requests[req.id] = state
 
     def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence], out: list[Outgoing]) -> None:
@@ -236,12 +260,105 @@ class TextEngine:
             state = self._requests[rid]
             for seq in state.seqs:
                 if seq.status.finished:
+                    if seq.choice == 0 and seq.slot >= 0 and seq.status != SeqStatus.FINISHED_ABORTED:
+                        self._save_session(seq)
+                    self._release_restore(seq)
                     self.planner.retire(seq)
             if state.done:
                 del self._requests[rid]
                 # Aborted requests get no event: the client is gone, or another worker
                 # owns the request now. The release is a no-op for a lost lease.
                 out.append(Outgoing(self.model, state.request.reply_to, rid, None, request_done=True))
+
+    # -- KV reuse ---------------------------------------------------------------
+
+    def _match_cache(self, seq: Sequence) -> None:
+        if self.kv_store is None or seq.output_ids:
+            return
+        req = seq.request
+        hit = self.kv_store.match(seq.prompt_ids, req.session_key, req.prefix_hashes)
+        self.kv_store.stats.prompt_tokens += len(seq.prompt_ids)
+        if hit:
+            self.kv_store.acquire(hit[0])
+            seq.restore = hit
+
+    def _restore(self, seq: Sequence) -> None:
+        """Planner hook: the sequence got its row; copy the reused KV in and skip its prefill."""
+        if seq.restore is None:
+            return
+        entry, n = seq.restore
+        started = time.perf_counter()
+        self.runner.cache.ensure(seq.slot + 1, max(n, 1), seq.slot, self.planner.used_len())
+        self.runner.cache.from_layers(seq.slot, entry.layers, n)
+        seq.num_computed = seq.num_cached = n
+        stats = self.kv_store.stats
+        stats.tokens_saved += n
+        stats.restores += 1
+        stats.restore_s += time.perf_counter() - started
+        self._release_restore(seq)
+
+    def _release_restore(self, seq: Sequence) -> None:
+        if seq.restore is not None:
+            self.kv_store.release(seq.restore[0])
+            seq.restore = None
+
+    def _store(self, key: str, kind: str, seq: Sequence, length: int) -> None:
+        started = time.perf_counter()
+        entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length],
+                                           self.runner.cache.to_layers(seq.slot, length))
+        self.kv_store.stats.save_s += time.perf_counter() - started
+        for old in evicted:
+            if old.kind == "session":
+                self._index_ops.append(("del", "s", old.key, 0))
+            self._index_ops.extend(("del", "p", h, 0) for h in old.hashes)
+        if entry is not None:
+            if kind == "session":
+                self._index_ops.append(("put", "s", key, length))
+            else:
+                self._index_ops.extend(("put", "p", h, (j + 1) * BLOCK) for j, h in enumerate(entry.hashes))
+
+    def _save_session(self, seq: Sequence) -> None:
+        """After a turn: keep the sequence's tokens and KV for the session's next turn."""
+        key = seq.request.session_key
+        if self.kv_store is None or not key or seq.num_computed == 0:
+            return
+        self._store(key, "session", seq, seq.num_computed)
+
+    def _maybe_store_prefix(self, seq: Sequence) -> None:
+        """After a prefill: keep the longest whole-block prefix seen in enough requests."""
+        if self.kv_store is None:
+            return
+        hashes = seq.request.prefix_hashes
+        for j in range(len(hashes) - 1, -1, -1):
+            if self._prefix_seen.get(hashes[j], 0) >= self.prefix_min_hits:
+                if hashes[j] not in self.kv_store.prefix_index:
+                    length = (j + 1) * BLOCK
+                    self._store(f"prefix:{hashes[j]}", "prefix", seq, length)
+                return
+
+    def kv_stats(self) -> dict:
+        if self.kv_store is None:
+            return {"enabled": False}
+        st, store = self.kv_store.stats, self.kv_store
+        return {
+            "enabled": True, "bytes_used": store.bytes_used, "budget_bytes": store.budget_bytes,
+            "entries": len(store.entries), "sessions": len(store.session_keys()),
+            "hits": st.hits, "misses": st.misses, "tokens_saved": st.tokens_saved, "prompt_tokens": st.prompt_tokens,
+            "evictions": st.evictions, "save_ms": round(1000 * st.save_s, 3), "saves": st.saves,
+            "restore_ms": round(1000 * st.restore_s, 3), "restores": st.restores,
+            "bytes_per_token": self.runner.cache.bytes_per_token,
+        }
+
+    def index_refresh_ops(self) -> list[tuple[str, str, str, int]]:
+        """Everything this engine's store holds, for the heartbeat to keep the index alive."""
+        if self.kv_store is None:
+            return []
+        ops = []
+        for entry in list(self.kv_store.entries.values()):
+            if entry.kind == "session":
+                ops.append(("refresh", "s", entry.key, len(entry.token_ids)))
+            ops.extend(("refresh", "p", h, (j + 1) * BLOCK) for j, h in enumerate(entry.hashes))
+        return ops
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

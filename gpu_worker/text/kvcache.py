@@ -26,7 +26,7 @@ class SlotKVCache:
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device, max_len: int, init_len: int = 256,
-                 init_rows: int = 8):
+                 init_rows: int = 8, budget_bytes: int | None = None):
         self.num_layers = num_layers
         self.num_slots = num_slots
         self.shape_tail = (kv_heads, head_dim)
@@ -35,6 +35,8 @@ class SlotKVCache:
         self.init_len = min(init_len, max_len)
         self.init_rows = min(init_rows, num_slots)
         self.bytes_per_token = 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self.budget_bytes = budget_bytes
+        """Most bytes the cache may take; the planner admits only what fits (None = no limit)."""
         self.rows = 0
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
@@ -74,7 +76,14 @@ class SlotKVCache:
         if rows > self.rows or length > self.capacity:
             new_rows = self.rows if rows <= self.rows else min(self.num_slots, max(rows, 2 * self.rows))
             new_len = self.capacity if length <= self.capacity else min(self.max_len, max(length, 2 * self.capacity))
+            if not self.fits(new_rows, new_len):  # doubling would overshoot the budget: grow exactly
+                new_rows, new_len = max(rows, min(self.rows, new_rows)), max(length, min(self.capacity, new_len))
+                if not self.fits(new_rows, new_len):
+                    new_rows, new_len = rows, length
             self._allocate(new_rows, new_len, keep_rows=used_rows, keep_len=used_len)
+
+    def fits(self, rows: int, length: int) -> bool:
+        return self.budget_bytes is None or rows * length * self.bytes_per_token <= self.budget_bytes
 
     def shrink(self, used_rows: int, used_len: int) -> None:
         """Give memory back once long sequences or a crowd have left."""
@@ -142,3 +151,23 @@ class SlotKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
+
+
+# -- interchange with transformers' cache formats ---------------------------------
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+"""The legacy per-layer ``(key, value)`` format, one sequence: ``[kv_heads, tokens, head_dim]``."""
+
+
+def layers_to_dynamic_cache(layers: Layers, config) -> "DynamicCache":  # noqa: F821
+    """One sequence's cache as a transformers ``DynamicCache`` (batch of one)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k.unsqueeze(0), v.unsqueeze(0)) for k, v in layers], config=config)
+
+
+def dynamic_cache_to_layers(cache, row: int = 0) -> Layers:
+    """One row of a ``DynamicCache`` (or of a legacy tuple of ``(key, value)``) as layers."""
+    if isinstance(cache, (tuple, list)):
+        return [(k[row], v[row]) for k, v in cache]
+    return [(layer.keys[row], layer.values[row]) for layer in cache.layers]

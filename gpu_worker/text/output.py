@@ -42,13 +42,17 @@ class ReasoningSplitter:
                 idx = self.buf.find(THINK_CLOSE)
                 if idx >= 0:
                     reasoning += self.buf[:idx]
-                    self.buf = self.buf[idx + len(THINK_CLOSE):].lstrip("\n")
-                    self.state = "content"
+                    self.buf = self.buf[idx + len(THINK_CLOSE):]
+                    self.state = "after"
                 else:
                     keep = 0 if final else _partial_suffix(self.buf, THINK_CLOSE)
                     reasoning += self.buf[: len(self.buf) - keep]
                     self.buf = self.buf[len(self.buf) - keep:]
                     break
+            elif self.state == "after":  # the blank lines between </think> and the answer
+                self.buf = self.buf.lstrip("\n")
+                if self.buf:
+                    self.state = "content"
             else:
                 content += self.buf
                 self.buf = ""

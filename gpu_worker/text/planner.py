@@ -15,6 +15,7 @@ from gpu_worker.text.sequence import Sequence, SeqStatus
 class RowMover(Protocol):
     def move_row(self, src: int, dst: int) -> None: ...
     def swap_rows(self, a: int, b: int) -> None: ...
+    def fits(self, rows: int, length: int) -> bool: ...
 
 
 @dataclass
@@ -32,8 +33,12 @@ class StepPlan:
 
 
 class StepPlanner:
-    def __init__(self, rows: RowMover, *, max_seqs: int, max_prefill_tokens: int, static: bool = False):
+    def __init__(self, rows: RowMover, *, max_seqs: int, max_prefill_tokens: int, static: bool = False,
+                 on_admit=None):
         self.rows = rows
+        self.on_admit = on_admit
+        """Called with each sequence as it gets its row, before its prefill is planned
+        (the engine restores reused KV caches there)."""
         self.max_seqs = max_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.static = static
@@ -67,10 +72,16 @@ class StepPlanner:
     def schedule(self) -> StepPlan:
         if not self.static or not self.slots:
             while self.waiting and len(self.slots) < self.max_seqs:
+                # Admit only what the KV cache budget can hold at everyone's full length.
+                need = max([s.max_length for s in self.slots] + [self.waiting[0].max_length])
+                if self.slots and not self.rows.fits(len(self.slots) + 1, need):
+                    break
                 seq = self.waiting.popleft()
                 seq.slot = len(self.slots)
                 seq.status = SeqStatus.PREFILLING
                 self.slots.append(seq)
+                if self.on_admit:
+                    self.on_admit(seq)
         plan = StepPlan(decode=self.slots[: self.n_running])
         budget = self.max_prefill_tokens
         for seq in self.slots[self.n_running:]:

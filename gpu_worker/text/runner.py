@@ -38,9 +38,19 @@ def column_major_linears(model: torch.nn.Module) -> None:
             module.weight = replaced[id(w)]
 
 
+def default_kv_budget(device: torch.device) -> int:
+    """Half of the memory free once the model is loaded (GPU), a quarter of free RAM (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    import psutil
+
+    return psutil.virtual_memory().available // 4
+
+
 class ModelRunner:
     def __init__(self, model_dir: Path | str, *, device: torch.device, dtype: torch.dtype, max_slots: int,
-                 context_length: int | None = None):
+                 context_length: int | None = None, kv_cache_bytes: int | None = None):
         from transformers import AutoModelForCausalLM
 
         self.device, self.dtype = device, dtype
@@ -57,6 +67,7 @@ class ModelRunner:
         self.cache = SlotKVCache(
             cfg.num_hidden_layers, max_slots, kv_heads, head_dim,
             dtype=dtype, device=device, max_len=self.context_length,
+            budget_bytes=kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(device),
         )
         self._additive_mask = self.model.config._attn_implementation != "sdpa"
 

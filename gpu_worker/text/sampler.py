@@ -41,7 +41,7 @@ class Sampler:
                     banned = list(self.eos) + list(seq.params.stop_token_ids)
                     logits[row, banned] = float("-inf")
 
-        greedy = [s.params.temperature == 0.0 for s in seqs]
+        greedy = [s.params.greedy for s in seqs]
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         if all(greedy):
             tokens = logits.argmax(dim=-1)

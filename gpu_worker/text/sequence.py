@@ -49,6 +49,8 @@ class Sequence:
     """OutputProcessor (detokenizer, stop strings, reasoning split)."""
     logprobs: list = field(default_factory=list)
     """Logprob records of tokens not yet published."""
+    restore: tuple | None = None
+    """(KvEntry, tokens) to copy into the row when admitted: a reused KV cache."""
     pending_text: str = ""
     pending_reasoning: str = ""
     """Text produced since the last published event."""
@@ -68,6 +70,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_length(self) -> int:
+        """Prompt plus every token it may generate (the API keeps this within the context)."""
+        return len(self.prompt_ids) + self.params.max_tokens
 
     @property
     def pending_prefill(self) -> int:

@@ -1,60 +1,73 @@
 -- Claim up to n requests for one worker: pick across tiers (with aging) and users
 -- (start-time fair queueing), move each to in-flight with a lease.
--- ARGV: prefix, worker, n, lease_s, aging_step_s, now(optional)
+-- ARGV: prefix, worker, n, lease_s, aging_max_wait_s, now(optional)
 -- Returns {claimed, expired}: claimed = flat {rid, payload, attempts, ...},
 -- expired = flat {rid, payload, ...} (deadline passed before start: never run late).
-local worker, n, lease_s, step = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local worker, n, lease_s, max_wait = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_s(ARGV[6])
 local claimed, expired = {}, {}
+local blocked = {}  -- tiers whose candidates are all reserved for other workers
+local SCAN_USERS, SCAN_DEPTH = 16, 4
 local backlogged = false
 local claimed_cost = 0
 
+-- Move one waiting request to in-flight for this worker (or expire it: a request
+-- whose start deadline has passed never runs late).
+local function take(rid, tier)
+  redis.call("HSET", K_STATE, "served:" .. tier, tostring(now))
+  local rk = k_req(rid)
+  local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
+  remove_waiting(rid, tier, f[2])
+  local start = num(f[3], 0)
+  if start > num(redis.call("HGET", K_STATE, "v:" .. tier), 0) then
+    redis.call("HSET", K_STATE, "v:" .. tier, tostring(start))
+  end
+  if f[7] ~= "1" and num(f[4], now + 1) < now then
+    table.insert(expired, rid)
+    table.insert(expired, f[1])
+    redis.call("DEL", rk)
+    return
+  end
+  local attempts = redis.call("HINCRBY", rk, "attempts", 1)
+  redis.call("HSET", rk, "state", "running", "worker", worker, "started", "1", "claimed", tostring(now))
+  redis.call("ZADD", K_LEASES, now + lease_s, rid)
+  table.insert(claimed, rid)
+  table.insert(claimed, f[1])
+  table.insert(claimed, attempts)
+  claimed_cost = claimed_cost + num(f[6], 0)
+end
+
 while #claimed < 3 * n do
-  -- Effective level of each tier = its rank, raised one level per `step` seconds its
-  -- oldest request has waited, capped at 3 ("overdue", above high). Highest level
-  -- wins; a tie goes to the higher tier (TIERS runs high -> low), except among
-  -- overdue tiers, where the longest wait goes first. (Python twin: scheduler.policy.)
-  local best_tier, best_level, best_oldest, best_wait = nil, -1, nil, -1
+  -- Strict priority by tier (high 2 > normal 1 > low 0), except that a tier which
+  -- has had waiting work but no claim for `max_wait` seconds is starved (level 3)
+  -- and goes next; among starved tiers the longest-starved first. So every tier
+  -- with work is served at least once per `max_wait`, while a tier that is merely
+  -- busy (served, but backlogged) never outranks higher tiers. (Twin: scheduler.policy.)
+  local best_tier, best_level, best_starved = nil, -1, -1
   for _, t in ipairs(TIERS) do
-    local head = redis.call("ZRANGE", k_age(t), 0, 0, "WITHSCORES")
+    local head = (not blocked[t]) and redis.call("ZRANGE", k_age(t), 0, 0, "WITHSCORES") or {}
     if head[1] then
-      local wait = now - tonumber(head[2])
-      local level = math.min(3, RANK[t] + math.floor(wait / step))
-      if level > best_level or (level == 3 and best_level == 3 and wait > best_wait) then
-        best_tier, best_level, best_oldest, best_wait = t, level, head[1], wait
+      local since = math.max(tonumber(head[2]), num(redis.call("HGET", K_STATE, "served:" .. t), 0))
+      local starved = now - since
+      local level = (starved >= max_wait) and 3 or RANK[t]
+      if level > best_level or (level == 3 and best_level == 3 and starved > best_starved) then
+        best_tier, best_level, best_starved = t, level, starved
       end
     end
   end
   if not best_tier then break end
 
-  local rid
-  if best_level > RANK[best_tier] then
-    rid = best_oldest  -- aged: the oldest request of the tier goes now
-  else
-    local u = redis.call("ZRANGE", k_tu(best_tier), 0, 0)[1]
-    rid = redis.call("LINDEX", k_uq(best_tier, u), 0)
+  -- The fair head, unless it is reserved for another worker (KV affinity, for a short
+  -- window): then the user's next request, then the next user's.
+  local rid = nil
+  for _, u in ipairs(redis.call("ZRANGE", k_tu(best_tier), 0, SCAN_USERS - 1)) do
+    for _, cand in ipairs(redis.call("LRANGE", k_uq(best_tier, u), 0, SCAN_DEPTH - 1)) do
+      local a = redis.call("HMGET", k_req(cand), "aff", "aff_until")
+      if not a[1] or a[1] == worker or tonumber(a[2]) <= now then rid = cand break end
+    end
+    if rid then break end
   end
-  local rk = k_req(rid)
-  local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
-  remove_waiting(rid, best_tier, f[2])
-  local start = num(f[3], 0)
-  if start > num(redis.call("HGET", K_STATE, "v:" .. best_tier), 0) then
-    redis.call("HSET", K_STATE, "v:" .. best_tier, tostring(start))
-  end
-
-  if f[7] ~= "1" and num(f[4], now + 1) < now then
-    table.insert(expired, rid)
-    table.insert(expired, f[1])
-    redis.call("DEL", rk)
-  elseif #claimed < 3 * n then
-    local attempts = redis.call("HINCRBY", rk, "attempts", 1)
-    redis.call("HSET", rk, "state", "running", "worker", worker, "started", "1", "claimed", tostring(now))
-    redis.call("ZADD", K_LEASES, now + lease_s, rid)
-    table.insert(claimed, rid)
-    table.insert(claimed, f[1])
-    table.insert(claimed, attempts)
-    claimed_cost = claimed_cost + num(f[6], 0)
-  end
+  if rid then take(rid, best_tier) else blocked[best_tier] = true end
   if #claimed >= 3 * n then
     backlogged = num(redis.call("HGET", K_STATE, "len"), 0) > 0
     break

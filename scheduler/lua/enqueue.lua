@@ -1,11 +1,14 @@
 -- Admit one request, or refuse it with a reason and a Retry-After.
 -- ARGV: prefix, rid, payload, user, tier, cost, weight, timeout_s, max_queue,
---       tier_share, user_cap, now(optional)
+--       tier_share, user_cap, now(optional), fair ("1", or "0" = FIFO within a tier),
+--       session_key (or ""), prefix hashes (JSON list, shortest first), affinity_window_s
 -- Returns {"ok", queued_len} or {reason, retry_after_s, detail}.
 local rid, payload, user, tier = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local cost, weight, timeout = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local max_queue, share, user_cap = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local now = now_s(ARGV[12])
+local fair = ARGV[13] ~= "0"
+local session_key, hashes_json, window = ARGV[14] or "", ARGV[15] or "[]", tonumber(ARGV[16] or "0")
 
 local len = num(redis.call("HGET", K_STATE, "len"), 0)
 local rate = num(redis.call("HGET", K_DRAIN, "rate"), 0)
@@ -38,14 +41,44 @@ if rate > 0 and ahead / rate > timeout then
 end
 
 -- Start-time fair queueing: S = max(V_tier, F_user), F_user = S + cost / weight.
-local v = num(redis.call("HGET", K_STATE, "v:" .. tier), 0)
-local f_user = num(redis.call("HGET", K_STATE, "f:" .. tier .. ":" .. user), 0)
-local start = math.max(v, f_user)
-redis.call("HSET", K_STATE, "f:" .. tier .. ":" .. user, tostring(start + cost / weight))
+-- With fairness off (the benchmark baseline) the tag is the arrival time: plain FIFO.
+local start = now
+if fair then
+  local v = num(redis.call("HGET", K_STATE, "v:" .. tier), 0)
+  local f_user = num(redis.call("HGET", K_STATE, "f:" .. tier .. ":" .. user), 0)
+  start = math.max(v, f_user)
+  redis.call("HSET", K_STATE, "f:" .. tier .. ":" .. user, tostring(start + cost / weight))
+end
 
 redis.call("HSET", k_req(rid),
   "payload", payload, "user", user, "tier", tier, "cost", cost, "start", tostring(start),
   "enq", tostring(now), "deadline", tostring(now + timeout), "state", "queued", "attempts", 0)
+
+-- KV affinity: offer the request first to the live worker that holds the most of its
+-- prompt's KV cache (its session, else the longest shared prefix).
+local aff, aff_tokens = nil, 0
+local function best_holder(key, min_tokens)
+  local best, best_tokens = nil, min_tokens
+  local f = redis.call("HGETALL", key)
+  for i = 1, #f, 2 do
+    local exp, tok = string.match(f[i + 1], "([^:]+):([^:]+)")
+    if tonumber(exp) > now and tonumber(tok) > best_tokens then best, best_tokens = f[i], tonumber(tok) end
+  end
+  return best, best_tokens
+end
+if window > 0 then
+  if session_key ~= "" then aff, aff_tokens = best_holder(P .. ":kvs:" .. session_key, 0) end
+  local hashes = cjson.decode(hashes_json)
+  for j = #hashes, 1, -1 do
+    local w, tok = best_holder(P .. ":kvp:" .. hashes[j], aff_tokens)
+    if w then aff, aff_tokens = w, tok break end
+  end
+  if aff then
+    redis.call("HSET", k_req(rid), "aff", aff, "aff_until", tostring(now + window))
+    redis.call("LPUSH", P .. ":bell:" .. aff, "1")
+    redis.call("LTRIM", P .. ":bell:" .. aff, 0, 63)
+  end
+end
 insert_waiting(rid, tier, user, start, now, false)
 redis.call("LPUSH", K_BELL, "1")
 redis.call("LTRIM", K_BELL, 0, 63)

@@ -161,3 +161,43 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine_factor
     monkeypatch.setattr(engine.runner, "forward", real_forward)
     b = request(1, [7, 8], 4)
     assert run(engine, {0: [b]})["r1"] == reference_greedy(engine.runner.model, b.prompt_token_ids, 4)
+
+
+def test_slot_rows_interchange_with_dynamic_cache_and_legacy_tuples(engine_factory):
+    """A cache computed by plain transformers (DynamicCache) continues in the engine's
+    slot rows, and a slot row continues in plain transformers, token for token."""
+    from gpu_worker.text.kvcache import dynamic_cache_to_layers, layers_to_dynamic_cache
+
+    engine = engine_factory(max_seqs=4)
+    model, runner = engine.runner.model, engine.runner
+    prompt = [11, 42, 7, 99, 3, 250, 18]
+    ref = reference_greedy(model, prompt, 8)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        first = int(out.logits[0, -1].argmax())
+        layers = dynamic_cache_to_layers(out.past_key_values)
+        legacy = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(layers, dynamic_cache_to_layers(legacy)))
+    runner.cache.ensure(2, 64, 0, 0)
+    runner.cache.from_layers(1, layers, len(prompt))
+    tokens, pos = [first], len(prompt)
+    for _ in range(7):
+        logits = runner.forward(1, [[tokens[-1]]], [pos], 2, pos)
+        tokens.append(int(logits[0].argmax()))
+        pos += 1
+    assert tokens == ref
+    # and back: the slot row as a DynamicCache drives plain transformers
+    dyn = layers_to_dynamic_cache(runner.cache.to_layers(1, pos), model.config)
+    with torch.inference_mode():
+        nxt = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=dyn, use_cache=True)
+    assert int(nxt.logits[0, -1].argmax()) == reference_greedy(model, prompt, 9)[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_engines_run(tiny_model_dir, dtype):
+    spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
+    engine = TextEngine(spec, tiny_model_dir, device=torch.device("cpu"), dtype=dtype, max_seqs=4)
+    reqs = [request(i, [5 + i] * (3 + i), 6) for i in range(3)]
+    outputs = run(engine, {0: reqs[:2], 1: reqs[2:]})
+    assert all(len(outputs[r.id]) == 6 for r in reqs)
+    assert engine.runner.cache.keys[0].dtype == dtype

@@ -107,3 +107,46 @@ def test_worker_heartbeat_advertises_itself(tiny_stack, rclient):
     info = rclient.hgetall(keys.worker(wid))
     assert json.loads(info["models"]) == ["tiny"]
     assert info["device"] == "cpu" and int(info["free_memory_bytes"]) > 0
+
+
+def test_think_block_comes_back_as_reasoning_content(redis_url, tiny_model_dir, tmp_path):
+    """A reasoning model's <think>...</think> is split from the answer, streamed and not.
+    The tiny model cannot reason, so its sampler is scripted to emit the tokens of a
+    reasoning answer; everything downstream (detokenizer, splitter, wire, API) is real."""
+    from tests.stack import Stack
+    from tests.tiny import registry_toml
+
+    registry = registry_toml(tmp_path / "models.toml", tiny_model_dir, reasoning=True)
+    stack = Stack(redis_url, registry, tmp_path / "cache")
+    engine = stack.workers[0].engines["tiny"]
+    script = engine.tokenizer("<think>deep thought</think>\n\nThe answer.", add_special_tokens=False)["input_ids"]
+    script.append(engine.tokenizer.eos_token_id)
+    real = engine.sampler
+
+    class Scripted:
+        eos = real.eos
+
+        def __call__(self, logits, seqs):
+            return [script[len(s.output_ids)] for s in seqs], [None] * len(seqs)
+
+    engine.sampler = Scripted()
+    try:
+        body = {**CHAT, "max_tokens": 40}
+        msg = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=30).json()["choices"][0]["message"]
+        assert msg["reasoning_content"] == "deep thought" and msg["content"] == "The answer."
+        with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=30) as r:
+            deltas = [e["choices"][0]["delta"] for e in sse_events(r) if e != "[DONE]" and e["choices"]]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "deep thought"
+        assert "".join(d.get("content", "") for d in deltas) == "The answer."
+    finally:
+        stack.stop()
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"stop_token_ids": [10**6]}, "stop_token_ids"),
+    ({"stop": ["x" * 300]}, "stop"),
+])
+def test_inputs_that_could_break_a_batch_are_rejected_up_front(tiny_stack, extra, param):
+    r = httpx.post(f"{tiny_stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 3, **extra}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param

@@ -149,7 +149,7 @@ def test_lua_claim_order_matches_python_twin(rclient):
     for trial in range(15):
         rclient.flushall()
         fq = FairQueue(rclient, settings)
-        model = FairQueueModel(step_s=settings.aging_step_s)
+        model = FairQueueModel(max_wait_s=settings.aging_max_wait_s)
         weights = {u: rng.choice([1.0, 2.0, 0.5]) for u in "abcde"}
         now, n = 1000.0, 0
         got, want = [], []

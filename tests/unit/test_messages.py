@@ -6,7 +6,7 @@ def test_request_roundtrip_keeps_types():
     req = GenerateRequest(
         id="r1", model="m", prompt_token_ids=[1, 2, 3], reply_to="is:reply:a", user="u", tier=Tier.LOW,
         params=SamplingParams(max_tokens=7, stop=("a", "bc"), stop_token_ids=(5,), seed=3, n=2),
-        session_id="s", trace={"traceparent": "00-ab-cd-01"},
+        session_key="k", prefix_hashes=["ab", "cd"], trace={"traceparent": "00-ab-cd-01"},
     )
     back = messages.decode(messages.encode(req))
     assert back == req

@@ -55,3 +55,9 @@ def test_no_think_block_is_all_content():
     r = ReasoningSplitter()
     out = [r.feed("<"), r.feed("b>bold</b>"), r.feed("", final=True)]
     assert "".join(c for c, _ in out) == "<b>bold</b>"
+
+
+def test_blank_lines_after_think_are_dropped_even_in_later_chunks():
+    r = ReasoningSplitter()
+    out = [r.feed(c) for c in ["<think>x</think>", "\n", "\n", "Answer\n\nmore"]]
+    assert "".join(c for c, _ in out) == "Answer\n\nmore"

@@ -8,14 +8,18 @@ from gpu_worker.text.sequence import SeqStatus, Sequence
 class Rows:
     """Tracks which sequence's data sits in which row, as the KV cache would."""
 
-    def __init__(self):
-        self.data: dict[int, object] = {}
-
     def move_row(self, src, dst):
         self.data[dst] = self.data.pop(src)
 
     def swap_rows(self, a, b):
         self.data[a], self.data[b] = self.data.get(b), self.data.get(a)
+
+    def __init__(self, budget_tokens=None):
+        self.data = {}
+        self.budget_tokens = budget_tokens
+
+    def fits(self, rows, length):
+        return self.budget_tokens is None or rows * length <= self.budget_tokens
 
 
 def seq(i, prompt_len=4):
@@ -95,3 +99,17 @@ def test_static_mode_admits_only_into_an_empty_batch():
     a.status = SeqStatus.FINISHED_STOPPED
     p.retire(a)
     assert admit_and_prefill(p, rows).prefill == [b]
+
+
+def test_admission_respects_the_kv_budget():
+    rows = Rows(budget_tokens=3 * 20)  # three sequences of 20 positions
+    p = StepPlanner(rows, max_seqs=8, max_prefill_tokens=1000)
+    seqs = [seq(i, prompt_len=12) for i in range(5)]  # 12 + 4 max_tokens = 16 <= 20
+    for s in seqs:
+        p.add(s)
+    plan = admit_and_prefill(p, rows)
+    assert len(plan.prefill) == 3 and len(p.waiting) == 2
+    huge = seq(9, prompt_len=200)  # alone it exceeds the budget: admitted only into an empty batch
+    p2 = StepPlanner(Rows(budget_tokens=60), max_seqs=8, max_prefill_tokens=1000)
+    p2.add(huge)
+    assert admit_and_prefill(p2, Rows()).prefill == [huge]

@@ -87,3 +87,7 @@ def test_logprobs_are_raw_model_logprobs():
     assert math.isclose(recs[0]["logprob"], float(expected[2]), rel_tol=1e-5)
     assert [t["id"] for t in recs[0]["top_logprobs"]] == [2, 3, 7]
     assert SAMPLER(LOGITS, [mk(temperature=0.0)])[1] == [None]
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan():
+    assert SAMPLER(LOGITS, [mk(temperature=1e-9)])[0] == [2]

@@ -1,0 +1,62 @@
+import torch
+
+from broker.prefix import BLOCK, prefix_hashes
+from gpu_worker.text.kvstore import KvStore, common_prefix
+
+
+def layers(tokens, layers_n=2):
+    return [(torch.full((1, tokens, 4), float(i)), torch.full((1, tokens, 4), -float(i))) for i in range(layers_n)]
+
+
+def nbytes(tokens, layers_n=2):
+    return layers_n * 2 * tokens * 4 * 4
+
+
+def test_accounting_is_exact_and_lru_evicts_by_bytes():
+    store = KvStore(budget_bytes=nbytes(10) * 3)
+    for k in "abc":
+        assert store.put(k, "session", list(range(10)), layers(10))[0] is not None
+    assert store.bytes_used == nbytes(10) * 3
+    store.acquire(store.entries["a"])  # "a" becomes most recently used ...
+    store.release(store.entries["a"])
+    entry, evicted = store.put("d", "session", list(range(10)), layers(10))
+    assert entry is not None and [e.key for e in evicted] == ["b"]  # ... so "b" is the LRU victim
+    assert set(store.entries) == {"a", "c", "d"} and store.bytes_used == nbytes(10) * 3
+
+
+def test_entries_in_use_are_never_evicted():
+    store = KvStore(budget_bytes=nbytes(10) * 2)
+    store.put("a", "session", [1] * 10, layers(10))
+    store.put("b", "session", [1] * 10, layers(10))
+    store.acquire(store.entries["a"])
+    store.acquire(store.entries["b"])
+    entry, evicted = store.put("c", "session", [1] * 10, layers(10))
+    assert entry is None and evicted == [] and set(store.entries) == {"a", "b"}
+    store.release(store.entries["a"])
+    entry, evicted = store.put("c", "session", [1] * 10, layers(10))
+    assert entry is not None and [e.key for e in evicted] == ["a"]
+
+
+def test_session_match_reuses_the_common_prefix_and_leaves_one_token():
+    store = KvStore(budget_bytes=1 << 20)
+    store.put("s", "session", [1, 2, 3, 4, 5, 6], layers(6))
+    entry, n = store.match([1, 2, 3, 9, 9], "s", [])
+    assert entry.key == "s" and n == 3
+    assert store.match([1, 2, 3, 4, 5, 6], "s", [])[1] == 5  # the last prompt token is always recomputed
+    assert store.match([7, 7], "s", []) is None
+    assert store.match([1, 2, 3], "other-session", []) is None
+    assert store.stats.hits == 2 and store.stats.misses == 2
+
+
+def test_prefix_entries_serve_any_whole_block_prefix():
+    store = KvStore(budget_bytes=1 << 24)
+    system = list(range(3 * BLOCK))
+    store.put("prefix:x", "prefix", system, layers(3 * BLOCK))
+    other = system[: 2 * BLOCK] + [999] * 50  # shares two of the three blocks
+    entry, n = store.match(other, None, prefix_hashes(other))
+    assert entry.key == "prefix:x" and n == 2 * BLOCK
+    assert store.match([5] * 200, None, prefix_hashes([5] * 200)) is None
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
