@@ -12,7 +12,8 @@ from api import errors
 from api.auth import KeyStore
 from api.catalog import Catalog
 from api.relay import TokenRelay
-from api.routes import chat, completions, observability, system
+from api.jobs import JobService
+from api.routes import audio, chat, completions, images, jobs, observability, system, videos
 from api.settings import ApiSettings
 from api.state import AppState
 from broker.connection import async_client
@@ -44,6 +45,7 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
         app.state.inferstack = AppState(
             settings=settings, sched=sched, redis=redis, relay=relay, queue=AsyncFairQueue(redis, sched),
             catalog=catalog, keys=KeyStore.load(settings.keys_file), events=events,
+            jobs=JobService(settings, relay),
         )
         for spec in registry:  # warm the tokenizers of the text models this host has
             if spec.modality is Modality.TEXT:
@@ -53,6 +55,7 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
                     log.info("%s: weights not on this host; requests for it will get 404", spec.name)
         log.info("API %s ready (reply channel %s)", settings.instance_id, relay.channel)
         yield
+        app.state.inferstack.jobs.close()
         await relay.stop()
         await events.stop()
         if app.state.inferstack.stats_store is not None:
@@ -65,6 +68,10 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(observability.router)
+    app.include_router(images.router)
+    app.include_router(audio.router)
+    app.include_router(videos.router)
+    app.include_router(jobs.router)
     return app
 
 

@@ -138,3 +138,55 @@ class ErrorBody(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's image generation body, plus ``seed``, ``steps``, ``guidance_scale``,
+    ``negative_prompt`` and ``async`` (answer 202 with a job at once)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    model: str | None = None
+    prompt: str = Field(min_length=1, max_length=4000)
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = Field(None, max_length=256)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    steps: int | None = Field(None, ge=1, le=100)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    negative_prompt: str | None = Field(None, max_length=4000)
+    priority: Tier | None = None
+    async_: bool = Field(False, alias="async")
+
+
+class SpeechRequestBody(BaseModel):
+    """OpenAI's /v1/audio/speech body (``instructions`` is accepted and ignored: Kokoro
+    has no style prompt), plus ``priority``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: str = Field(min_length=1, max_length=4096)
+    voice: str = Field(min_length=1, max_length=64)
+    response_format: Literal["wav", "mp3", "flac", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+    user: str | None = Field(None, max_length=256)
+    priority: Tier | None = None
+
+
+class VideoGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str = Field(min_length=1, max_length=4000)
+    size: str | None = None
+    num_frames: int | None = Field(None, ge=1, le=257)
+    fps: int = Field(8, ge=1, le=60)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    steps: int | None = Field(None, ge=1, le=100)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    negative_prompt: str | None = Field(None, max_length=4000)
+    user: str | None = Field(None, max_length=256)
+    priority: Tier | None = None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from api.auth import KeyStore
 from api.catalog import Catalog
+from api.jobs import JobService
 from api.relay import TokenRelay
 from api.settings import ApiSettings
 from metrics.events import EventSink
@@ -26,3 +27,5 @@ class AppState:
     """Lifecycle events for the metrics exporter."""
     stats_store: object = None
     """The metrics store (``metrics.store``), opened by the first /v1/stats."""
+    jobs: JobService | None = None
+    """Media jobs (rq)."""

@@ -111,3 +111,31 @@ processes and workers with ``XADD MAXLEN ~``, consumed by the metrics exporter."
 
 EVENTS_GROUP = "exporter"
 """Consumer group of :data:`EVENTS` that the metrics exporters share."""
+
+
+def load_claim(model: str) -> str:
+    """String with a TTL: the worker that took on loading a model nobody serves (SET NX),
+    so two workers seeing the same demand do not both load it."""
+    return f"{PREFIX}:load:{model}"
+
+
+# -- media jobs (rq) -------------------------------------------------------------
+
+RQ_QUEUE_PREFIX = "rq:queue:"
+"""rq stores a queue named N under ``rq:queue:N`` (``rq.Queue.redis_queue_namespace_prefix``)."""
+
+
+def media_queue(model: str, tier: str) -> str:
+    """Name of the rq queue of one media model at one tier (workers drain high first)."""
+    return f"{PREFIX}:media:{model}:{tier}"
+
+
+def media_result(job_id: str) -> str:
+    """Hash with a TTL: a finished job's output files (field = index, value = bytes)."""
+    return f"{PREFIX}:media:result:{job_id}"
+
+
+def user_jobs(user: str) -> str:
+    """Sorted set: a user's media jobs in flight (queued or running), scored by submit
+    time; the per-user cap counts it."""
+    return f"{PREFIX}:media:user:{user}"

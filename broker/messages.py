@@ -7,12 +7,17 @@ Grouped by who receives them:
   :class:`ErrorEvent`; a worker publishes one JSON list of events per API process
   per engine step.
 * API -> workers (cancel channel): the bare request id.
+* API -> worker (fair queue) :class:`SpeechRequest`; worker -> API: :class:`AudioChunk`.
+* API -> workers (rq job argument): :class:`MediaRequest`; worker -> API (reply
+  channel) when the job ends: :class:`JobEvent`.
 
 JSON keeps the wire readable with ``redis-cli MONITOR``; each message is a pair
 ``[tag, fields]``, the tag naming its type.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -91,6 +96,15 @@ class GenerateRequest:
 
 
 @dataclass(slots=True)
+class VisionRequest(GenerateRequest):
+    """A chat request with images (vision-language models). ``prompt_token_ids`` already
+    hold one image-pad token per vision token, so cost and context checks are exact."""
+
+    images: list[str] = field(default_factory=list)
+    """Base64 PNG of each image, in prompt order."""
+
+
+@dataclass(slots=True)
 class TokenEvent:
     """New output of one choice of one request, produced by one engine step."""
 
@@ -119,27 +133,120 @@ class ErrorEvent:
     status: int = 500
 
 
+# -- speech ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SpeechRequest:
+    """One admitted text-to-speech request (fair queue, like text)."""
+
+    id: str
+    model: str
+    input: str
+    voice: str
+    reply_to: str
+    speed: float = 1.0
+    user: str = "anonymous"
+    tier: Tier = Tier.NORMAL
+    created_at: float = 0.0
+    deadline: float = 0.0
+    trace: dict[str, str] = field(default_factory=dict)
+    session_key: str | None = None
+    prefix_hashes: list[str] = field(default_factory=list)
+    """Always empty: speech has no KV cache to route to (the fair queue's enqueue reads them)."""
+
+    @property
+    def cost(self) -> int:
+        """Scheduling cost: characters to speak (synthesis time grows with them)."""
+        return len(self.input)
+
+
+@dataclass(slots=True)
+class AudioChunk:
+    """The next piece of a speech request's audio: 16-bit little-endian mono PCM."""
+
+    request_id: str
+    index: int
+    """Chunk number; lets the API drop repeats after a resume on another worker."""
+    sample_rate: int
+    pcm: str
+    """Base64 of the PCM bytes."""
+    final: bool = False
+
+
+# -- media -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class MediaRequest:
+    """One image or video generation job: the argument of its rq job."""
+
+    id: str
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+    n: int = 1
+    width: int = 512
+    height: int = 512
+    steps: int | None = None
+    """Denoising steps; None = the model's default (registry ``steps``)."""
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_frames: int | None = None
+    """Video only."""
+    fps: int = 8
+    response_format: str = "b64_json"
+    user: str = "anonymous"
+    tier: Tier = Tier.NORMAL
+    reply_to: str = ""
+    """Reply channel of the API process waiting synchronously, or empty."""
+    created_at: float = 0.0
+
+
+@dataclass(slots=True)
+class JobEvent:
+    """A media job reached a final state (worker -> the API process waiting on it)."""
+
+    request_id: str
+    status: str
+
+
 _TYPES: dict[str, type] = {
     "req": GenerateRequest,
     "tok": TokenEvent,
     "err": ErrorEvent,
+    "media": MediaRequest,
+    "job": JobEvent,
+    "speech": SpeechRequest,
+    "vision": VisionRequest,
+    "audio": AudioChunk,
 }
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 
 
 def _build(tag: str, d: dict[str, Any]) -> Any:
     cls = _TYPES[tag]
-    if cls is GenerateRequest:
+    if issubclass(cls, GenerateRequest):
         p = d["params"]
         p["stop"] = tuple(p.get("stop", ()))
         p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
         d["params"] = SamplingParams(**p)
-        d["tier"] = Tier(d.get("tier", "normal"))
+    if "tier" in d:
+        d["tier"] = Tier(d["tier"])
     return cls(**d)
 
 
 # orjson serializes dataclasses natively, ~20x faster than json + dataclasses.asdict:
 # this runs once per token per request on the hot path.
+
+
+def to_dict(msg: Any) -> dict[str, Any]:
+    """A message as plain data, for carriers other than these encodings (rq job arguments)."""
+    return dataclasses.asdict(msg)
+
+
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    return _build(_TAGS[cls], dict(d))
 
 
 def encode(msg: Any) -> bytes:

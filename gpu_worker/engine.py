@@ -53,3 +53,31 @@ class Engine(Protocol):
     def gauges(self) -> dict[str, float]:
         """For /metrics, read from another thread: ``batch_size`` (sequences running)
         and ``kv_cache_bytes``."""
+
+
+@dataclass(slots=True)
+class MediaFile:
+    """One output file of a media job (a PNG, an MP4)."""
+
+    data: bytes
+    media_type: str
+
+
+OnStep = Callable[[int, int], bool]
+"""``on_step(step, steps)`` after each denoising step; returns False to stop the batch
+(every job in it was cancelled or timed out)."""
+
+
+class JobEngine(Protocol):
+    """Image and video models: a batch of jobs runs as one pipeline call (a whole
+    denoising loop), driven by the job consumer (``gpu_worker.media.jobs``) rather than
+    stepped by the compute loop, and results are files rather than streamed events."""
+
+    model: str
+    max_batch: int
+
+    def batch_key(self, request) -> tuple:
+        """Jobs with equal keys can share one pipeline call (same size, steps, ...)."""
+
+    def run(self, requests: list, on_step: OnStep) -> list[list[MediaFile]]:
+        """Generate every request of the batch; per request, its files."""

@@ -116,8 +116,6 @@ class Claimer(threading.Thread):
         self.claimed = 0
 
     def run(self) -> None:
-        # the model's doorbell, and this worker's own (rung for requests reserved for it)
-        bells = [b for m in self.engines for b in (keys.doorbell(m), keys.worker_doorbell(m, self.worker_id))]
         while not self.stopping.is_set():
             if self.paused.is_set():
                 time.sleep(0.05)
@@ -127,6 +125,10 @@ class Claimer(threading.Thread):
                 if got:
                     continue
                 if had_room:
+                    # Each ready model's doorbell, and this worker's own (rung for requests
+                    # reserved for it). Models come and go (the model manager loads and
+                    # evicts them), so the list is taken afresh each time.
+                    bells = [b for m in self.engines for b in (keys.doorbell(m), keys.worker_doorbell(m, self.worker_id))]
                     self.r.blpop(bells, timeout=0.25)
                 else:
                     self.capacity_freed.wait(0.05)

@@ -11,13 +11,19 @@ from inferstack.settings import CommonSettings
 
 class WorkerSettings(CommonSettings):
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    worker_models: str = Field("smollm2-135m", description="Comma-separated registry names this worker serves.")
+    worker_models: str = Field("smollm2-135m", description="Comma-separated registry names this worker loads at start.")
+    worker_serves: str = Field(
+        "*", description="Models this worker may load on demand: comma-separated names, or * for every registry "
+        "model whose weights are on this host.")
+    memory_budget_gb: float | None = Field(
+        None, description="Most memory the worker's models may take together (default: free device memory).")
+    memory_reserve_gb: float = Field(0.5, description="Device memory the model manager always leaves free.")
     device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:N.")
     dtype: str | None = Field(None, description="Overrides the registry dtype (float32, bfloat16, float16).")
     max_batch: int | None = Field(None, description="Overrides the registry's max_batch (sequences per step).")
     max_prefill_tokens: int | None = Field(None, description="Overrides the registry's prefill budget per step.")
     kv_cache_bytes: int | None = Field(
-        None, description="Batch KV cache budget in bytes (default: half the free GPU memory, a quarter of free RAM)."
+        None, description="Batch KV cache budget in bytes (default: the registry memory_gb minus the weights)."
     )
     kv_reuse: bool = Field(True, description="Keep session and prefix KV caches in DRAM and reuse them.")
     kv_dram_bytes: int = Field(1 << 30, description="DRAM budget of the session/prefix KV store (LRU).")
@@ -34,3 +40,10 @@ class WorkerSettings(CommonSettings):
     @property
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.worker_models.split(",") if m.strip()]
+
+    @property
+    def serve_names(self) -> set[str] | None:
+        """None = any registry model; otherwise the named ones plus the preloaded ones."""
+        if self.worker_serves.strip() == "*":
+            return None
+        return {m.strip() for m in self.worker_serves.split(",") if m.strip()} | set(self.model_names)

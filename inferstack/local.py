@@ -43,6 +43,44 @@ def prepare(names: list[str] | None = None) -> list[str]:
     return ready
 
 
+def report_registry() -> list[str]:
+    """Say, for every registry model, whether this host can serve it (loaded at start or
+    on demand) or why not; returns the servable names."""
+    from gpu_worker.worker import missing_packages
+
+    settings = WorkerSettings()
+    registry = Registry.load(settings.models_file)
+    allowed = settings.serve_names
+    servable = []
+    for spec in registry:
+        if allowed is not None and spec.name not in allowed:
+            say(f"{spec.name}: not served by this worker (INFERSTACK_WORKER_SERVES)")
+            continue
+        missing = missing_packages(spec)
+        if missing:
+            say(f"skipping {spec.name} ({spec.modality}): Python packages missing: {', '.join(missing)}")
+            continue
+        if spec.device == "cuda" and not _has_cuda():
+            say(f"skipping {spec.name} ({spec.modality}): needs a GPU (device = \"cuda\" in the registry)")
+            continue
+        if not modelstore.available(spec, settings.cache_dir):
+            try:
+                modelstore.resolve(spec, settings.cache_dir, convert=False)
+            except modelstore.ModelUnavailable as exc:
+                say(f"skipping {spec.modality} model {exc}")
+            continue
+        when = "loaded at start" if spec.name in settings.model_names else "loaded on first request"
+        say(f"{spec.name} ({spec.modality}): available, {when}")
+        servable.append(spec.name)
+    return servable
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float = 300) -> bool:
     deadline = time.monotonic() + timeout_s
     last = ""
@@ -85,6 +123,7 @@ def run_local(port: int | None = None) -> int:
         say(f"using Redis at {env.get('INFERSTACK_REDIS_URL') or env.get('REDIS_URL')}")
 
     models = prepare()
+    report_registry()
     if not models:
         say("no model is available on this host; nothing to serve")
         if redis_server:

@@ -75,6 +75,16 @@ def resolve(spec: ModelSpec, cache_dir: Path, *, convert: bool = True) -> Path:
     raise ModelUnavailable(f"{spec.name}: weights not found on this host; " + " or ".join(hints or ["add a path"]))
 
 
+def available(spec: ModelSpec, cache_dir: Path) -> bool:
+    """Whether ``resolve`` would find the weights on this host (a packaged GGUF counts:
+    it is converted at first load). Never converts or downloads."""
+    try:
+        resolve(spec, cache_dir, convert=False)
+        return True
+    except ModelUnavailable:
+        return bool(spec.gguf and gguf_file(spec.gguf) is not None)
+
+
 def convert_gguf(source: Path, target: Path) -> Path:
     """Dequantize a GGUF once into ``target`` (safetensors + tokenizer), safely under
     concurrent callers: one converts under a file lock, the others wait and reuse it."""

@@ -43,6 +43,8 @@ class ModelSpec:
     """Overrides the model config's max_position_embeddings."""
     reasoning: bool = False
     """Model emits ``<think>...</think>``; returned as ``reasoning_content``."""
+    device: str = "any"
+    """Placement affinity: ``cuda`` (GPU workers only), ``cpu``, or ``any`` (GPU workers preferred)."""
     extra: dict = field(default_factory=dict)
 
 

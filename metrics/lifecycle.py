@@ -19,6 +19,16 @@ from metrics.events import EventSink, Kind, add_to_pipeline, event
 from metrics.prom import api_metrics, worker_metrics
 
 
+
+def prompt_tokens(req) -> int:
+    """Prompt tokens of a text or vision request; 0 for requests without a token prompt (speech)."""
+    return len(getattr(req, "prompt_token_ids", ()))
+
+
+def max_tokens(req) -> int:
+    params = getattr(req, "params", None)
+    return params.max_tokens * params.n if params is not None else 0
+
 class RequestRecorder:
     def __init__(self, sink: EventSink | None, req: GenerateRequest):
         self.sink = sink
@@ -47,14 +57,13 @@ class RequestRecorder:
         self.admitted = True
         self.enqueued_at = self.req.created_at or time.time()
         self._emit(Kind.ENQUEUED, self.enqueued_at, user=self.req.user, tier=self.tier,
-                   prompt_tokens=len(self.req.prompt_token_ids),
-                   max_tokens=self.req.params.max_tokens * self.req.params.n)
-        self.m.prompt_tokens.labels(self.req.model).inc(len(self.req.prompt_token_ids))
+                   prompt_tokens=prompt_tokens(self.req), max_tokens=max_tokens(self.req))
+        self.m.prompt_tokens.labels(self.req.model).inc(prompt_tokens(self.req))
 
     def rejected(self, reason: str) -> None:
         if self.outcome is None:
             self._emit(Kind.REJECTED, user=self.req.user, tier=self.tier,
-                       prompt_tokens=len(self.req.prompt_token_ids), error=reason)
+                       prompt_tokens=prompt_tokens(self.req), error=reason)
             self._end("rejected", reason)
 
     def tokens(self, ev: TokenEvent) -> None:
@@ -141,7 +150,7 @@ class WorkerRecorder:
         self._live[req.id] = _Live(c)
         add_to_pipeline(pipe, event(Kind.CLAIMED, req.id, c.at, model=c.model, user=req.user, tier=str(req.tier),
                                     worker=self.worker_id, attempt=c.attempt, batch_size=c.batch_size,
-                                    prompt_tokens=len(req.prompt_token_ids)), self.maxlen)
+                                    prompt_tokens=prompt_tokens(req)), self.maxlen)
         self.m.claimed.labels(c.model).inc()
         if req.created_at:
             self.m.queue_wait.labels(c.model, str(req.tier)).observe(max(0.0, c.at - req.created_at))

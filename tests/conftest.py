@@ -34,3 +34,31 @@ def tiny_model_dir(tmp_path_factory):
     from tests.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    from tests.tiny_media import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kokoro_dir(tmp_path_factory):
+    from tests.tiny_media import build_tiny_kokoro
+
+    return build_tiny_kokoro(tmp_path_factory.mktemp("tiny-kokoro"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vl_dir(tmp_path_factory):
+    from tests.tiny_media import build_tiny_qwen_vl
+
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cogvideox_dir(tmp_path_factory):
+    from tests.tiny_media import build_tiny_cogvideox
+
+    return build_tiny_cogvideox(tmp_path_factory.mktemp("tiny-cogvideox"))

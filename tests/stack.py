@@ -40,10 +40,13 @@ class ApiThread:
 
 
 class WorkerThread:
-    def __init__(self, settings: WorkerSettings, sched: SchedulerSettings, registry: Registry, engines=None):
+    def __init__(self, settings: WorkerSettings, sched: SchedulerSettings, registry: Registry, engines=None,
+                 setup=None):
         device = torch.device("cpu")
         engines = engines or {name: build_engine(registry[name], settings, device) for name in settings.model_names}
         self.worker = Worker(settings, sched, engines, device)
+        if setup is not None:
+            setup(self.worker)  # before it runs: e.g. attach step observers
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
 
@@ -65,15 +68,16 @@ class Stack:
         self.api_settings = ApiSettings(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
                                         port=free_port(), **(api_kw or {}))
         self.api = ApiThread(self.api_settings, self.sched)
-        self.worker_kw = dict(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
-                              worker_models=",".join(self.registry.names()), heartbeat_s=0.2, **(worker_kw or {}))
+        self.worker_kw = {**dict(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
+                                 worker_models=",".join(self.registry.names()), heartbeat_s=0.2), **(worker_kw or {})}
         self.workers = [self.add_worker() for _ in range(workers)]
         self.url = self.api.url
         if workers:
             self.wait_ready()
 
-    def add_worker(self, step_delay_s: float = 0.0, **kw) -> WorkerThread:
-        """``step_delay_s`` slows every forward pass, so tests can act mid-generation."""
+    def add_worker(self, step_delay_s: float = 0.0, setup=None, **kw) -> WorkerThread:
+        """``step_delay_s`` slows every forward pass of text engines, so tests can act
+        mid-generation; ``setup(worker)`` runs before the worker starts."""
         settings = WorkerSettings(**{**self.worker_kw, **kw})
         device = torch.device("cpu")
         engines = {name: build_engine(self.registry[name], settings, device) for name in settings.model_names}
@@ -86,7 +90,14 @@ class Stack:
                     return _forward(*a, **k)
 
                 engine.runner.forward = slow
-        return WorkerThread(settings, self.sched, self.registry, engines)
+        return WorkerThread(settings, self.sched, self.registry, engines, setup=setup)
+
+    def start_worker(self, setup=None, **kw) -> WorkerThread:
+        """Add a worker after the stack started (e.g. once jobs are queued)."""
+        worker = self.add_worker(setup=setup, **kw)
+        self.workers.append(worker)
+        self.wait_ready()
+        return worker
 
     def wait_ready(self, timeout: float = 30):
         deadline = time.monotonic() + timeout

@@ -20,7 +20,8 @@ from api.errors import OpenAIError
 from api.generation import Generation, merged, watch_disconnect
 from api.schemas import _Sampling
 from api.state import AppState
-from broker.messages import GenerateRequest, SamplingParams, TokenEvent
+from api.workers import check_servable
+from broker.messages import GenerateRequest, SamplingParams, TokenEvent, VisionRequest
 from broker.prefix import prefix_hashes
 
 _background: set[asyncio.Task] = set()
@@ -107,18 +108,21 @@ class TextJob:
     gens: list[Generation] = field(default_factory=list)
 
     def add(self, request_id: str, model: TextModel, prompt_ids: list[int], params: SamplingParams,
-            reasoning: bool = False) -> None:
+            reasoning: bool = False, images: list[str] | None = None) -> None:
         tier = self.identity.with_priority(self.body.priority)
-        req = GenerateRequest(
+        kind, extra = (VisionRequest, {"images": images}) if images else (GenerateRequest, {})
+        req = kind(
             id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
             reply_to=self.state.relay.channel, user=self.identity.user, tier=tier, created_at=time.time(),
             session_key=session_key(self.identity.user, self.session_id or self.body.session_id),
-            prefix_hashes=prefix_hashes(prompt_ids), reasoning=reasoning,
+            prefix_hashes=prefix_hashes(prompt_ids), reasoning=reasoning, **extra,
         )
         self.gens.append(Generation(self.state, req, weight=self.identity.weight,
                                     deadline_s=self.body.deadline_s, user_cap=self.identity.max_queued))
 
     async def admit(self) -> None:
+        for spec in {g.req.model: self.state.catalog.spec(g.req.model) for g in self.gens}.values():
+            await check_servable(self.state.redis, spec)
         admitted = []
         try:
             for g in self.gens:

@@ -11,6 +11,7 @@ from api.routes._text import (
     TextJob, collect, identify, max_tokens_for, new_id, sampling_params, state_of, stream, usage,
 )
 from api.schemas import ChatCompletionRequest
+from api.vision import vision_prompt
 from broker.messages import TokenEvent
 from inferstack.registry import Modality
 
@@ -39,8 +40,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ):
         raise OpenAIError(400, f"`{body.model}` accepts text only; image and audio parts need a vision model.",
                           param="messages", code="unsupported_content")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = model.render_chat(messages)
+    images: list[str] = []
+    if model.spec.modality is Modality.VISION:
+        prompt_ids, images = await vision_prompt(
+            model, body.messages, cache_dir=state.catalog.cache_dir, timeout_s=state.settings.fetch_timeout_s,
+            max_bytes=state.settings.fetch_max_bytes)
+    else:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        prompt_ids = model.render_chat(messages)
     max_tokens = max_tokens_for(model, len(prompt_ids), body.requested_max_tokens,
                                 state.settings.default_max_tokens, "messages")
     params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs,
@@ -48,7 +56,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                              vocab_size=len(model.tokenizer))
     rid = new_id("chatcmpl")
     job = TextJob(state, identity, body, session_id=request.headers.get("x-session-id"))
-    job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning)
+    job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning, images=images)
     await job.admit()
 
     created = int(time.time())

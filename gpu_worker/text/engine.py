@@ -48,7 +48,8 @@ class TextEngine:
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
         max_seqs = max_seqs or spec.max_batch
         self.runner = ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs,
-                                  context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes)
+                                  context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes,
+                                  memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None)
         self.sampler = Sampler(self._eos_ids(), self._token_text)
         self.planner = StepPlanner(self.runner.cache, max_seqs=max_seqs,
                                    max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static,

@@ -11,6 +11,8 @@ from gpu_worker.text.kvcache import SlotKVCache
 
 log = logging.getLogger(__name__)
 
+MIN_KV_BUDGET = 256 << 20
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,19 +40,13 @@ def column_major_linears(model: torch.nn.Module) -> None:
             module.weight = replaced[id(w)]
 
 
-def default_kv_budget(device: torch.device) -> int:
-    """Half of the memory free once the model is loaded (GPU), a quarter of free RAM (CPU)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    import psutil
-
-    return psutil.virtual_memory().available // 4
-
-
 class ModelRunner:
     def __init__(self, model_dir: Path | str, *, device: torch.device, dtype: torch.dtype, max_slots: int,
-                 context_length: int | None = None, kv_cache_bytes: int | None = None):
+                 context_length: int | None = None, kv_cache_bytes: int | None = None,
+                 memory_bytes: int | None = None):
+        """``kv_cache_bytes`` bounds the batch KV cache; by default it is what the
+        model's registry memory estimate (``memory_bytes``) leaves beside the weights,
+        so the model manager's accounting holds."""
         from transformers import AutoModelForCausalLM
 
         self.device, self.dtype = device, dtype
@@ -67,9 +63,20 @@ class ModelRunner:
         self.cache = SlotKVCache(
             cfg.num_hidden_layers, max_slots, kv_heads, head_dim,
             dtype=dtype, device=device, max_len=self.context_length,
-            budget_bytes=kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(device),
+            budget_bytes=kv_cache_bytes if kv_cache_bytes is not None else self._default_budget(memory_bytes),
         )
         self._additive_mask = self.model.config._attn_implementation != "sdpa"
+
+    def _default_budget(self, memory_bytes: int | None) -> int:
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if memory_bytes:
+            return max(memory_bytes - weights, MIN_KV_BUDGET)
+        if self.device.type == "cuda":  # no estimate: half of what is free now
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(free // 2, MIN_KV_BUDGET)
+        import psutil
+
+        return max(psutil.virtual_memory().available // 4, MIN_KV_BUDGET)
 
     @torch.inference_mode()
     def forward(self, first_row: int, chunks: list[list[int]], starts: list[int], used_rows: int,

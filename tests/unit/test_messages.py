@@ -31,3 +31,19 @@ def test_keys_share_the_model_hash_tag():
 
 def test_tier_rank_order():
     assert Tier.HIGH.rank > Tier.NORMAL.rank > Tier.LOW.rank
+
+
+def test_media_messages_roundtrip_with_their_types():
+    from broker.messages import AudioChunk, JobEvent, MediaRequest, SpeechRequest, VisionRequest
+
+    vision = VisionRequest(id="v", model="vl", prompt_token_ids=[1, 2], params=SamplingParams(stop=("x",)),
+                           reply_to="c", tier=Tier.HIGH, images=["aGk="])
+    speech = SpeechRequest(id="s", model="k", input="Hello there.", voice="af_heart", reply_to="c", speed=1.5)
+    media = MediaRequest(id="m", model="sd", prompt="a cat", n=2, width=64, height=32, tier=Tier.LOW)
+    for msg in (vision, speech, media):
+        back = messages.decode(messages.encode(msg))
+        assert back == msg and type(back) is type(msg)
+    assert messages.decode(messages.encode(vision)).params.stop == ("x",)
+    assert speech.cost == len("Hello there.") and media.tier is Tier.LOW
+    events = [AudioChunk("s", 0, 24_000, "AAA=", final=True), JobEvent("m", "succeeded")]
+    assert messages.decode_batch(messages.encode_batch(events)) == events

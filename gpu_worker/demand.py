@@ -1,0 +1,125 @@
+"""Demand-driven loading: when a model has waiting work and no live worker serves it
+(or is loading it), the best-placed worker loads it.
+
+Every worker runs the same rule on the same heartbeats (``choose_worker``, a pure
+function), and the chosen one takes a short ``SET NX`` claim before loading, so a
+stale view on two workers still loads the model once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from broker import keys
+from broker.messages import Tier
+from inferstack.registry import Modality, ModelSpec
+
+log = logging.getLogger(__name__)
+
+JOB_MODALITIES = (Modality.IMAGE, Modality.VIDEO)
+"""Served from rq queues; everything else waits in the fair queue."""
+
+
+def choose_worker(spec: ModelSpec, workers: list[dict]) -> str | None:
+    """The worker that should load ``spec``: among live workers that could hold it
+    (``can_load``) and match its device affinity, GPU workers first unless the
+    registry pins it to CPU, then the most memory it could free, then the id."""
+    eligible = []
+    for w in workers:
+        if spec.name not in w.get("can_load", []):
+            continue
+        on_gpu = str(w.get("device", "cpu")).startswith("cuda")
+        if (spec.device == "cuda" and not on_gpu) or (spec.device == "cpu" and on_gpu):
+            continue
+        eligible.append((not on_gpu, -int(w.get("model_reclaimable_bytes", 0)), str(w["id"])))
+    return min(eligible)[2] if eligible else None
+
+
+def read_workers(client, live_window_s: float) -> list[dict]:
+    """Live workers' heartbeats (sync twin of ``api.workers.live_workers``)."""
+    ids = client.zrangebyscore(keys.WORKERS, time.time() - live_window_s, "+inf")
+    pipe = client.pipeline(transaction=False)
+    for wid in ids:
+        pipe.hgetall(keys.worker(wid))
+    out = []
+    for raw in pipe.execute():
+        if raw:
+            info = {}
+            for k, v in raw.items():
+                try:
+                    info[k] = json.loads(v)
+                except ValueError:
+                    info[k] = v
+            out.append(info)
+    return out
+
+
+def waiting_work(client, specs: list[ModelSpec]) -> dict[str, int]:
+    """Requests or jobs waiting per model, in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for spec in specs:
+        if spec.modality in JOB_MODALITIES:
+            for tier in Tier:
+                pipe.llen(keys.RQ_QUEUE_PREFIX + keys.media_queue(spec.name, tier))
+        else:
+            pipe.hget(keys.tier_state(spec.name), "len")
+    values = iter(pipe.execute())
+    out = {}
+    for spec in specs:
+        n = len(Tier) if spec.modality in JOB_MODALITIES else 1
+        out[spec.name] = sum(int(next(values) or 0) for _ in range(n))
+    return out
+
+
+def served_or_loading(workers: list[dict]) -> set[str]:
+    names: set[str] = set()
+    for w in workers:
+        names.update(w.get("models", []))
+        names.update(w.get("states", {}))
+    return names
+
+
+class DemandWatcher(threading.Thread):
+    """Every period: models this worker could load that have waiting work and no live
+    worker -> if this worker is the best placed, claim and load."""
+
+    def __init__(self, client, worker_id: str, manager, servable, period_s: float, live_window_s: float,
+                 stopping: threading.Event):
+        super().__init__(name="demand", daemon=True)
+        self.r, self.worker_id, self.manager = client, worker_id, manager
+        self.servable = servable
+        """Callable -> names this worker could load (cached by the worker)."""
+        self.period_s, self.live_window_s, self.stopping = period_s, live_window_s, stopping
+        self.claim_ttl_ms = int(max(30.0, 10 * period_s) * 1000)
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.period_s):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a Redis blip must not stop demand loading
+                log.exception("demand check failed")
+
+    def check(self) -> list[str]:
+        """Returns the models this call started loading."""
+        candidates = [self.manager.registry[n] for n in self.servable() if self.manager.state(n) is None]
+        if not candidates:
+            return []
+        waiting = waiting_work(self.r, candidates)
+        wanted = [s for s in candidates if waiting[s.name] > 0]
+        if not wanted:
+            return []
+        workers = read_workers(self.r, self.live_window_s)
+        taken = served_or_loading(workers)
+        started = []
+        for spec in wanted:
+            if spec.name in taken or choose_worker(spec, workers) != self.worker_id:
+                continue
+            if not self.r.set(keys.load_claim(spec.name), self.worker_id, nx=True, px=self.claim_ttl_ms):
+                continue
+            log.info("%s: %d waiting and no worker serves it; loading it here", spec.name, waiting[spec.name])
+            self.manager.request(spec.name)
+            started.append(spec.name)
+        return started
