@@ -144,3 +144,16 @@ def test_a_failed_load_reports_to_every_waiter_and_leaves_no_state(registry):
         assert m.state("a") is None
     finally:
         m.stop()
+
+
+def test_the_loader_thread_ends_once_its_loads_are_done(manager):
+    """A thread that ran torch kernels slows the compute loop while it lives, so the
+    loader must not linger; a later load starts a fresh one."""
+    import time
+
+    manager.load("a", timeout=10)
+    deadline = time.monotonic() + 5
+    while manager._loader is not None:  # noqa: SLF001 - the property under test
+        assert time.monotonic() < deadline, "the loader thread is still alive"
+        time.sleep(0.05)
+    assert manager.load("b", timeout=10).model == "b"
