@@ -27,7 +27,9 @@ class WorkerSettings(CommonSettings):
     )
     kv_reuse: bool = Field(True, description="Keep session and prefix KV caches in DRAM and reuse them.")
     kv_dram_bytes: int = Field(1 << 30, description="DRAM budget of the session/prefix KV store (LRU).")
-    prefix_min_hits: int = Field(2, description="Requests that must share a prefix before its KV is kept.")
+    prefix_min_hits: int = Field(
+        2, description="Distinct conversations (or sessionless requests) that must share a prefix before its KV is kept."
+    )
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="static = admit only into an empty batch (the baseline for benchmarks)."
     )

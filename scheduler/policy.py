@@ -3,13 +3,11 @@
 through both and require the same claim order.
 
 * Tiers: high (rank 2) > normal (1) > low (0).
-* Aging (starvation freedom): strict priority by tier, except that a tier which
-  has had waiting work but no claim for ``max_wait_s`` (``AGING_MAX_WAIT_S``) is
-  starved and goes next; among starved tiers, the longest-starved first. The clock
-  of a tier runs from the later of its last claim and its oldest waiting request.
-  So a low request starts within the bound under sustained high load, while a
-  lower tier that is merely busy (served, but backlogged) never outranks fresh high
-  work. The starved tier yields its fair-queue head.
+* Aging: strict priority by tier, except that a request of a tier below the top
+  waiting one that has waited ``max_wait_s`` (``AGING_MAX_WAIT_S``) is overdue, and
+  overdue requests (the oldest first) take every other claim while there are any. So
+  a low request starts within about the bound under sustained high load, and a busy
+  lower tier can never take more than half the slots from higher work.
 * Fairness within a tier: start-time fair queueing on token cost. A request's start
   tag is ``max(V, F_user)``; the user's finish tag becomes ``start + cost/weight``;
   the head request with the smallest start tag goes first (ties: by user name, as
@@ -23,11 +21,6 @@ from dataclasses import dataclass, field
 
 RANK = {"high": 2, "normal": 1, "low": 0}
 TIERS = ("high", "normal", "low")
-MAX_LEVEL = 3
-
-
-def effective_level(tier: str, starved_s: float, max_wait_s: float) -> int:
-    return MAX_LEVEL if starved_s >= max_wait_s else RANK[tier]
 
 
 @dataclass
@@ -49,7 +42,7 @@ class FairQueueModel:
     finish: dict[tuple[str, str], float] = field(default_factory=dict)
     queues: dict[tuple[str, str], deque] = field(default_factory=dict)
     by_age: dict[str, OrderedDict] = field(default_factory=lambda: {t: OrderedDict() for t in TIERS})
-    served: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TIERS})
+    last_overdue: bool = False
 
     def enqueue(self, rid: str, user: str, tier: str, cost: float, weight: float, now: float) -> None:
         start = max(self.virtual[tier], self.finish.get((tier, user), 0.0))
@@ -66,20 +59,20 @@ class FairQueueModel:
     def claim(self, n: int, now: float) -> list[str]:
         out = []
         while len(out) < n:
-            best = None
-            for tier in TIERS:
-                if not self.by_age[tier]:
-                    continue
-                oldest = min(self.by_age[tier].values(), key=lambda w: (w.enq, w.rid))
-                starved = now - max(oldest.enq, self.served[tier])
-                level = effective_level(tier, starved, self.max_wait_s)
-                if best is None or level > best[0] or (level == MAX_LEVEL == best[0] and starved > best[1]):
-                    best = (level, starved, tier)
-            if best is None:
+            heads = {t: min(self.by_age[t].values(), key=lambda w: (w.enq, w.rid)) for t in TIERS if self.by_age[t]}
+            if not heads:
                 break
-            tier = best[2]
-            item = self._fair_head(tier)
-            self.served[tier] = now
+            top = max(RANK[t] for t in heads)
+            overdue = [(now - w.enq, t) for t, w in heads.items() if RANK[t] < top and now - w.enq >= self.max_wait_s]
+            if overdue and not self.last_overdue:
+                # the longest wait; on a tie the tier that comes first in TIERS, as the Lua
+                tier = max(overdue, key=lambda x: (x[0], -TIERS.index(x[1])))[1]
+                item = heads[tier]
+                self.last_overdue = True
+            else:
+                tier = next(t for t in TIERS if t in heads and RANK[t] == top)
+                item = self._fair_head(tier)
+                self.last_overdue = False
             self.queues[(tier, item.user)].remove(item)
             del self.by_age[tier][item.rid]
             self.virtual[tier] = max(self.virtual[tier], item.start)

@@ -14,7 +14,7 @@ class SchedulerSettings(CommonSettings):
     tier_share_normal: float = Field(0.85, description="Share of max_queue open to the normal tier.")
     tier_share_low: float = Field(0.6, description="Share of max_queue open to the low tier (shed first).")
     aging_max_wait_s: float = Field(
-        30.0, description="A tier with waiting work but no claim for this long is starved and goes next."
+        30.0, description="A lower-tier request waiting this long is overdue; overdue requests take every other claim."
     )
     default_deadline_s: float = Field(120.0, description="A request not started within this fails (clients may ask for less).")
     lease_s: float = Field(10.0, description="In-flight lease; heartbeats extend it, the reaper requeues it when it lapses.")

@@ -57,7 +57,8 @@ class TextEngine:
         self.kv_store = KvStore(kv_dram_bytes, pin=device.type == "cuda") if kv_dram_bytes > 0 else None
         """Session and prefix KV caches in host DRAM (None: reuse disabled)."""
         self.prefix_min_hits = prefix_min_hits
-        self._prefix_seen: OrderedDict[str, int] = OrderedDict()
+        self._prefix_seen: OrderedDict[str, set[str]] = OrderedDict()
+        """Block hash -> the distinct sessions (or sessionless requests) that sent it."""
         self._index_ops: list[tuple[str, str, str, int]] = []
         self._requests: dict[str, _Request] = {}
         self._aborts: set[str] = set()
@@ -212,8 +213,14 @@ class TextEngine:
                 self._match_cache(seq)
                 self.planner.add(seq)
         if self.kv_store is not None:
+            # A prefix is worth keeping once several conversations share it (a system
+            # prompt); one conversation's own history is its session cache already.
+            origin = req.session_key or req.id
             for h in req.prefix_hashes:
-                self._prefix_seen[h] = self._prefix_seen.pop(h, 0) + 1
+                seen = self._prefix_seen.pop(h, set())
+                if len(seen) < self.prefix_min_hits:
+                    seen.add(origin)
+                self._prefix_seen[h] = seen
             while len(self._prefix_seen) > 65536:
                 self._prefix_seen.popitem(last=False)
         self._requests[req.id] = state
@@ -334,12 +341,13 @@ class TextEngine:
         self._store(key, "session", seq, seq.num_computed)
 
     def _maybe_store_prefix(self, seq: Sequence) -> None:
-        """After a prefill: keep the longest whole-block prefix seen in enough requests."""
+        """After a prefill: keep the longest whole-block prefix that enough distinct
+        conversations (or sessionless requests) have sent."""
         if self.kv_store is None:
             return
         hashes = seq.request.prefix_hashes
         for j in range(len(hashes) - 1, -1, -1):
-            if self._prefix_seen.get(hashes[j], 0) >= self.prefix_min_hits:
+            if len(self._prefix_seen.get(hashes[j], ())) >= self.prefix_min_hits:
                 if hashes[j] not in self.kv_store.prefix_index:
                     length = (j + 1) * BLOCK
                     self._store(f"prefix:{hashes[j]}", "prefix", seq, length)

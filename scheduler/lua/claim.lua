@@ -11,10 +11,15 @@ local SCAN_USERS, SCAN_DEPTH = 16, 4
 local backlogged = false
 local claimed_cost = 0
 
+-- Reserved for another worker (KV affinity) within its window?
+local function eligible(rid)
+  local a = redis.call("HMGET", k_req(rid), "aff", "aff_until")
+  return not a[1] or a[1] == worker or tonumber(a[2]) <= now
+end
+
 -- Move one waiting request to in-flight for this worker (or expire it: a request
 -- whose start deadline has passed never runs late).
 local function take(rid, tier)
-  redis.call("HSET", K_STATE, "served:" .. tier, tostring(now))
   local rk = k_req(rid)
   local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
   remove_waiting(rid, tier, f[2])
@@ -38,34 +43,45 @@ local function take(rid, tier)
 end
 
 while #claimed < 3 * n do
-  -- Strict priority by tier (high 2 > normal 1 > low 0), except that a tier which
-  -- has had waiting work but no claim for `max_wait` seconds is starved (level 3)
-  -- and goes next; among starved tiers the longest-starved first. So every tier
-  -- with work is served at least once per `max_wait`, while a tier that is merely
-  -- busy (served, but backlogged) never outranks higher tiers. (Twin: scheduler.policy.)
-  local best_tier, best_level, best_starved = nil, -1, -1
+  -- Strict priority by tier (high 2 > normal 1 > low 0), with aging: a request of a
+  -- lower tier than the top waiting one that has waited `max_wait` seconds is overdue,
+  -- and overdue requests (oldest first) take every other claim while they last. So
+  -- a low request starts within about the bound under sustained high load, and a
+  -- merely busy lower tier can never take more than half the slots from higher work.
+  -- Within a tier, start-time fair queueing. (Python twin: scheduler.policy.)
+  local heads, top_rank = {}, -1
   for _, t in ipairs(TIERS) do
-    local head = (not blocked[t]) and redis.call("ZRANGE", k_age(t), 0, 0, "WITHSCORES") or {}
-    if head[1] then
-      local since = math.max(tonumber(head[2]), num(redis.call("HGET", K_STATE, "served:" .. t), 0))
-      local starved = now - since
-      local level = (starved >= max_wait) and 3 or RANK[t]
-      if level > best_level or (level == 3 and best_level == 3 and starved > best_starved) then
-        best_tier, best_level, best_starved = t, level, starved
+    if not blocked[t] then
+      local head = redis.call("ZRANGE", k_age(t), 0, 0, "WITHSCORES")
+      if head[1] then
+        heads[t] = {head[1], now - tonumber(head[2])}
+        if RANK[t] > top_rank then top_rank = RANK[t] end
       end
     end
   end
-  if not best_tier then break end
-
-  -- The fair head, unless it is reserved for another worker (KV affinity, for a short
-  -- window): then the user's next request, then the next user's.
-  local rid = nil
-  for _, u in ipairs(redis.call("ZRANGE", k_tu(best_tier), 0, SCAN_USERS - 1)) do
-    for _, cand in ipairs(redis.call("LRANGE", k_uq(best_tier, u), 0, SCAN_DEPTH - 1)) do
-      local a = redis.call("HMGET", k_req(cand), "aff", "aff_until")
-      if not a[1] or a[1] == worker or tonumber(a[2]) <= now then rid = cand break end
+  if top_rank < 0 then break end
+  local od_tier, od_wait = nil, -1
+  for _, t in ipairs(TIERS) do
+    local h = heads[t]
+    if h and RANK[t] < top_rank and h[2] >= max_wait and h[2] > od_wait then od_tier, od_wait = t, h[2] end
+  end
+  local rid, best_tier = nil, nil
+  if od_tier and redis.call("HGET", K_STATE, "last_overdue") ~= "1" and eligible(heads[od_tier][1]) then
+    best_tier, rid = od_tier, heads[od_tier][1]
+    redis.call("HSET", K_STATE, "last_overdue", "1")
+  else
+    for _, t in ipairs(TIERS) do
+      if heads[t] and RANK[t] == top_rank then best_tier = t end
     end
-    if rid then break end
+    -- The fair head, unless it is reserved for another worker (KV affinity, for a short
+    -- window): then the user's next request, then the next user's.
+    for _, u in ipairs(redis.call("ZRANGE", k_tu(best_tier), 0, SCAN_USERS - 1)) do
+      for _, cand in ipairs(redis.call("LRANGE", k_uq(best_tier, u), 0, SCAN_DEPTH - 1)) do
+        if eligible(cand) then rid = cand break end
+      end
+      if rid then break end
+    end
+    if rid then redis.call("HSET", K_STATE, "last_overdue", "0") end
   end
   if rid then take(rid, best_tier) else blocked[best_tier] = true end
   if #claimed >= 3 * n then

@@ -165,3 +165,12 @@ def test_sessions_are_scoped_to_their_user(tiny_stack):
                                    "ignore_eos": True, "user": "alice"},
                         headers={"X-Session-Id": "chat-1"}, timeout=30).json()
     assert header["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_one_conversations_own_history_is_not_duplicated_as_a_shared_prefix(engine):
+    history = list(range(150, 150 + 2 * BLOCK))
+    before = {k for k, e in engine.kv_store.entries.items() if e.kind == "prefix"}
+    first_event_cached(engine, turn("c1", history, session="solo"))
+    first_event_cached(engine, turn("c2", history + [7] * 20, session="solo"))  # same conversation again
+    after = {k for k, e in engine.kv_store.entries.items() if e.kind == "prefix"}
+    assert after == before  # only the session entry holds it

@@ -144,13 +144,32 @@ def test_a_busy_lower_tier_does_not_outrank_fresh_high_work_before_it_is_overdue
     assert [c.request.id for c in fq.claim_batch(MODEL, "w", 1, now=31.0).claimed] == ["n0"]  # starved 31 s
 
 
-def test_a_flooded_but_served_tier_never_outranks_high(rclient):
-    """The normal tier is backlogged far beyond the aging bound, but it is being
-    served all the time, so it is not starved: fresh high work still goes first."""
+def test_an_overloaded_lower_tier_takes_at_most_every_other_slot_from_high(rclient):
+    """The normal tier is backlogged far beyond the aging bound: its overdue requests
+    alternate with high work, they never shut it out."""
     fq = FairQueue(rclient, settings(aging_max_wait_s=30.0))
     for i in range(300):
         fq.enqueue(req(f"n{i}", "flood"), timeout_s=1e6, now=0.0)
     for t in range(1, 120):
         fq.claim_batch(MODEL, "w", 1, now=float(t))  # one normal claim per second
-    fq.enqueue(req("vip", "V", tier="high"), now=120.0)
-    assert [c.request.id for c in fq.claim_batch(MODEL, "w", 1, now=120.5).claimed] == ["vip"]
+    for i in range(4):
+        fq.enqueue(req(f"vip{i}", "V", tier="high"), now=120.0)
+    got = [c.request.id for c in fq.claim_batch(MODEL, "w", 6, now=120.5).claimed]
+    assert [g.startswith("vip") for g in got] == [False, True, False, True, False, True]
+
+
+def test_several_low_requests_each_start_within_about_the_bound(rclient):
+    bound = 30.0
+    fq = FairQueue(rclient, settings(aging_max_wait_s=bound))
+    starts, t, n = {}, 0.0, 0
+    for i in range(4):
+        fq.enqueue(req(f"low{i}", f"L{i}", tier="low"), now=0.0)
+    while len(starts) < 4 and t < 200:
+        for _ in range(3):
+            fq.enqueue(req(f"h{n}", f"H{n % 4}", tier="high"), now=t)
+            n += 1
+        for c in fq.claim_batch(MODEL, "w", 2, now=t).claimed:
+            if c.request.id.startswith("low"):
+                starts[c.request.id] = t
+        t += 0.5
+    assert len(starts) == 4 and max(starts.values()) <= bound + 2.0, starts
