@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from inferstack.redis_server import free_port
+from inferstack.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -61,14 +61,18 @@ class ProcStack:
                 p.kill()
 
 
-@pytest.fixture(scope="session")
-def stack(redis_server):
-    s = ProcStack(redis_server.url)
+@pytest.fixture(scope="package")
+def stack():
+    """Its own redis-server, so that tests elsewhere flushing theirs never see this
+    stack's heartbeats; torn down when the e2e package is done."""
+    server = RedisServer()
+    s = ProcStack(server.url)
     yield s
     s.stop()
+    server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(stack):
     from openai import OpenAI
 
