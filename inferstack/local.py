@@ -14,7 +14,7 @@ import httpx
 
 from gpu_worker.settings import WorkerSettings
 from inferstack import modelstore
-from inferstack.redis_server import free_port
+from inferstack.redis_server import free_port, spawn_owned
 from inferstack.registry import Registry
 from metrics.settings import StoreSettings
 
@@ -111,6 +111,7 @@ def _interrupt(*_):
 def run_local(port: int | None = None) -> int:
     port = port or int(os.environ.get("PORT") or os.environ.get("INFERSTACK_PORT") or 8000)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)  # even when started with SIGINT ignored (`&`)
     env = dict(os.environ)
     redis_server = None
     if not (env.get("REDIS_URL") or env.get("INFERSTACK_REDIS_URL")):
@@ -138,11 +139,11 @@ def run_local(port: int | None = None) -> int:
     procs: dict[str, subprocess.Popen] = {}
     code = 0
     try:
-        procs["api"] = subprocess.Popen([sys.executable, "-m", "inferstack.cli", "api"], env=env)
-        procs["worker"] = subprocess.Popen([sys.executable, "-m", "inferstack.cli", "worker"],
-                                           env={**env, "INFERSTACK_METRICS_PORT": str(worker_metrics_port)})
-        procs["exporter"] = subprocess.Popen([sys.executable, "-m", "inferstack.cli", "exporter"],
-                                             env={**env, "INFERSTACK_METRICS_PORT": "0"})
+        procs["api"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "api"], env=env)
+        procs["worker"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "worker"],
+                                      env={**env, "INFERSTACK_METRICS_PORT": str(worker_metrics_port)})
+        procs["exporter"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "exporter"],
+                                        env={**env, "INFERSTACK_METRICS_PORT": "0"})
         url = f"http://{env['INFERSTACK_HOST']}:{port}"
         if not _wait_ready(url, procs):
             return 1
@@ -167,6 +168,8 @@ Inference Stack is up at {url}  (Ctrl-C stops everything)
     except KeyboardInterrupt:
         say("stopping ...")
     finally:
+        # The children run in process groups of their own (a terminal's Ctrl-C reaches
+        # only this launcher): stop them here, then Redis, which they all talk to.
         for p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
 import redis
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _own_group_dying_with_parent() -> None:
+    """preexec_fn for a child the launcher owns: a process group of its own, so that a
+    terminal's Ctrl-C reaches only the launcher, which then stops the children in order
+    (clients before Redis); and SIGTERM when the launcher dies, so none is orphaned."""
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn_owned(args: list[str], **kwargs) -> subprocess.Popen:
+    """Start a child that only its parent stops (see ``_own_group_dying_with_parent``)."""
+    return subprocess.Popen(args, preexec_fn=_own_group_dying_with_parent, **kwargs)
 
 
 def free_port() -> int:
@@ -24,7 +44,7 @@ class RedisServer:
             raise RuntimeError("redis-server not found: `make test` installs it (apt-get install redis-server)")
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="inferstack-redis-")
-        self.proc = subprocess.Popen(
+        self.proc = spawn_owned(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", self.dir, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,

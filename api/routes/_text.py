@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -62,27 +62,35 @@ def context_error(model: TextModel, prompt_len: int, completion: int, where: str
 
 
 def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
-                    max_n: int, vocab_size: int) -> SamplingParams:
+                    max_n: int, vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
+    """The request's sampling, with the model's recommended ``defaults`` (registry) for
+    whatever it leaves unset."""
     if n > max_n:
         raise OpenAIError(400, f"n must be at most {max_n}.", param="n", code="invalid_value")
     if any(t < 0 or t >= vocab_size for t in body.stop_token_ids or ()):
         raise OpenAIError(400, f"stop_token_ids must be in [0, {vocab_size}).", param="stop_token_ids",
                           code="invalid_value")
+    def pick(name: str, fallback):
+        value = getattr(body, name)
+        if name in defaults and (value is None or name not in body.model_fields_set):
+            return defaults[name]
+        return fallback if value is None else value
+
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k),
-        min_p=body.min_p,
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=max(0, pick("top_k", 0)),
+        min_p=pick("min_p", 0.0),
         seed=body.seed,
         stop=tuple(body.stop or ()),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         n=n,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
+        presence_penalty=pick("presence_penalty", 0.0),
+        frequency_penalty=pick("frequency_penalty", 0.0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
         ignore_eos=body.ignore_eos,
         min_tokens=min(body.min_tokens, max_tokens),
         skip_special_tokens=body.skip_special_tokens,

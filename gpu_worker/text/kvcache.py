@@ -7,7 +7,7 @@ the running batch), and a finished sequence leaves by moving the last row into i
 place. Rows ``[0, n_running)`` hold decoding sequences and ``[n_running, n)`` those
 still prefilling, so every forward pass reads one contiguous block of rows.
 
-The model sees this object as ``past_key_values``: transformers' attention layers
+The model sees this object as its cache argument (``cache_kwarg``): transformers' attention layers
 call ``update(key, value, layer_idx)`` and attend over what it returns; the 4-D
 mask built by the runner hides the columns a row does not own.
 
@@ -18,7 +18,15 @@ the one ``DynamicCache(ddp_cache_data=...)`` accepts.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword a model's ``forward`` takes its KV cache by: ``cache`` from
+    transformers 5.24 on, ``past_key_values`` before (and, deprecated, still after)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class SlotKVCache:

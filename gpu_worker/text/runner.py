@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_worker.text.kvcache import SlotKVCache
+from gpu_worker.text.kvcache import SlotKVCache, cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class ModelRunner:
         ).to(device).eval()
         if device.type == "cpu":
             column_major_linears(self.model)
+        self._cache_kwarg = cache_kwarg(self.model)
         cfg = self.model.config.get_text_config()
         self.config = cfg
         self.context_length = context_length or getattr(cfg, "max_position_embeddings", 4096)
@@ -112,6 +113,6 @@ class ModelRunner:
         keep = (lens - 1).unsqueeze(1)  # [m, 1]: position of each chunk's last token
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions,
-            past_key_values=self.cache, use_cache=True, logits_to_keep=keep,
+            **{self._cache_kwarg: self.cache}, use_cache=True, logits_to_keep=keep,
         )
         return out.logits[:, -1, :]

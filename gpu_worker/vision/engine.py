@@ -21,6 +21,7 @@ import torch
 
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from gpu_worker.engine import Emit, Outgoing
+from gpu_worker.text.kvcache import cache_kwarg
 from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.sampler import Sampler
 from gpu_worker.text.sequence import SeqStatus, Sequence
@@ -55,6 +56,7 @@ class VisionEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.processor = AutoImageProcessor.from_pretrained(str(model_dir), backend="pil")
         self.net = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+        self._cache_kwarg = cache_kwarg(self.net)
         config = self.net.config
         self.image_token_id = config.image_token_id
         self.context_length = spec.context_length or config.get_text_config().max_position_embeddings
@@ -175,7 +177,7 @@ class VisionEngine:
         # as transformers' own generate() passes them.
         positions = torch.cat([text.unsqueeze(0), rope], dim=0)
         cache = DynamicCache(config=self.net.config)
-        logits = self.net(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = self.net(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kwarg: cache},
                           use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1, :]
         self._wave = _Wave(seqs, cache, mask, deltas.to(self.device).view(-1, 1))
         self._sample(logits, seqs, out)
@@ -187,7 +189,7 @@ class VisionEngine:
         text_pos = wave.mask.sum(-1, keepdim=True) - 1
         positions = torch.cat([text_pos.unsqueeze(0), (text_pos + wave.rope_deltas).unsqueeze(0).expand(3, -1, -1)])
         logits = self.net(input_ids=ids, attention_mask=wave.mask, position_ids=positions,
-                          past_key_values=wave.cache, use_cache=True).logits[:, -1, :]
+                          **{self._cache_kwarg: wave.cache}, use_cache=True).logits[:, -1, :]
         self._sample(logits, wave.seqs, out)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], out: list[Outgoing]) -> None:

@@ -7,6 +7,7 @@ import torch
 
 from broker.messages import GenerateRequest, SamplingParams
 from gpu_worker.text.engine import TextEngine
+from gpu_worker.text.kvcache import cache_kwarg
 from inferstack.registry import Modality, ModelSpec
 from scheduler.queue import Claimed
 
@@ -189,7 +190,7 @@ def test_slot_rows_interchange_with_dynamic_cache_and_legacy_tuples(engine_facto
     # and back: the slot row as a DynamicCache drives plain transformers
     dyn = layers_to_dynamic_cache(runner.cache.to_layers(1, pos), model.config)
     with torch.inference_mode():
-        nxt = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=dyn, use_cache=True)
+        nxt = model(input_ids=torch.tensor([[tokens[-1]]]), **{cache_kwarg(model): dyn}, use_cache=True)
     assert int(nxt.logits[0, -1].argmax()) == reference_greedy(model, prompt, 9)[-1]
 
 
