@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from broker import keys
+from broker.messages import decode_heartbeat
 
 LIVE_WINDOW_S = 5.0
 
@@ -17,18 +17,8 @@ async def live_workers(redis) -> list[dict]:
     pipe = redis.pipeline(transaction=False)
     for wid in ids:
         pipe.hgetall(keys.worker(wid))
-    out = []
-    for raw in await pipe.execute():
-        if not raw:
-            continue  # heartbeat key expired: the worker is gone
-        info = {}
-        for k, v in raw.items():
-            try:
-                info[k] = json.loads(v)
-            except ValueError:
-                info[k] = v
-        out.append(info)
-    return out
+    # An empty hash: the heartbeat key expired, the worker is gone.
+    return [decode_heartbeat(raw) for raw in await pipe.execute() if raw]
 
 
 async def served_models(redis) -> dict[str, int]:

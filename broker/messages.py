@@ -264,3 +264,21 @@ def encode_batch(msgs: list[Any]) -> bytes:
 
 def decode_batch(raw: str | bytes) -> list[Any]:
     return [_build(tag, d) for tag, d in orjson.loads(raw)]
+
+
+# A worker's heartbeat is a Redis hash (``keys.worker(id)``): strings as they are,
+# everything else as JSON, so operators can read it with HGETALL.
+
+
+def encode_heartbeat(info: dict[str, Any]) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in info.items()}
+
+
+def decode_heartbeat(raw: dict[str, str]) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            info[k] = orjson.loads(v)
+        except orjson.JSONDecodeError:
+            info[k] = v
+    return info

@@ -8,13 +8,12 @@ stale view on two workers still loads the model once.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 
 from broker import keys
-from broker.messages import Tier
+from broker.messages import Tier, decode_heartbeat
 from inferstack.registry import Modality, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -44,17 +43,7 @@ def read_workers(client, live_window_s: float) -> list[dict]:
     pipe = client.pipeline(transaction=False)
     for wid in ids:
         pipe.hgetall(keys.worker(wid))
-    out = []
-    for raw in pipe.execute():
-        if raw:
-            info = {}
-            for k, v in raw.items():
-                try:
-                    info[k] = json.loads(v)
-                except ValueError:
-                    info[k] = v
-            out.append(info)
-    return out
+    return [decode_heartbeat(raw) for raw in pipe.execute() if raw]
 
 
 def waiting_work(client, specs: list[ModelSpec]) -> dict[str, int]:

@@ -4,7 +4,6 @@ never waits on the network and the network never waits on the model."""
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -12,7 +11,7 @@ import time
 from collections import defaultdict
 
 from broker import keys, messages
-from broker.messages import ErrorEvent, TokenEvent
+from broker.messages import ErrorEvent, TokenEvent, encode_heartbeat
 from gpu_worker.engine import Engine, Outgoing
 from metrics.lifecycle import Claim, WorkerRecorder
 from scheduler.queue import FairQueue
@@ -187,8 +186,7 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(keys.worker(self.worker_id), mapping={k: json.dumps(v) if not isinstance(v, str) else v
-                                                        for k, v in self.info().items()})
+        pipe.hset(keys.worker(self.worker_id), mapping=encode_heartbeat(self.info()))
         pipe.pexpire(keys.worker(self.worker_id), int(self.ttl_s * 1000))
         pipe.zadd(keys.WORKERS, {self.worker_id: now})
         pipe.zremrangebyscore(keys.WORKERS, "-inf", now - self.ttl_s)

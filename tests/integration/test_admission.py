@@ -58,7 +58,7 @@ class OpenRequest:
     def __init__(self, url: str, body: dict, headers: dict | None = None):
         host, port = url.removeprefix("http://").split(":")
         payload = json.dumps({**body, "stream": True}).encode()
-        head = [f"POST /v1/chat/completions HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
+        head = ["POST /v1/chat/completions HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
                 f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
         self.sock = socket.create_connection((host, int(port)))
         self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
