@@ -20,6 +20,9 @@ from pathlib import Path
 from api.errors import OpenAIError
 from broker.messages import Tier
 
+ANONYMOUS = "anonymous"
+"""The user of an open-mode request that names none."""
+
 
 def hash_key(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
@@ -68,7 +71,7 @@ class KeyStore:
 
     def identify(self, authorization: str | None, body_user: str | None) -> Identity:
         if self._entries is None:
-            return Identity(user=(body_user or "anonymous"))
+            return Identity(user=(body_user or ANONYMOUS))
         if not authorization or not authorization.lower().startswith("bearer "):
             raise OpenAIError(401, "Missing API key: send `Authorization: Bearer <key>`.",
                               type="authentication_error", code="missing_api_key")

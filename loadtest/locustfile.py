@@ -230,10 +230,11 @@ class MediaJobUser(InferstackUser):
             if r.status_code != 202:
                 r.failure(f"expected 202, got HTTP {r.status_code}: {r.text[:200]}")
                 return
-            job_id = r.json().get("id") or r.json().get("job_id")
+            job_id = r.json()["id"]
+            location = r.headers["Location"]  # names the owner in open mode (?user=)
         while time.perf_counter() - started < self.timeout_s:
             gevent.sleep(self.poll_s)
-            with self.client.get(f"/v1/jobs/{job_id}", name="image job poll", catch_response=True,
+            with self.client.get(location, name="image job poll", catch_response=True,
                                  headers=self.headers) as r:
                 if r.status_code != 200:
                     r.failure(f"HTTP {r.status_code}: {r.text[:200]}")

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from api.auth import ANONYMOUS
 from api.errors import OpenAIError
 from api.workers import check_servable
 from inferstack.registry import Modality, ModelSpec
@@ -39,6 +42,11 @@ def parse_size(size: str | None, default: str) -> tuple[int, int]:
 
 
 async def accepted(state, job, request: Request) -> JSONResponse:
-    """202 with the job and where to poll it."""
+    """202 with the job and where to poll it. In open mode the owner is the request's
+    ``user`` field, which a GET has no body to carry: the Location names it."""
     view = await state.jobs.view(job, str(request.base_url))
-    return JSONResponse(view, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    location = f"/v1/jobs/{job.id}"
+    user = job.meta.get("user")
+    if state.keys.open and user and user != ANONYMOUS:
+        location += f"?user={quote(user, safe='')}"
+    return JSONResponse(view, status_code=202, headers={"Location": location})

@@ -67,8 +67,10 @@ def submit(stack, headers=ALICE, **body):
     r = httpx.post(f"{stack.url}/v1/images/generations", headers=headers, timeout=30,
                    json={"model": "tiny-sd", "prompt": "a red cat", "async": True, **body})
     assert r.status_code == 202, r.text
-    assert r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
-    return r.json()
+    # In open mode the owner is the body's `user`; the Location carries it for the GETs.
+    owner = f"?user={body['user']}" if "user" in body and not headers else ""
+    assert r.headers["location"] == f"/v1/jobs/{r.json()['id']}{owner}"
+    return {**r.json(), "location": r.headers["location"]}
 
 
 def get_job(stack, job_id, headers=ALICE):
@@ -202,7 +204,7 @@ def test_results_expire_after_their_ttl(redis_url, registry, tmp_path):
         deadline = time.monotonic() + 60
         seen = set()
         while time.monotonic() < deadline:
-            r = httpx.get(f"{stack.url}/v1/jobs/{job['id']}", params={"user": "carol"}, timeout=30)
+            r = httpx.get(f"{stack.url}{job['location']}", timeout=30)  # ?user=carol
             if r.status_code == 404:
                 break
             seen.add(r.json()["status"])
@@ -222,3 +224,27 @@ def test_bad_image_requests_are_400(stack, body, param):
     r = httpx.post(f"{stack.url}/v1/images/generations", json={"model": "tiny-sd", **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_locust_media_user_submits_and_polls_jobs_without_failures(stack, tmp_path):
+    """``make loadtest``'s runner with only the async-media user class (LOCUST_MEDIA=1):
+    jobs are submitted (202), polled and all succeed."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    prefix = tmp_path / "locust"
+    run = subprocess.run(
+        [sys.executable, "-m", "loadtest.run", "--host", stack.url, "--users", "2", "--spawn-rate", "2",
+         "--duration", "10s", "--csv", str(prefix), "MediaJobUser"],
+        env={**os.environ, "LOCUST_MEDIA": "1", "LOCUST_MEDIA_MODEL": "tiny-sd"},
+        capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    with open(f"{prefix}_final_stats.csv", newline="") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    assert rows["Aggregated"]["Failure Count"] == "0"
+    assert int(rows["image job submit"]["Request Count"]) >= 2
+    assert int(rows["image job poll"]["Request Count"]) >= 1
+    # One JOB event per finished job, all succeeded (a failed job is a Locust failure).
+    assert int(rows["image job"]["Request Count"]) >= 2
