@@ -14,7 +14,8 @@ import httpx
 
 from gpu_worker.settings import WorkerSettings
 from inferstack import modelstore
-from inferstack.redis_server import free_port, spawn_owned
+from inferstack.procs import spawn_owned
+from inferstack.redis_server import free_port
 from inferstack.registry import Registry
 from metrics.settings import StoreSettings
 

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 import redis
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _own_group_dying_with_parent() -> None:
-    """preexec_fn for a child the launcher owns: a process group of its own, so that a
-    terminal's Ctrl-C reaches only the launcher, which then stops the children in order
-    (clients before Redis); and SIGTERM when the launcher dies, so none is orphaned."""
-    os.setpgid(0, 0)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def spawn_owned(args: list[str], **kwargs) -> subprocess.Popen:
-    """Start a child that only its parent stops (see ``_own_group_dying_with_parent``)."""
-    return subprocess.Popen(args, preexec_fn=_own_group_dying_with_parent, **kwargs)
+from inferstack.procs import spawn_owned
 
 
 def free_port() -> int:

@@ -70,6 +70,7 @@ def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool,
     if any(t < 0 or t >= vocab_size for t in body.stop_token_ids or ()):
         raise OpenAIError(400, f"stop_token_ids must be in [0, {vocab_size}).", param="stop_token_ids",
                           code="invalid_value")
+
     def pick(name: str, fallback):
         value = getattr(body, name)
         if name in defaults and (value is None or name not in body.model_fields_set):
@@ -178,8 +179,8 @@ async def collect(request: Request, job: TextJob) -> list[tuple[int, TokenEvent]
         job.close()
 
 
-async def stream(request: Request, job: TextJob,
-                 render: Callable[[int, TokenEvent], list[dict]], finish: Callable[[], list[dict]]) -> EventSourceResponse:
+async def stream(request: Request, job: TextJob, render: Callable[[int, TokenEvent], list[dict]],
+                 finish: Callable[[], list[dict]]) -> EventSourceResponse:
     """Wait for the first event (so errors before it are real HTTP errors), then stream."""
     events = merged(job.gens)
     try:
