@@ -11,6 +11,7 @@ import pytest
 
 from api.auth import hash_key
 from broker import keys
+from metrics.events import Kind
 from scheduler.settings import SchedulerSettings
 from tests.stack import Stack
 
@@ -162,14 +163,20 @@ def test_cancel_while_running_frees_the_slot(redis_url, tiny_registry, tmp_path,
 
 
 @pytest.mark.parametrize("fair", [True, False])
-def test_light_user_overtakes_a_flood_through_the_stack(redis_url, tiny_registry, tmp_path, fair):
-    """A floods 24 requests; B sends one after them. Counted by the order in which
-    first tokens arrive (no timing), B starts within about one batch; with fairness
-    off (FIFO) B waits behind the whole flood."""
+def test_light_user_overtakes_a_flood_through_the_stack(redis_url, rclient, tiny_registry, tmp_path, fair):
+    """A floods 24 requests; B sends one once all of them are admitted and A's first
+    batch is running. Counted by the order in which first tokens arrive (no timing),
+    B starts within about one batch; with fairness off (FIFO) B waits behind the whole
+    flood."""
     stack = make_stack(redis_url, tiny_registry, tmp_path, fairness=fair)
-    stack.workers.append(stack.add_worker(step_delay_s=0.01, max_batch=4))
+    stack.workers.append(stack.add_worker(step_delay_s=0.03, max_batch=4))
     stack.wait_ready()
     first_token_order: list[str] = []
+    started: list[int] = []  # A's requests with a first token when B was sent
+
+    def admitted(user: str) -> int:
+        return sum(1 for _, f in rclient.xrange(keys.EVENTS)
+                   if f["kind"] == Kind.ENQUEUED and f.get("user") == user)
 
     async def one(client, user, tag):
         body = {**CHAT, "max_tokens": 12, "stream": True, "user": user}
@@ -183,7 +190,14 @@ def test_light_user_overtakes_a_flood_through_the_stack(redis_url, tiny_registry
     async def scenario():
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
             flood = [asyncio.create_task(one(client, "A", f"a{i}")) for i in range(24)]
-            await asyncio.sleep(0.3)  # A's backlog is queued and its first batch is running
+            # B goes in only once the API has admitted all of A's backlog (its ENQUEUED
+            # events) and A's first batch is producing tokens: a fixed sleep was not
+            # enough on a slow CI machine, where B then arrived ahead of part of the flood.
+            deadline = time.monotonic() + 60
+            while admitted("A") < 24 or not first_token_order:
+                assert time.monotonic() < deadline, (admitted("A"), first_token_order)
+                await asyncio.sleep(0.02)
+            started.append(len(first_token_order))
             await one(client, "B", "b")
             await asyncio.gather(*flood)
 
@@ -191,7 +205,9 @@ def test_light_user_overtakes_a_flood_through_the_stack(redis_url, tiny_registry
         asyncio.run(scenario())
         started_before_b = first_token_order.index("b")
         if fair:
-            assert started_before_b <= 4 + 4, first_token_order  # A's running batch + at most one more
+            # A's running batch + at most one more batch claimed before B's enqueue landed
+            assert started_before_b - started[0] <= 4 + 4, (started, first_token_order)
+            assert started_before_b < 20, first_token_order  # so B did overtake part of the flood
         else:
             assert started_before_b >= 20, first_token_order
     finally:
