@@ -47,11 +47,11 @@ class ModelSpec:
     """Placement affinity: ``cuda`` (GPU workers only), ``cpu``, or ``any`` (GPU workers preferred)."""
     sampling: dict = field(default_factory=dict)
     """The model's recommended sampling (``[models.X.sampling]``), used for every parameter of
-    ``SAMPLING_DEFAULTS`` that a request leaves unset, as vLLM uses a model's generation_config."""
+    ``SAMPLING_PARAMS`` that a request leaves unset, as vLLM uses a model's generation_config."""
     extra: dict = field(default_factory=dict)
 
 
-SAMPLING_DEFAULTS = frozenset(
+SAMPLING_PARAMS = frozenset(
     {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"})
 
 
@@ -60,7 +60,7 @@ class Registry:
         self._specs = specs
 
     @classmethod
-    def load(cls, path: Path) -> "Registry":
+    def load(cls, path: Path) -> Registry:
         with open(path, "rb") as f:
             data = tomllib.load(f)
         specs = {}
@@ -69,10 +69,10 @@ class Registry:
             gguf = raw.pop("gguf", None)
             known = set(ModelSpec.__slots__) - {"name", "extra", "modality", "gguf"}
             extra = {k: raw.pop(k) for k in list(raw) if k not in known and k != "modality"}
-            unknown = set(raw.get("sampling", {})) - SAMPLING_DEFAULTS
+            unknown = set(raw.get("sampling", {})) - SAMPLING_PARAMS
             if unknown:
                 raise ValueError(f"{path}: models.{name}.sampling: unknown parameters {sorted(unknown)} "
-                                 f"(known: {sorted(SAMPLING_DEFAULTS)})")
+                                 f"(known: {sorted(SAMPLING_PARAMS)})")
             specs[name] = ModelSpec(
                 name=name,
                 modality=Modality(raw.pop("modality")),

@@ -5,7 +5,11 @@ batching, cancellation, expiry and ownership."""
 from __future__ import annotations
 
 import base64
+import csv
 import io
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -229,17 +233,12 @@ def test_bad_image_requests_are_400(stack, body, param):
 def test_locust_media_user_submits_and_polls_jobs_without_failures(stack, tmp_path):
     """``make loadtest``'s runner with only the async-media user class (LOCUST_MEDIA=1):
     jobs are submitted (202), polled and all succeed."""
-    import csv
-    import os
-    import subprocess
-    import sys
-
     prefix = tmp_path / "locust"
     run = subprocess.run(
         [sys.executable, "-m", "loadtest.run", "--host", stack.url, "--users", "2", "--spawn-rate", "2",
          "--duration", "10s", "--csv", str(prefix), "MediaJobUser"],
         env={**os.environ, "LOCUST_MEDIA": "1", "LOCUST_MEDIA_MODEL": "tiny-sd"},
-        capture_output=True, text=True, timeout=180)
+        capture_output=True, text=True, timeout=180, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     with open(f"{prefix}_final_stats.csv", newline="") as f:
         rows = {r["Name"]: r for r in csv.DictReader(f)}
