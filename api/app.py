@@ -16,6 +16,7 @@ from api.jobs import JobService
 from api.routes import audio, chat, completions, images, jobs, observability, system, videos
 from api.settings import ApiSettings
 from api.state import AppState
+from api.streams import StreamStore
 from broker.connection import async_client
 from inferstack import __version__
 from inferstack.registry import Modality, Registry
@@ -45,6 +46,7 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
         app.state.inferstack = AppState(
             settings=settings, sched=sched, redis=redis, relay=relay, queue=AsyncFairQueue(redis, sched),
             catalog=catalog, keys=KeyStore.load(settings.keys_file), events=events,
+            streams=StreamStore(redis, settings.stream_grace_s, sched.output_log_ttl_s),
             jobs=JobService(settings, relay),
         )
         for spec in registry:  # warm the tokenizers of the text models this host has

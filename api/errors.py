@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -56,6 +57,13 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return OpenAIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_unavailable(_: Request, exc: Exception):
+        # Redis is restarting or unreachable (a stream already open rides that out instead).
+        return OpenAIError(503, "The request queue (Redis) is unavailable right now; retry shortly.",
+                           type="server_error", code="redis_unavailable", headers={"Retry-After": "2"}).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -33,6 +33,9 @@ class ApiSettings(StoreSettings):
         60.0, description="POST /v1/images/generations waits this long for the result, then answers 202 with the job.")
     fetch_timeout_s: float = Field(10.0, description="Time limit for fetching an http(s) image URL of a chat message.")
     fetch_max_bytes: int = Field(20 * 1024 * 1024, description="Size limit of one image in a chat message.")
+    stream_grace_s: float = Field(
+        10.0, description="A streaming client that disconnects before the end leaves its request generating this long, "
+                          "resumable with Last-Event-ID; then it is cancelled. 0 = cancel at once.")
     admin_key: str | None = Field(None, description="Bearer key for admin endpoints (/v1/stats); unset = open.")
     api_workers: int = Field(
         1, ge=1, description="API processes sharing the port (uvicorn workers); >1 uses Prometheus multiprocess mode."

@@ -9,6 +9,7 @@ from api.catalog import Catalog
 from api.jobs import JobService
 from api.relay import TokenRelay
 from api.settings import ApiSettings
+from api.streams import StreamStore
 from metrics.events import EventSink
 from scheduler.queue import AsyncFairQueue
 from scheduler.settings import SchedulerSettings
@@ -23,6 +24,8 @@ class AppState:
     queue: AsyncFairQueue
     catalog: Catalog
     keys: KeyStore
+    streams: StreamStore
+    """Records of resumable SSE streams."""
     events: EventSink | None = None
     """Lifecycle events for the metrics exporter."""
     stats_store: object = None

@@ -55,6 +55,13 @@ def leases(model: str) -> str:
     return f"{tag(model)}:leases"
 
 
+def alive(model: str) -> str:
+    """Hash: worker id -> unix time it last claimed or renewed leases of this model. The
+    reaper requeues the requests of a worker silent for ``worker_dead_s`` (a few missed
+    heartbeats) without waiting for their leases to lapse."""
+    return f"{tag(model)}:alive"
+
+
 def doorbell(model: str) -> str:
     """List used only to wake idle workers (BLPOP) when work arrives."""
     return f"{tag(model)}:bell"
@@ -99,6 +106,14 @@ def worker(worker_id: str) -> str:
 def reply_channel(api_instance: str) -> str:
     """Pub/sub channel of one API process: workers publish token events for its requests here."""
     return f"{PREFIX}:reply:{api_instance}"
+
+
+def stream(stream_id: str) -> str:
+    """Hash: an SSE stream a client may resume (``GET /v1/chat/completions/<id>/stream``):
+    its owner, how to render it, its request ids and reply channel, how many clients
+    read it now. Kept while it generates and ``output_log_ttl_s`` after it ends, like the
+    output logs it is replayed from."""
+    return f"{PREFIX}:stream:{stream_id}"
 
 
 CANCEL_CHANNEL = f"{PREFIX}:cancel"

@@ -21,6 +21,10 @@ class Outgoing:
     """All choices of the request are finished: release its lease."""
     index_ops: list[tuple[str, str, str, int]] | None = None
     """KV-index changes (op, kind, key, tokens) to write before the events go out."""
+    owned: bool = True
+    """Sent as the request's lease owner (the event is dropped if this worker lost it).
+    False for errors about requests the scheduler itself already ended (deadline passed
+    before the start, out of attempts): nobody owns those any more."""
 
 
 Emit = Callable[[list[Outgoing]], None]

@@ -33,8 +33,12 @@ class WorkerSettings(CommonSettings):
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="static = admit only into an empty batch (the baseline for benchmarks)."
     )
-    heartbeat_s: float = Field(1.0, description="Heartbeat, lease renewal and reaper period.")
+    heartbeat_s: float = Field(
+        0.5, description="Heartbeat, lease renewal and reaper period; a worker silent for INFERSTACK_WORKER_DEAD_S is "
+                         "dead.")
     heartbeat_ttl_s: float = Field(5.0, description="A worker silent this long is considered dead.")
+    outage_buffer_events: int = Field(
+        50_000, description="Events a worker keeps while Redis is unreachable; at the cap it pauses generating.")
     drain_timeout_s: float = Field(10.0, description="On SIGTERM, how long running requests may finish.")
     torch_threads: int | None = Field(None, description="torch intra-op threads (default: torch's choice).")
     metrics_port: int = Field(0, description="Port of this worker's Prometheus /metrics (0 = off).")

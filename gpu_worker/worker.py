@@ -117,12 +117,17 @@ class Worker:
         self._servable_at = 0.0
         self.r = sync_client(settings.redis_url)
         self.fq = FairQueue(self.r, sched)
+        if 0 < sched.worker_dead_s < 2 * settings.heartbeat_s:
+            log.warning("INFERSTACK_WORKER_DEAD_S=%g is under two heartbeats (INFERSTACK_HEARTBEAT_S=%g): live "
+                        "workers will be taken for dead", sched.worker_dead_s, settings.heartbeat_s)
         self.stopping = threading.Event()   # stop claiming
         self.halt = threading.Event()       # stop stepping
         self.wake = threading.Event()
         self.started_at = time.time()
-        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_error=lambda e: None,
-                                   index_ttl_s=settings.heartbeat_ttl_s, events_maxlen=settings.events_maxlen)
+        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_lost=self._lost,
+                                   index_ttl_s=settings.heartbeat_ttl_s, events_maxlen=settings.events_maxlen,
+                                   max_buffered=settings.outage_buffer_events, give_up_s=settings.redis_outage_s,
+                                   on_give_up=self._drop_everything)
         self.metrics_server = None
         self.claimer = Claimer(sync_client(settings.redis_url), FairQueue(sync_client(settings.redis_url), sched),
                                self.id, self.engines, self.wake, self.publisher, self.stopping)
@@ -136,6 +141,21 @@ class Worker:
             from gpu_worker.media.jobs import JobConsumer
 
             self.jobs = JobConsumer(settings.redis_url, self.id, self.models, self.stopping)
+
+    def _lost(self, model: str, request_ids: list[str]) -> None:
+        """The publisher found requests this worker no longer owns: stop them now."""
+        engine = self.engines.get(model)
+        if engine is not None:
+            for rid in request_ids:
+                engine.abort(rid)
+
+    def _drop_everything(self) -> None:
+        """Redis stayed away past the outage limit: the clients' streams have ended, so
+        stop what this worker holds (their leases lapse; nothing is rerun for nobody
+        when the API has cancelled them meanwhile)."""
+        for engine in self.engines.values():
+            for rid in engine.request_ids():
+                engine.abort(rid)
 
     def servable(self) -> list[str]:
         """Models this worker could load (weights and packages here, fits its memory);
@@ -199,6 +219,10 @@ class Worker:
         idle_since = None
         try:
             while not self.halt.is_set():
+                if self.publisher.backlogged:  # Redis away and the buffer full: wait for it
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+                    continue
                 busy = False
                 for model, engine in self.engines.items():
                     if engine.has_work():

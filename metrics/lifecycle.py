@@ -30,20 +30,25 @@ def max_tokens(req) -> int:
     return params.max_tokens * params.n if params is not None else 0
 
 class RequestRecorder:
-    def __init__(self, sink: EventSink | None, req: GenerateRequest):
+    """``resumed``: a reader that took over a stream another one started (a client
+    resuming it): it replays the output log, so it records only how the request ends,
+    never its admission, first token or latencies."""
+
+    def __init__(self, sink: EventSink | None, req: GenerateRequest, *, resumed: bool = False):
         self.sink = sink
         self.req = req
         self.tier = str(req.tier)
         self.m = api_metrics()
+        self.resumed = resumed
         self.enqueued_at = 0.0
-        self.first_token_at: float | None = None
+        self.first_token_at: float | None = time.time() if resumed else None
         self.last_token_at = 0.0
         self.completion_tokens = 0
         self.cached_tokens = 0
-        self.admitted = False
+        self.admitted = resumed
         self.outcome: str | None = None
         # The trace context goes into req.trace now, before the request is encoded.
-        self.span = tracing.RequestSpan(req.id, req.model, req.user, self.tier, req.trace)
+        self.span = tracing.RequestSpan(req.id, req.model, req.user, self.tier, None if resumed else req.trace)
 
     def _emit(self, kind: Kind, ts: float | None = None, **kw) -> None:
         if self.sink is not None:
@@ -71,6 +76,8 @@ class RequestRecorder:
         n = len(ev.token_ids)
         self.completion_tokens += n
         self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
+        if self.resumed:
+            return
         if self.first_token_at is None:
             self.first_token_at = now
             self._emit(Kind.FIRST_TOKEN, now)
@@ -85,7 +92,8 @@ class RequestRecorder:
             now = time.time()
             self._emit(Kind.FINISHED, now, completion_tokens=self.completion_tokens,
                        cached_tokens=self.cached_tokens)
-            self.m.e2e.labels(self.req.model).observe(max(0.0, now - self.enqueued_at))
+            if not self.resumed:
+                self.m.e2e.labels(self.req.model).observe(max(0.0, now - self.enqueued_at))
             self._end("finished")
 
     def failed(self, error: str) -> None:
@@ -103,6 +111,13 @@ class RequestRecorder:
             self._emit(Kind.CANCELLED, completion_tokens=self.completion_tokens,
                        cached_tokens=self.cached_tokens, error=reason)
             self._end("cancelled", reason)
+
+    def handed_over(self) -> None:
+        """The client left and another reader took the stream over (it records the end):
+        close this reader's span without a lifecycle event."""
+        if self.outcome is None:
+            self.outcome = "handed_over"
+            self.span.end("handed_over", completion_tokens=self.completion_tokens)
 
     def _end(self, status: str, error: str = "") -> None:
         self.outcome = status

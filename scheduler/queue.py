@@ -13,7 +13,7 @@ from importlib import resources
 import orjson
 
 from broker import keys, messages
-from broker.messages import GenerateRequest
+from broker.messages import GenerateRequest, TokenEvent
 from scheduler.settings import SchedulerSettings
 
 
@@ -23,7 +23,7 @@ def _script(name: str) -> str:
 
 
 SCRIPTS = {name: _script(f"{name}.lua")
-           for name in ("enqueue", "claim", "cancel", "extend", "complete", "reap", "kv_index")}
+           for name in ("enqueue", "claim", "cancel", "extend", "complete", "reap", "kv_index", "emit")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +105,10 @@ class FairQueue:
         return bool(self._scripts["complete"](args=[keys.tag(model), worker_id, request_id, self.s.output_log_ttl_s]))
 
     def reap(self, model: str, *, now: float | None = None) -> tuple[list[str], list[GenerateRequest]]:
-        """Requeue lapsed leases; returns (requeued ids, requests out of attempts)."""
-        requeued, failed = self._scripts["reap"](args=[keys.tag(model), self.s.max_attempts, _now_arg(now)])
+        """Requeue the requests of dead workers (silent for ``worker_dead_s``) and lapsed
+        leases; returns (requeued ids, requests out of attempts)."""
+        requeued, failed = self._scripts["reap"](
+            args=[keys.tag(model), self.s.max_attempts, _now_arg(now), self.s.worker_dead_s])
         return list(requeued), [messages.decode(failed[i + 1]) for i in range(0, len(failed), 2)]
 
     def cancel(self, model: str, request_id: str) -> str:
@@ -123,9 +125,20 @@ class FairQueue:
         state = self.r.hgetall(keys.tier_state(model))
         return {t: int(state.get(f"len:{t}", 0)) for t in ("high", "normal", "low")}
 
-    def output_log(self, model: str, request_id: str) -> list:
-        return [messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1)]
+    def emit(self, model: str, worker_id: str, channel: str, events: list[tuple[str, str, bytes]], *,
+             client=None):
+        """Append ``(request id, mode, encoded event)`` to the output logs and publish
+        them on ``channel``, fenced by lease owner (``lua/emit.lua``); returns the ids
+        this worker no longer owns (their events were dropped)."""
+        args = [keys.tag(model), worker_id, channel, self.s.output_log_ttl_s]
+        for rid, mode, ev in events:
+            args += [rid, mode, ev]
+        return self._scripts["emit"](args=args, client=client)
 
+    def output_log(self, model: str, request_id: str) -> list[TokenEvent]:
+        """The token events already published for a request (what a worker resumes from)."""
+        events = (messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1))
+        return [ev for ev in events if isinstance(ev, TokenEvent)]
 
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from api.errors import OpenAIError
 from api.routes._text import (
-    TextJob, collect, identify, max_tokens_for, new_id, sampling_params, state_of, stream, usage,
+    TextJob, collect, identify, max_tokens_for, new_id, resume, sampling_params, state_of, stream, usage,
 )
 from api.schemas import ChatCompletionRequest
 from api.vision import vision_prompt
@@ -27,6 +27,49 @@ def chat_logprobs(records: list[dict] | None) -> dict | None:
                           for t in r["top_logprobs"]]}
         for r in records
     ]}
+
+
+class ChatChunks:
+    """``chat.completion.chunk``s of one streamed response (``_text.Chunks``)."""
+
+    def __init__(self, rid: str, render: dict):
+        self.base = {"id": rid, "created": render["created"], "model": render["model"], "system_fingerprint": None}
+        self.include_usage = render["include_usage"]
+        self.prompt_tokens = render["prompt_tokens"]
+        self.started: set[int] = set()
+        self.completion = self.cached = 0
+
+    def render(self, _: int, ev: TokenEvent) -> list[dict]:
+        self.completion += len(ev.token_ids)
+        self.cached = max(self.cached, ev.cached_tokens)
+        delta: dict = {}
+        if ev.choice not in self.started:
+            self.started.add(ev.choice)
+            delta["role"] = "assistant"
+        if ev.reasoning:
+            delta["reasoning_content"] = ev.reasoning
+        if ev.text or "role" in delta:
+            delta["content"] = ev.text
+        if not delta and not ev.finish_reason and not ev.logprobs:
+            return []  # a token that completes no text yet (partial character, held-back stop)
+        chunk = {**self.base, "object": "chat.completion.chunk", "choices": [{
+            "index": ev.choice, "delta": delta, "logprobs": chat_logprobs(ev.logprobs),
+            "finish_reason": ev.finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return [chunk]
+
+    def finish(self) -> list[dict]:
+        if not self.include_usage:
+            return []
+        return [{**self.base, "object": "chat.completion.chunk", "choices": [],
+                 "usage": usage(self.prompt_tokens, self.completion, self.cached)}]
+
+
+@router.get("/v1/chat/completions/{stream_id}/stream")
+async def resume_chat_completion(stream_id: str, request: Request):
+    """The rest of a streamed chat completion after ``Last-Event-ID`` (``api.streams``)."""
+    return await resume(request, stream_id, "chat", ChatChunks)
 
 
 @router.post("/v1/chat/completions")
@@ -55,46 +98,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                              top_logprobs=body.top_logprobs or 0, max_n=state.settings.max_n,
                              vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
     rid = new_id("chatcmpl")
+    created = int(time.time())
     job = TextJob(state, identity, body, session_id=request.headers.get("x-session-id"))
     job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning, images=images)
+    if body.stream:
+        render = {"created": created, "model": body.model, "prompt_tokens": len(prompt_ids),
+                  "include_usage": bool(body.stream_options and body.stream_options.include_usage)}
+        job.resumable(rid, "chat", render)
     await job.admit()
+    if body.stream:
+        return await stream(request, job, ChatChunks(rid, render))
 
-    created = int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     counts = {"completion": 0, "cached": 0}
-
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        started: set[int] = set()
-
-        def render(_: int, ev: TokenEvent) -> list[dict]:
-            counts["completion"] += len(ev.token_ids)
-            counts["cached"] = max(counts["cached"], ev.cached_tokens)
-            delta: dict = {}
-            if ev.choice not in started:
-                started.add(ev.choice)
-                delta["role"] = "assistant"
-            if ev.reasoning:
-                delta["reasoning_content"] = ev.reasoning
-            if ev.text or "role" in delta:
-                delta["content"] = ev.text
-            if not delta and not ev.finish_reason and not ev.logprobs:
-                return []  # a token that completes no text yet (partial character, held-back stop)
-            chunk = {**base, "object": "chat.completion.chunk", "choices": [{
-                "index": ev.choice, "delta": delta, "logprobs": chat_logprobs(ev.logprobs),
-                "finish_reason": ev.finish_reason}]}
-            if include_usage:
-                chunk["usage"] = None
-            return [chunk]
-
-        def finish() -> list[dict]:
-            if not include_usage:
-                return []
-            return [{**base, "object": "chat.completion.chunk", "choices": [],
-                     "usage": usage(len(prompt_ids), counts["completion"], counts["cached"])}]
-
-        return await stream(request, job, render, finish)
-
     choices = {i: {"text": [], "reasoning": [], "logprobs": [], "finish": None} for i in range(body.n)}
     for _, ev in await collect(request, job):
         c = choices[ev.choice]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from api.errors import OpenAIError
 from api.routes._text import (
-    TextJob, collect, identify, max_tokens_for, new_id, sampling_params, state_of, stream, usage,
+    TextJob, collect, identify, max_tokens_for, new_id, resume, sampling_params, state_of, stream, usage,
 )
 from api.schemas import CompletionRequest
 from broker.messages import TokenEvent
@@ -35,6 +35,50 @@ def completion_logprobs(records: list[dict], offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+class CompletionChunks:
+    """``text_completion`` chunks of one streamed response (``_text.Chunks``)."""
+
+    def __init__(self, rid: str, render: dict):
+        self.base = {"id": rid, "created": render["created"], "model": render["model"], "system_fingerprint": None}
+        self.include_usage = render["include_usage"]
+        self.prompt_tokens, self.n, self.echo = render["prompt_tokens"], render["n"], render["echo"]
+        self.started: set[int] = set()
+        self.offsets: dict[int, int] = {}
+        self.completion = self.cached = 0
+
+    def render(self, prompt_index: int, ev: TokenEvent) -> list[dict]:
+        self.completion += len(ev.token_ids)
+        self.cached = max(self.cached, ev.cached_tokens)
+        index = prompt_index * self.n + ev.choice
+        text = ev.text
+        if index not in self.started:
+            self.started.add(index)
+            text = self.echo[prompt_index] + text
+        if not text and not ev.finish_reason and not ev.logprobs:
+            return []
+        lp = None
+        if ev.logprobs:
+            lp = completion_logprobs(ev.logprobs, self.offsets.get(index, len(self.echo[prompt_index])))
+            self.offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        chunk = {**self.base, "object": "text_completion", "choices": [{
+            "index": index, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return [chunk]
+
+    def finish(self) -> list[dict]:
+        if not self.include_usage:
+            return []
+        return [{**self.base, "object": "text_completion", "choices": [],
+                 "usage": usage(self.prompt_tokens, self.completion, self.cached)}]
+
+
+@router.get("/v1/completions/{stream_id}/stream")
+async def resume_completion(stream_id: str, request: Request):
+    """The rest of a streamed completion after ``Last-Event-ID`` (``api.streams``)."""
+    return await resume(request, stream_id, "completion", CompletionChunks)
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
@@ -57,48 +101,20 @@ async def completions(body: CompletionRequest, request: Request):
                                  top_logprobs=body.logprobs or 0, max_n=state.settings.max_n,
                                  vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
-    await job.admit()
-
     created = int(time.time())
-    base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     n = body.n
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [model.decode(p) if body.echo else "" for p in prompts]
-    counts = {"completion": 0, "cached": 0}
-
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        started: set[int] = set()
-        offsets: dict[int, int] = {}
+        render = {"created": created, "model": body.model, "prompt_tokens": prompt_tokens, "n": n, "echo": echo,
+                  "include_usage": bool(body.stream_options and body.stream_options.include_usage)}
+        job.resumable(rid, "completion", render)
+    await job.admit()
+    if body.stream:
+        return await stream(request, job, CompletionChunks(rid, render))
 
-        def render(prompt_index: int, ev: TokenEvent) -> list[dict]:
-            counts["completion"] += len(ev.token_ids)
-            counts["cached"] = max(counts["cached"], ev.cached_tokens)
-            index = prompt_index * n + ev.choice
-            text = ev.text
-            if index not in started:
-                started.add(index)
-                text = echo[prompt_index] + text
-            if not text and not ev.finish_reason and not ev.logprobs:
-                return []
-            lp = None
-            if ev.logprobs:
-                lp = completion_logprobs(ev.logprobs, offsets.get(index, len(echo[prompt_index])))
-                offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-            chunk = {**base, "object": "text_completion", "choices": [{
-                "index": index, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}]}
-            if include_usage:
-                chunk["usage"] = None
-            return [chunk]
-
-        def finish() -> list[dict]:
-            if not include_usage:
-                return []
-            return [{**base, "object": "text_completion", "choices": [],
-                     "usage": usage(prompt_tokens, counts["completion"], counts["cached"])}]
-
-        return await stream(request, job, render, finish)
-
+    base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
+    counts = {"completion": 0, "cached": 0}
     choices: dict[int, dict] = {
         p * n + c: {"text": [echo[p]], "logprobs": [], "finish": None, "echo": len(echo[p])}
         for p in range(len(prompts)) for c in range(n)

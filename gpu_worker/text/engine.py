@@ -36,6 +36,15 @@ class _Request:
         return all(s.status.finished for s in self.seqs)
 
 
+def _ends(events: list[TokenEvent]) -> list[int]:
+    """For events sorted by start: how far the output is covered after each one."""
+    ends, end = [], 0
+    for ev in events:
+        end = max(end, ev.start + len(ev.token_ids))
+        ends.append(end)
+    return ends
+
+
 class TextEngine:
     def __init__(self, spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype,
                  max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False,
@@ -199,6 +208,14 @@ class TextEngine:
             seq.output = OutputProcessor(self._backend_tokenizer, req.params.stop, req.params.skip_special_tokens,
                                          req.prompt_token_ids, reasoning=req.reasoning)
             events = sorted(prior.get(choice, []), key=lambda e: e.start)
+            if any(ev.start > end for ev, end in zip(events, [0, *_ends(events)])):
+                # A hole in the log (a Redis crash lost writes the client may have seen):
+                # continuing past it could repeat or skip text, so the request fails.
+                out.append(Outgoing(self.model, req.reply_to, req.id, ErrorEvent(
+                    req.id, "this request's output log lost tokens (Redis restarted without them); it cannot "
+                    "resume exactly. Retry the request.", type="server_error", code="output_log_gap", status=500),
+                    request_done=True))
+                return
             if events:
                 state.first_event_sent = True
                 for ev in events:

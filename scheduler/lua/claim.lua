@@ -90,6 +90,8 @@ while #claimed < 3 * n do
   end
 end
 
+if #claimed > 0 then redis.call("HSET", K_ALIVE, worker, tostring(now)) end
+
 -- Drain rate (cost units per second), measured only while a backlog remains, when
 -- claims are limited by worker capacity rather than by arrivals.
 if claimed_cost > 0 then

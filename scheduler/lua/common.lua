@@ -17,6 +17,7 @@ local function k_age(tier) return P .. ":age:" .. tier end
 local K_STATE = P .. ":state"
 local K_UCOUNT = P .. ":ucount"
 local K_LEASES = P .. ":leases"
+local K_ALIVE = P .. ":alive"
 local K_DRAIN = P .. ":drain"
 local K_BELL = P .. ":bell"
 
