@@ -63,6 +63,10 @@ class TokenRelay:
     def in_flight(self) -> int:
         return len(self._queues)
 
+    def _resubscribed(self, _connection) -> None:
+        self.reconnects += 1
+        self._wake_all()
+
     def _wake_all(self) -> None:
         for queues in self._queues.values():
             for q in queues:
@@ -73,6 +77,9 @@ class TokenRelay:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                # redis-py reconnects and resubscribes on its own after a short blip; what
+                # was published meanwhile is lost to us, so readers must look at the logs.
+                pubsub.connection.register_connect_callback(self._resubscribed)
                 self._ready.set()
                 if self.outage.ok() is not None:
                     self.reconnects += 1

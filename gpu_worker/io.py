@@ -109,6 +109,12 @@ class Publisher(threading.Thread):
     def backlogged(self) -> bool:
         return self.buffered >= self.max_buffered
 
+    def reconcile_soon(self) -> None:
+        """Redis restarted (its run id changed): before the next round trip, check the
+        logs of what is in flight for writes it lost. (A restart shorter than the
+        client's own retries is noticed only this way.)"""
+        self._reconcile_due = True
+
     def submit(self, batch: list[Outgoing | Claim]) -> None:
         self.q.put(batch)
 
@@ -341,6 +347,7 @@ class Heartbeat(threading.Thread):
         self.outage = Outage(f"worker {worker_id} heartbeat", log)
         self.connected_since = time.monotonic()
         """Since when this worker's beats have gone through without a break."""
+        self.redis_run_id: str | None = None
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -367,7 +374,15 @@ class Heartbeat(threading.Thread):
         pipe.pexpire(keys.worker(self.worker_id), int(self.ttl_s * 1000))
         pipe.zadd(keys.WORKERS, {self.worker_id: now})
         pipe.zremrangebyscore(keys.WORKERS, "-inf", now - self.ttl_s)
-        pipe.execute()
+        pipe.info("server")
+        run_id = pipe.execute()[-1].get("run_id")
+        if run_id != self.redis_run_id:
+            if self.redis_run_id is not None:
+                log.warning("Redis restarted (run id %s -> %s); checking the output logs of what is in flight",
+                            self.redis_run_id, run_id)
+                self.publisher.reconcile_soon()
+                self.connected_since = time.monotonic()  # the others need a beat or two too
+            self.redis_run_id = run_id
         for model, engine in self.engines.items():
             for rid in self.fq.extend_leases(model, self.worker_id, engine.request_ids()):
                 engine.abort(rid)

@@ -332,14 +332,16 @@ async def _events(job: TextJob, chunks: Chunks, after: list[int] | str | None) -
     """The response's server-sent events, each with its id, the usage chunk and
     ``[DONE]``; an error after the first event becomes an error event, then ``[DONE]``."""
     n = job.n
-    progress = [0] * (n * len(job.gens))
+    # What the client holds, so every id it can see names all of it (replayed choices
+    # catch up in any order: an id must never claim less than the resume point).
+    progress = list(after) if isinstance(after, list) else [0] * (n * len(job.gens))
     sent = False
     try:
         async for i, ev in merged(job.gens):
             k = i * n + ev.choice
-            progress[k] = ev.start + len(ev.token_ids)
+            progress[k] = max(progress[k], ev.start + len(ev.token_ids))
             chunks_ = chunks.render(i, ev)  # always: the renderer's state follows every event
-            if isinstance(after, str) or (after is not None and progress[k] <= after[k]):
+            if isinstance(after, str) or (after is not None and ev.start + len(ev.token_ids) <= after[k]):
                 continue  # the client has it already
             for chunk in chunks_:
                 sent = True
