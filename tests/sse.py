@@ -19,9 +19,10 @@ class Event:
         return None if self.data == "[DONE]" else json.loads(self.data)
 
 
-def read_events(lines, limit: int | None = None) -> list[Event]:
-    """Events from SSE lines (comments and pings skipped); stop after ``limit``."""
-    events, current = [], None
+def read_events(lines, limit: int | None = None, into: list[Event] | None = None) -> list[Event]:
+    """Events from SSE lines (comments and pings skipped); stop after ``limit``.
+    ``into``: append to this list as they come (another thread watches it grow)."""
+    events, current = ([] if into is None else into), None
     for line in lines:
         if line.startswith("id: "):
             current = line[4:]

@@ -25,6 +25,7 @@ class ProcStack:
                     "INFERSTACK_LEASE_S": "3", "INFERSTACK_LOG_LEVEL": "WARNING", **(extra_env or {})}
         self.api = self._spawn("api")
         self.workers = [self._spawn("worker")]
+        self.exporter: subprocess.Popen | None = None
         self.wait_ready()
 
     def _spawn(self, what: str, **env) -> subprocess.Popen:
@@ -34,6 +35,10 @@ class ProcStack:
         p = self._spawn("worker", **env)
         self.workers.append(p)
         return p
+
+    def start_exporter(self, **env) -> subprocess.Popen:
+        self.exporter = self._spawn("exporter", **env)
+        return self.exporter
 
     def wait_ready(self, workers: int = 1, timeout: float = 180):
         deadline = time.monotonic() + timeout
@@ -51,10 +56,11 @@ class ProcStack:
         raise RuntimeError("stack not ready")
 
     def stop(self):
-        for p in [*self.workers, self.api]:
+        procs = [*self.workers, self.api, *([self.exporter] if self.exporter else [])]
+        for p in procs:
             if p.poll() is None:
                 p.terminate()
-        for p in [*self.workers, self.api]:
+        for p in procs:
             try:
                 p.wait(15)
             except subprocess.TimeoutExpired:
