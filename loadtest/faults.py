@@ -41,23 +41,35 @@ MODEL = "smollm2-135m"
 
 
 class Procs:
-    """The API and workers as child processes on one Redis."""
+    """The API, workers and (on request) the exporter as child processes on one Redis."""
 
-    def __init__(self, redis_url: str, workers: int = 2):
+    def __init__(self, redis_url: str, workers: int = 1, extra_env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "INFERSTACK_REDIS_URL": redis_url, "INFERSTACK_PORT": str(self.port),
-                    "INFERSTACK_WORKER_MODELS": MODEL, "INFERSTACK_LOG_LEVEL": "WARNING"}
+                    "INFERSTACK_WORKER_MODELS": MODEL, "INFERSTACK_LOG_LEVEL": "WARNING", **(extra_env or {})}
         self.api = self._spawn("api")
         self.workers = [self._spawn("worker") for _ in range(workers)]
+        self.exporter: subprocess.Popen | None = None
         self.wait_ready(workers)
 
-    def _spawn(self, what: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "inferstack.cli", what], env=self.env)
+    def _spawn(self, what: str, **env) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "inferstack.cli", what], env={**self.env, **env})
 
-    def wait_ready(self, workers: int, timeout_s: float = 300) -> None:
+    def add_worker(self, **env) -> subprocess.Popen:
+        p = self._spawn("worker", **env)
+        self.workers.append(p)
+        return p
+
+    def start_exporter(self, **env) -> subprocess.Popen:
+        self.exporter = self._spawn("exporter", **env)
+        return self.exporter
+
+    def wait_ready(self, workers: int = 1, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self.api.poll() is not None:
+                raise RuntimeError(f"the API exited with {self.api.returncode}")
             try:
                 r = httpx.get(f"{self.url}/ready", timeout=2)
                 if r.status_code == 200 and r.json()["workers"] >= workers:
@@ -82,10 +94,11 @@ class Procs:
         print("warning: a worker is still cold after the warm-up", flush=True)
 
     def stop(self) -> None:
-        for p in [*self.workers, self.api]:
+        procs = [*self.workers, self.api, *([self.exporter] if self.exporter else [])]
+        for p in procs:
             if p.poll() is None:
                 p.terminate()
-        for p in [*self.workers, self.api]:
+        for p in procs:
             try:
                 p.wait(15)
             except subprocess.TimeoutExpired:

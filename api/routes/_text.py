@@ -8,9 +8,8 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import orjson
 from fastapi import Request
@@ -116,14 +115,40 @@ def session_key(user: str, session_id: str | None) -> str | None:
     return hashlib.sha256(f"{user}\0{session_id}".encode()).hexdigest()[:32]
 
 
-class Chunks(Protocol):
-    """Renders one response's token events as OpenAI chunks. It keeps state (roles
-    sent, text offsets, usage counts), so a resumed stream builds a fresh one and feeds
+class Chunks:
+    """Renders one streamed response's token events as OpenAI chunks (a subclass per
+    endpoint fills in ``render``). It keeps state (roles sent, text offsets, usage
+    counts), so a resumed stream builds a fresh one from the stream's record and feeds
     it every event from the start, sending only what follows the resume point."""
 
-    def render(self, prompt_index: int, ev: TokenEvent) -> list[dict]: ...
+    object = ""
+    """The chunks' ``object``."""
 
-    def finish(self) -> list[dict]: ...
+    def __init__(self, rid: str, render: dict):
+        self.base = {"id": rid, "created": render["created"], "model": render["model"], "system_fingerprint": None}
+        self.include_usage = render["include_usage"]
+        self.prompt_tokens = render["prompt_tokens"]
+        self.started: set[int] = set()
+        self.completion = self.cached = 0
+
+    def render(self, prompt_index: int, ev: TokenEvent) -> list[dict]:
+        raise NotImplementedError
+
+    def count(self, ev: TokenEvent) -> None:
+        self.completion += len(ev.token_ids)
+        self.cached = max(self.cached, ev.cached_tokens)
+
+    def chunk(self, choice: dict) -> list[dict]:
+        out = {**self.base, "object": self.object, "choices": [choice]}
+        if self.include_usage:
+            out["usage"] = None
+        return [out]
+
+    def finish(self) -> list[dict]:
+        if not self.include_usage:
+            return []
+        return [{**self.base, "object": self.object, "choices": [],
+                 "usage": usage(self.prompt_tokens, self.completion, self.cached)}]
 
 
 @dataclass
@@ -300,6 +325,14 @@ async def collect(request: Request, job: TextJob) -> list[tuple[int, TokenEvent]
         job.close()
 
 
+async def admit_and_stream(request: Request, job: TextJob, response_id: str, kind: str, chunks: type[Chunks],
+                           render: dict) -> EventSourceResponse:
+    """A new streamed response: resumable (``render`` is what ``chunks`` needs), admitted, streamed."""
+    job.resumable(response_id, kind, render)
+    await job.admit()
+    return await stream(request, job, chunks(response_id, render))
+
+
 async def stream(request: Request, job: TextJob, chunks: Chunks, after: list[int] | str | None = None
                  ) -> EventSourceResponse:
     """Wait for the first event (so errors before it are real HTTP errors), then stream.
@@ -360,8 +393,7 @@ async def _events(job: TextJob, chunks: Chunks, after: list[int] | str | None) -
     yield DONE
 
 
-async def resume(request: Request, stream_id: str, kind: str, make_chunks: Callable[[str, dict], Chunks]
-                 ) -> EventSourceResponse:
+async def resume(request: Request, stream_id: str, kind: str, make_chunks: type[Chunks]) -> EventSourceResponse:
     """``GET /v1/{chat/completions,completions}/{id}/stream``: the rest of a stream after
     ``Last-Event-ID`` (or ``?after=``), for its owner only."""
     state = state_of(request)

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 
 from api.errors import OpenAIError
 from api.routes._text import (
-    TextJob, collect, identify, max_tokens_for, new_id, resume, sampling_params, state_of, stream, usage,
+    Chunks, TextJob, admit_and_stream, collect, identify, max_tokens_for, new_id, resume, sampling_params, state_of,
+    usage,
 )
 from api.schemas import ChatCompletionRequest
 from api.vision import vision_prompt
@@ -29,19 +30,11 @@ def chat_logprobs(records: list[dict] | None) -> dict | None:
     ]}
 
 
-class ChatChunks:
-    """``chat.completion.chunk``s of one streamed response (``_text.Chunks``)."""
-
-    def __init__(self, rid: str, render: dict):
-        self.base = {"id": rid, "created": render["created"], "model": render["model"], "system_fingerprint": None}
-        self.include_usage = render["include_usage"]
-        self.prompt_tokens = render["prompt_tokens"]
-        self.started: set[int] = set()
-        self.completion = self.cached = 0
+class ChatChunks(Chunks):
+    object = "chat.completion.chunk"
 
     def render(self, _: int, ev: TokenEvent) -> list[dict]:
-        self.completion += len(ev.token_ids)
-        self.cached = max(self.cached, ev.cached_tokens)
+        self.count(ev)
         delta: dict = {}
         if ev.choice not in self.started:
             self.started.add(ev.choice)
@@ -52,18 +45,8 @@ class ChatChunks:
             delta["content"] = ev.text
         if not delta and not ev.finish_reason and not ev.logprobs:
             return []  # a token that completes no text yet (partial character, held-back stop)
-        chunk = {**self.base, "object": "chat.completion.chunk", "choices": [{
-            "index": ev.choice, "delta": delta, "logprobs": chat_logprobs(ev.logprobs),
-            "finish_reason": ev.finish_reason}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return [chunk]
-
-    def finish(self) -> list[dict]:
-        if not self.include_usage:
-            return []
-        return [{**self.base, "object": "chat.completion.chunk", "choices": [],
-                 "usage": usage(self.prompt_tokens, self.completion, self.cached)}]
+        return self.chunk({"index": ev.choice, "delta": delta, "logprobs": chat_logprobs(ev.logprobs),
+                           "finish_reason": ev.finish_reason})
 
 
 @router.get("/v1/chat/completions/{stream_id}/stream")
@@ -102,12 +85,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     job = TextJob(state, identity, body, session_id=request.headers.get("x-session-id"))
     job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning, images=images)
     if body.stream:
-        render = {"created": created, "model": body.model, "prompt_tokens": len(prompt_ids),
-                  "include_usage": bool(body.stream_options and body.stream_options.include_usage)}
-        job.resumable(rid, "chat", render)
+        return await admit_and_stream(request, job, rid, "chat", ChatChunks, {
+            "created": created, "model": body.model, "prompt_tokens": len(prompt_ids),
+            "include_usage": bool(body.stream_options and body.stream_options.include_usage)})
     await job.admit()
-    if body.stream:
-        return await stream(request, job, ChatChunks(rid, render))
 
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     counts = {"completion": 0, "cached": 0}

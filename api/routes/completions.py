@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 
 from api.errors import OpenAIError
 from api.routes._text import (
-    TextJob, collect, identify, max_tokens_for, new_id, resume, sampling_params, state_of, stream, usage,
+    Chunks, TextJob, admit_and_stream, collect, identify, max_tokens_for, new_id, resume, sampling_params, state_of,
+    usage,
 )
 from api.schemas import CompletionRequest
 from broker.messages import TokenEvent
@@ -35,20 +36,16 @@ def completion_logprobs(records: list[dict], offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-class CompletionChunks:
-    """``text_completion`` chunks of one streamed response (``_text.Chunks``)."""
+class CompletionChunks(Chunks):
+    object = "text_completion"
 
     def __init__(self, rid: str, render: dict):
-        self.base = {"id": rid, "created": render["created"], "model": render["model"], "system_fingerprint": None}
-        self.include_usage = render["include_usage"]
-        self.prompt_tokens, self.n, self.echo = render["prompt_tokens"], render["n"], render["echo"]
-        self.started: set[int] = set()
+        super().__init__(rid, render)
+        self.n, self.echo = render["n"], render["echo"]
         self.offsets: dict[int, int] = {}
-        self.completion = self.cached = 0
 
     def render(self, prompt_index: int, ev: TokenEvent) -> list[dict]:
-        self.completion += len(ev.token_ids)
-        self.cached = max(self.cached, ev.cached_tokens)
+        self.count(ev)
         index = prompt_index * self.n + ev.choice
         text = ev.text
         if index not in self.started:
@@ -60,17 +57,7 @@ class CompletionChunks:
         if ev.logprobs:
             lp = completion_logprobs(ev.logprobs, self.offsets.get(index, len(self.echo[prompt_index])))
             self.offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-        chunk = {**self.base, "object": "text_completion", "choices": [{
-            "index": index, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return [chunk]
-
-    def finish(self) -> list[dict]:
-        if not self.include_usage:
-            return []
-        return [{**self.base, "object": "text_completion", "choices": [],
-                 "usage": usage(self.prompt_tokens, self.completion, self.cached)}]
+        return self.chunk({"index": index, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason})
 
 
 @router.get("/v1/completions/{stream_id}/stream")
@@ -106,12 +93,10 @@ async def completions(body: CompletionRequest, request: Request):
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [model.decode(p) if body.echo else "" for p in prompts]
     if body.stream:
-        render = {"created": created, "model": body.model, "prompt_tokens": prompt_tokens, "n": n, "echo": echo,
-                  "include_usage": bool(body.stream_options and body.stream_options.include_usage)}
-        job.resumable(rid, "completion", render)
+        return await admit_and_stream(request, job, rid, "completion", CompletionChunks, {
+            "created": created, "model": body.model, "prompt_tokens": prompt_tokens, "n": n, "echo": echo,
+            "include_usage": bool(body.stream_options and body.stream_options.include_usage)})
     await job.admit()
-    if body.stream:
-        return await stream(request, job, CompletionChunks(rid, render))
 
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     counts = {"completion": 0, "cached": 0}
