@@ -38,6 +38,7 @@ class WorkerSettings(CommonSettings):
     drain_timeout_s: float = Field(10.0, description="On SIGTERM, how long running requests may finish.")
     torch_threads: int | None = Field(None, description="torch intra-op threads (default: torch's choice).")
     metrics_port: int = Field(0, description="Port of this worker's Prometheus /metrics (0 = off).")
+    metrics_host: str = Field("127.0.0.1", description="Address of that port (it has no authentication).")
 
     @property
     def model_names(self) -> list[str]:

@@ -256,7 +256,7 @@ def main(settings: ExporterSettings | None = None) -> None:
     if store is None:
         return
     if settings.metrics_port:
-        prom.serve(settings.metrics_port)
+        prom.serve(settings.metrics_port, settings.metrics_host)
     exporter = Exporter(sync_client(settings.redis_url), store, settings)
     try:
         exporter.run(stop)

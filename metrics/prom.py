@@ -216,9 +216,10 @@ class _Static:
         return self.families
 
 
-def serve(port: int):
-    """Expose the default registry on ``port`` (workers, exporter); returns the server."""
+def serve(port: int, host: str = "127.0.0.1"):
+    """Expose the default registry on ``host:port`` (workers, exporter); returns the
+    server. Loopback unless configured: these metrics carry no authentication."""
     from prometheus_client import start_http_server
 
-    server, _thread = start_http_server(port)
+    server, _thread = start_http_server(port, addr=host)
     return server

@@ -35,3 +35,4 @@ class ExporterSettings(StoreSettings):
         30.0, description="Events read by another exporter and unacknowledged this long are taken over (it died)."
     )
     metrics_port: int = Field(0, description="Port of this process's Prometheus /metrics (0 = off).")
+    metrics_host: str = Field("127.0.0.1", description="Address of that port (it has no authentication).")

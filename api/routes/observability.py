@@ -1,4 +1,5 @@
-"""GET /metrics (Prometheus), GET /v1/stats (admin: per model and tenant, from the metrics store)."""
+"""GET /metrics (Prometheus) and GET /v1/stats (per model and tenant, from the metrics
+store): both admin only, since they show every tenant's traffic."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ TIERS = ("high", "normal", "low")
 @router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request):
     """This process's counters and histograms (all API processes' in multiprocess
-    mode), plus the queue depth per model and tier read from Redis now."""
+    mode), plus the queue depth per model and tier read from Redis now. Prometheus
+    sends the admin key with ``authorization: {credentials: ...}`` in its scrape config."""
     state = state_of(request)
+    _require_admin(request, state)
     models = [spec.name for spec in state.catalog.registry]
     depths: dict[str, dict[str, int]] = {}
     try:
