@@ -6,16 +6,17 @@ import logging
 import os
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI
 
 from api import errors
 from api.auth import KeyStore
-from api.body import install_schemas
+from api.body import BodyLimit, install_schemas
 from api.catalog import Catalog
 from api.relay import TokenRelay
 from api.jobs import JobService
 from api.offload import Offload
 from api.routes import audio, chat, completions, images, jobs, observability, system, videos
+from api.routes._text import key_gate
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.settings import ApiSettings
 from api.state import AppState
@@ -67,12 +68,12 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
         await redis.aclose()
 
     keys = KeyStore.load(settings.keys_file)
-    # Bodies past the limit get 413 as soon as Content-Length (or the bytes read so far)
-    # says so. With keys, the schema needs one too and there is no docs UI (it could
+    # With keys, the schema needs one too (key_gate) and there is no docs UI (it could
     # not send the key).
     docs = {} if keys.open else {"openapi_url": None, "docs_url": None, "redoc_url": None}
     app = FastAPI(title="Inference Stack", version=__version__, lifespan=lifespan,
-                  max_body_size=settings.max_body_bytes, **docs)
+                  dependencies=[Depends(key_gate)], **docs)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     errors.install(app, settings.max_body_bytes)
     app.include_router(system.router)
     app.include_router(chat.router)
@@ -85,9 +86,8 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
     install_schemas(app, ChatCompletionRequest, CompletionRequest)
     if not keys.open:
         @app.get("/openapi.json", include_in_schema=False)
-        async def openapi(request: Request):
-            keys.identify(request.headers.get("authorization"), None)
-            return app.openapi()
+        async def openapi():
+            return app.openapi()  # behind key_gate
     return app
 
 

@@ -1,10 +1,12 @@
-"""The JSON bodies of the text endpoints, parsed and validated in the offload pool.
+"""Request bodies: a size limit on every one, and the JSON bodies of the text endpoints
+parsed and validated in the offload pool.
 
-A body may be up to ``INFERSTACK_MAX_BODY_BYTES`` (the app answers 413 beyond that
-before reading it to the end); turning megabytes of JSON into models takes long
-enough to stall every other client if it ran on the event loop. FastAPI does not see
-these models as parameters, so :func:`install_schemas` adds them to the OpenAPI
-document, and each route names its model with :func:`request_body`."""
+:class:`BodyLimit` answers 413 for a body over ``INFERSTACK_MAX_BODY_BYTES`` before it
+is read to the end: at once when Content-Length says so, else as soon as the bytes
+read pass it. Below that, turning megabytes of JSON into models takes long enough to
+stall every other client if it ran on the event loop, hence :func:`parse`. FastAPI
+does not see those models as parameters, so :func:`install_schemas` adds them to the
+OpenAPI document, and each route names its model with :func:`request_body`."""
 
 from __future__ import annotations
 
@@ -13,8 +15,41 @@ from typing import TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import body_too_large
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class BodyLimit:
+    """ASGI middleware. (Starlette's own limit answers in plain text, over the app's
+    OpenAI-shaped error, whenever Content-Length was given.)"""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await body_too_large(self.max_bytes).response()(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                # an HTTPException: FastAPI's body parsing passes it on, and the app's
+                # handler (api.errors) answers it in the OpenAI shape
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, limited, send)
 
 
 async def parse(request: Request, model: type[M]) -> M:

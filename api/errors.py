@@ -27,6 +27,11 @@ def model_not_found(model: str) -> OpenAIError:
                        param="model", code="model_not_found")
 
 
+def body_too_large(max_bytes: int | None) -> OpenAIError:
+    return OpenAIError(413, f"The request body is larger than {max_bytes} bytes (INFERSTACK_MAX_BODY_BYTES).",
+                       code="request_too_large")
+
+
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
     errors = exc.errors()
     if not errors:
@@ -56,9 +61,8 @@ def install(app: FastAPI, max_body_bytes: int | None = None) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        if exc.status_code == 413:  # the app's body limit
-            return OpenAIError(413, f"The request body is larger than {max_body_bytes} bytes "
-                               "(INFERSTACK_MAX_BODY_BYTES).", code="request_too_large").response()
+        if exc.status_code == 413:  # api.body.BodyLimit
+            return body_too_large(max_body_bytes).response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return OpenAIError(exc.status_code, str(exc.detail), type=kind).response()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -34,19 +35,35 @@ def state_of(request: Request) -> AppState:
     return request.app.state.inferstack
 
 
-def authenticate(request: Request) -> Identity:
-    """The caller of a request without a body: with keys, a valid key or 401."""
-    return state_of(request).keys.identify(request.headers.get("authorization"), None)
+async def key_gate(request: Request) -> None:
+    """App-wide dependency: with keys, every route needs a valid one, checked before
+    anything else (its body included), except liveness and a result file fetched
+    with its own token (a presigned URL)."""
+    route = request.scope.get("route")
+    name = getattr(route, "name", "")
+    if name == "health" or (name == "job_content" and request.query_params.get("token")):
+        return
+    state = state_of(request)
+    if not state.keys.open and not is_admin_key(request, state):
+        state.keys.identify(request.headers.get("authorization"), None)
+
+
+def bearer(request: Request) -> str:
+    auth = request.headers.get("authorization")
+    return auth[7:].strip() if auth and auth.lower().startswith("bearer ") else ""
+
+
+def is_admin_key(request: Request, state: AppState) -> bool:
+    """The request carries ``INFERSTACK_ADMIN_KEY``."""
+    admin_key = state.settings.admin_key
+    return bool(admin_key) and hmac.compare_digest(bearer(request).encode(), admin_key.encode())
 
 
 async def read(request: Request, model: type[B]) -> tuple[B, Identity]:
-    """The caller and the parsed body. With keys, a request without a valid one is
-    refused before its body is read; in open mode the body's ``user`` names the caller."""
-    keys = state_of(request).keys
-    auth = request.headers.get("authorization")
-    identity = None if keys.open else keys.identify(auth, None)
+    """The parsed body and the caller (the key was checked before: ``key_gate``; in
+    open mode the body's ``user`` names the caller)."""
     body = await parse(request, model)
-    return body, identity or keys.identify(auth, body.user)
+    return body, state_of(request).keys.identify(request.headers.get("authorization"), body.user)
 
 
 def new_id(prefix: str) -> str:

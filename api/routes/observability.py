@@ -4,13 +4,12 @@ store): both admin only, since they show every tenant's traffic."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.errors import OpenAIError
-from api.routes._text import state_of
+from api.routes._text import is_admin_key, state_of
 from api.state import AppState
 from broker import keys
 from metrics import prom, stats
@@ -43,15 +42,12 @@ async def prometheus_metrics(request: Request):
 
 
 def _require_admin(request: Request, state: AppState) -> None:
-    auth = request.headers.get("authorization")
-    token = auth[7:].strip() if auth and auth.lower().startswith("bearer ") else ""
-    admin_key = state.settings.admin_key
-    if admin_key and hmac.compare_digest(token.encode(), admin_key.encode()):
+    if is_admin_key(request, state):
         return
     if not state.keys.open:
-        if state.keys.identify(auth, None).admin:  # 401 for a missing or unknown key
+        if state.keys.identify(request.headers.get("authorization"), None).admin:  # 401 for an unknown key
             return
-    elif not admin_key:
+    elif not state.settings.admin_key:
         return  # open mode without an admin key: everything is open
     raise OpenAIError(403, "This endpoint needs an admin key (INFERSTACK_ADMIN_KEY, or `admin = true` in the "
                       "keys file).",
