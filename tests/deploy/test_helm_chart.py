@@ -129,10 +129,6 @@ def pools(values: dict) -> list[dict]:
     return out
 
 
-def values_ids(path: Path) -> str:
-    return path.stem
-
-
 all_values = pytest.mark.parametrize("values_file", [p.name for p in VALUES_FILES], ids=[p.stem for p in VALUES_FILES])
 
 
