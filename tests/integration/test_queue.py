@@ -203,3 +203,35 @@ def test_finish_tags_the_virtual_time_passed_are_compacted_while_busy(fq, rclien
     fq.claim_batch(MODEL, "w", 3, now=101.0)
     assert rclient.zscore(keys.finish_tags(MODEL, "normal"), "gone") is None
     assert rclient.zscore(keys.finish_tags(MODEL, "normal"), "busy") is not None
+
+
+def test_the_claimer_fills_an_engine_by_sequences_not_requests(fq):
+    """A worker with 8 free rows and requests of n=4 takes two of them, not eight."""
+    import threading
+
+    from gpu_worker.io import Claimer
+
+    class Engine:
+        def __init__(self):
+            self.held = []
+
+        def capacity(self):
+            return 8 - sum(c.request.seqs for c in self.held)
+
+        def add(self, claimed, log):
+            self.held.append(claimed)
+
+        def request_ids(self):
+            return [c.request.id for c in self.held]
+
+    class Publisher:
+        def submit(self, batch):
+            pass
+
+    for i in range(5):
+        fq.enqueue(req(i, user=f"u{i}", n=4))
+    engine = Engine()
+    claimer = Claimer(fq.r, fq, "w", {MODEL: engine}, threading.Event(), Publisher(), threading.Event())
+    assert claimer._claim_round() == (2, True)  # noqa: SLF001
+    assert claimer._claim_round() == (0, False)  # noqa: SLF001 - full: nothing more until rows free
+    assert sum(c.request.seqs for c in engine.held) == 8
