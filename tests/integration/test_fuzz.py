@@ -16,7 +16,7 @@ from api.settings import ApiSettings
 from tests.stack import Stack
 from tests.tiny import registry_toml
 
-EXAMPLES = 20
+EXAMPLES = 15
 OPERATIONS = sorted((method.upper(), path) for path, item in create_app(ApiSettings()).openapi()["paths"].items()
                     for method in item)
 

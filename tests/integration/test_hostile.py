@@ -99,6 +99,8 @@ REJECTED = [
     ("top_logprobs without logprobs", "chat", {**CHAT, "top_logprobs": 2}, 400, None),
     ("a string temperature", "chat", {**CHAT, "temperature": "hot"}, 400, None),
     ("stream_options not a bool", "chat", {**CHAT, "stream_options": {"include_usage": "maybe"}}, 400, None),
+    ("a lone surrogate", "chat", '{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     "invalid_json"),
     ("deeply nested JSON", "chat", json.dumps(CHAT)[:-1] + f', "extra": {DEEP}}}', 400, None),
     ("unknown model", "chat", {**CHAT, "model": "gpt-5"}, 404, "model_not_found"),
     ("a model name of 10k characters", "chat", {**CHAT, "model": "m" * 10_000}, 400, None),
