@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import uuid
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from metrics.settings import StoreSettings
 
@@ -58,3 +59,10 @@ class ApiSettings(StoreSettings):
     api_workers: int = Field(
         1, ge=1, description="API processes sharing the port (uvicorn workers); >1 uses Prometheus multiprocess mode."
     )
+
+    @field_validator("fetch_allow_networks")
+    @classmethod
+    def _networks(cls, v: str) -> str:
+        for net in filter(None, (n.strip() for n in v.split(","))):
+            ipaddress.ip_network(net, strict=False)  # a typo fails at start, not on every request
+        return v
