@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from api.auth import KeyStore
 from api.catalog import Catalog
 from api.jobs import JobService
+from api.offload import Offload
 from api.relay import TokenRelay
 from api.settings import ApiSettings
 from api.streams import StreamStore
@@ -24,6 +25,8 @@ class AppState:
     queue: AsyncFairQueue
     catalog: Catalog
     keys: KeyStore
+    offload: Offload
+    """The bounded pool for parsing, templating and tokenizing (never on the event loop)."""
     streams: StreamStore
     """Records of resumable SSE streams."""
     events: EventSink | None = None

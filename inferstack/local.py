@@ -90,8 +90,14 @@ def _wait_ready(url: str, supervisor: Supervisor, timeout_s: float = 300) -> boo
     while time.monotonic() < deadline:
         supervisor.check()  # a child that dies while starting is restarted (or raises GiveUp)
         try:
-            r = httpx.get(f"{url}/ready", timeout=2)
+            # with a keys file /ready needs a key: the admin key passes
+            admin = os.environ.get("INFERSTACK_ADMIN_KEY")
+            r = httpx.get(f"{url}/ready", timeout=2, headers={"Authorization": f"Bearer {admin}"} if admin else {})
             if r.status_code == 200:
+                return True
+            if r.status_code == 401:
+                say("the API is up; /ready needs a key with INFERSTACK_KEYS_FILE set (set INFERSTACK_ADMIN_KEY too "
+                    "and this waits for a worker)")
                 return True
             reason = r.json().get("reason", "")
         except httpx.HTTPError:
@@ -136,6 +142,7 @@ def run_local(port: int | None = None) -> int:
     env["INFERSTACK_PORT"] = str(port)
     env.setdefault("INFERSTACK_HOST", "127.0.0.1")
     worker_metrics_port = int(env.get("INFERSTACK_METRICS_PORT") or free_port())
+    exporter_metrics_port = free_port()
     store = StoreSettings()
     metrics_at = store.clickhouse_url.split("@")[-1] if store.clickhouse_url else f"chDB in {store.chdb_dir}"
 
@@ -155,7 +162,7 @@ def run_local(port: int | None = None) -> int:
             supervisor.children["redis"] = Child("redis", start_redis, proc=redis_server.proc)
         supervisor.add("api", command("api"))
         supervisor.add("worker", command("worker", INFERSTACK_METRICS_PORT=str(worker_metrics_port)))
-        supervisor.add("exporter", command("exporter", INFERSTACK_METRICS_PORT="0"))
+        supervisor.add("exporter", command("exporter", INFERSTACK_METRICS_PORT=str(exporter_metrics_port)))
         url = f"http://{env['INFERSTACK_HOST']}:{port}"
         if not _wait_ready(url, supervisor):
             return 1
@@ -168,7 +175,8 @@ Inference Stack is up at {url}  (Ctrl-C stops everything)
 
   OpenAI SDK: OpenAI(base_url="{url}/v1", api_key="unused")
 
-  Metrics: {url}/metrics (API), http://127.0.0.1:{worker_metrics_port}/metrics (worker);
+  Metrics: {url}/metrics (API), http://127.0.0.1:{worker_metrics_port}/metrics (worker),
+  http://127.0.0.1:{exporter_metrics_port}/metrics (exporter: queue depth);
   request rows: {metrics_at}; `inferstack stats` or {url}/v1/stats
   A process that dies is restarted; one that keeps dying stops the stack.
 """, flush=True)

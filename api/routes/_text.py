@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import orjson
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
 from api.auth import Identity
+from api.body import parse
 from api.catalog import TextModel
 from api.errors import OpenAIError
 from api import streams
@@ -29,14 +32,42 @@ from broker.prefix import prefix_hashes
 
 log = logging.getLogger(__name__)
 _background: set[asyncio.Task] = set()
+B = TypeVar("B", bound=_Sampling)
 
 
 def state_of(request: Request) -> AppState:
     return request.app.state.inferstack
 
 
-def identify(request: Request, body: _Sampling) -> Identity:
-    return state_of(request).keys.identify(request.headers.get("authorization"), body.user)
+async def key_gate(request: Request) -> None:
+    """App-wide dependency: with keys, every route needs a valid one, checked before
+    anything else (its body included), except liveness and a result file fetched
+    with its own token (a presigned URL)."""
+    route = request.scope.get("route")
+    name = getattr(route, "name", "")
+    if name == "health" or (name == "job_content" and request.query_params.get("token")):
+        return
+    state = state_of(request)
+    if not state.keys.open and not is_admin_key(request, state):
+        state.keys.identify(request.headers.get("authorization"), None)
+
+
+def bearer(request: Request) -> str:
+    auth = request.headers.get("authorization")
+    return auth[7:].strip() if auth and auth.lower().startswith("bearer ") else ""
+
+
+def is_admin_key(request: Request, state: AppState) -> bool:
+    """The request carries ``INFERSTACK_ADMIN_KEY``."""
+    admin_key = state.settings.admin_key
+    return bool(admin_key) and hmac.compare_digest(bearer(request).encode(), admin_key.encode())
+
+
+async def read(request: Request, model: type[B]) -> tuple[B, Identity]:
+    """The parsed body and the caller (the key was checked before: ``key_gate``; in
+    open mode the body's ``user`` names the caller)."""
+    body = await parse(request, model)
+    return body, state_of(request).keys.identify(request.headers.get("authorization"), body.user)
 
 
 def caller(request: Request) -> Identity:
@@ -72,13 +103,14 @@ def context_error(model: TextModel, prompt_len: int, completion: int, where: str
 
 
 def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
-                    max_n: int, vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
+                    vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
     """The request's sampling, with the model's recommended ``defaults`` (registry) for
-    whatever it leaves unset."""
-    if n > max_n:
-        raise OpenAIError(400, f"n must be at most {max_n}.", param="n", code="invalid_value")
-    if any(t < 0 or t >= vocab_size for t in body.stop_token_ids or ()):
+    whatever it leaves unset. Counts and ranges were checked by ``api.limits``."""
+    if any(t >= vocab_size for t in body.stop_token_ids or ()):
         raise OpenAIError(400, f"stop_token_ids must be in [0, {vocab_size}).", param="stop_token_ids",
+                          code="invalid_value")
+    if any(not (k.isascii() and k.isdigit() and len(k) < 20 and int(k) < vocab_size) for k in body.logit_bias or ()):
+        raise OpenAIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}).", param="logit_bias",
                           code="invalid_value")
 
     def pick(name: str, fallback):
@@ -87,11 +119,12 @@ def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool,
             return defaults[name]
         return fallback if value is None else value
 
+    top_k = pick("top_k", 0)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=pick("temperature", 1.0),
         top_p=pick("top_p", 1.0),
-        top_k=max(0, pick("top_k", 0)),
+        top_k=top_k if 0 < top_k < vocab_size else 0,  # k >= vocab keeps every token: the same as off
         min_p=pick("min_p", 0.0),
         seed=body.seed,
         stop=tuple(body.stop or ()),
@@ -109,10 +142,12 @@ def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool,
 
 
 def session_key(user: str, session_id: str | None) -> str | None:
-    """Sessions are scoped to their user: the same id from another user is another session."""
+    """Sessions are scoped to their user: the same id from another user is another
+    session. The user is length-prefixed, so no (user, session) pair can spell another."""
     if not session_id:
         return None
-    return hashlib.sha256(f"{user}\0{session_id}".encode()).hexdigest()[:32]
+    user_bytes = user.encode()
+    return hashlib.sha256(len(user_bytes).to_bytes(8, "big") + user_bytes + session_id.encode()).hexdigest()[:32]
 
 
 class Chunks:
@@ -174,7 +209,8 @@ class TextJob:
             id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
             reply_to=self.state.relay.channel, user=self.identity.user, tier=tier, created_at=time.time(),
             session_key=session_key(self.identity.user, self.session_id or self.body.session_id),
-            prefix_hashes=prefix_hashes(prompt_ids), reasoning=reasoning, **extra,
+            cache_scope=self.identity.scope, prefix_hashes=prefix_hashes(prompt_ids, self.identity.scope),
+            reasoning=reasoning, **extra,
         )
         self.gens.append(Generation(self.state, req, weight=self.identity.weight,
                                     deadline_s=self.body.deadline_s, user_cap=self.identity.max_queued))
@@ -326,9 +362,10 @@ async def collect(request: Request, job: TextJob) -> list[tuple[int, TokenEvent]
 
 
 async def admit_and_stream(request: Request, job: TextJob, response_id: str, kind: str, chunks: type[Chunks],
-                           render: dict) -> EventSourceResponse:
+                           render: dict, *, resumable: bool = True) -> EventSourceResponse:
     """A new streamed response: resumable (``render`` is what ``chunks`` needs), admitted, streamed."""
-    job.resumable(response_id, kind, render)
+    if resumable:
+        job.resumable(response_id, kind, render)
     await job.admit()
     return await stream(request, job, chunks(response_id, render))
 

@@ -6,23 +6,30 @@ import time
 
 from fastapi import APIRouter, Request
 
+from api.body import request_body
 from api.errors import OpenAIError
+from api.limits import check_completion
 from api.routes._text import (
-    Chunks, TextJob, admit_and_stream, collect, identify, max_tokens_for, new_id, resume, sampling_params, state_of,
-    usage,
+    Chunks, TextJob, admit_and_stream, collect, context_error, max_tokens_for, new_id, read, resume, sampling_params,
+    state_of, usage,
 )
 from api.schemas import CompletionRequest
 from broker.messages import TokenEvent
 
 router = APIRouter()
 
+MAX_RECORDED_ECHO_CHARS = 65536
+"""Echoed prompt text a resumable stream's record may hold (Redis memory stays bounded)."""
 
-def _prompts(model, prompt) -> list[list[int]]:
+
+async def _prompts(model, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [model.encode(prompt)]
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return [model.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        prompt = [prompt]
+    elif all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    texts = [p for p in prompt if isinstance(p, str)]
+    encoded = iter(await model.encode(texts) if texts else ())
+    return [next(encoded) if isinstance(p, str) else list(p) for p in prompt]
 
 
 def completion_logprobs(records: list[dict], offset: int) -> dict:
@@ -66,16 +73,20 @@ async def resume_completion(stream_id: str, request: Request):
     return await resume(request, stream_id, "completion", CompletionChunks)
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
+@router.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
+async def completions(request: Request):
     state = state_of(request)
-    identity = identify(request, body)
+    body, identity = await read(request, CompletionRequest)
     if body.suffix:
         raise OpenAIError(400, "suffix is not supported.", param="suffix", code="unsupported_parameter")
+    check_completion(body, state.settings, state.sched.default_deadline_s)
     model = await state.catalog.text(body.model)
-    prompts = _prompts(model, body.prompt)
+    prompts = await _prompts(model, body.prompt)
     if any(not p for p in prompts):
         raise OpenAIError(400, "prompt must not be empty.", param="prompt", code="invalid_value")
+    for ids in prompts:  # before looking at every token id of a long one
+        if len(ids) >= model.context_length:
+            raise context_error(model, len(ids), 1, "prompt")
     vocab = len(model.tokenizer)
     if any(t < 0 or t >= vocab for p in prompts for t in p):
         raise OpenAIError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt", code="invalid_value")
@@ -85,17 +96,18 @@ async def completions(body: CompletionRequest, request: Request):
         max_tokens = max_tokens_for(model, len(ids), body.requested_max_tokens, state.settings.default_max_tokens,
                                     "prompt")
         params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
-                                 top_logprobs=body.logprobs or 0, max_n=state.settings.max_n,
-                                 vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
+                                 top_logprobs=body.logprobs or 0, vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
     created = int(time.time())
     n = body.n
     prompt_tokens = sum(len(p) for p in prompts)
-    echo = [model.decode(p) if body.echo else "" for p in prompts]
+    echo = await state.offload(lambda: [model.decode(p) for p in prompts]) if body.echo else [""] * len(prompts)
     if body.stream:
+        # The echoed prompts ride in the stream's record; past a bound the stream is not resumable.
         return await admit_and_stream(request, job, rid, "completion", CompletionChunks, {
             "created": created, "model": body.model, "prompt_tokens": prompt_tokens, "n": n, "echo": echo,
-            "include_usage": bool(body.stream_options and body.stream_options.include_usage)})
+            "include_usage": bool(body.stream_options and body.stream_options.include_usage)},
+            resumable=sum(map(len, echo)) <= MAX_RECORDED_ECHO_CHARS)
     await job.admit()
 
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
