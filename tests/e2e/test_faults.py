@@ -21,12 +21,14 @@ from metrics.store import ChdbStore
 from tests.e2e.conftest import ProcStack
 from tests.sse import Event, errors, read_events, stream, texts
 
-pytestmark = pytest.mark.e2e
+# The module's stack (API, two workers, exporter) and its reference run start with the
+# first test; on a slow, shared CI machine that alone can take minutes.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 MODEL = "smollm2-135m"
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how bread is made.",
            "Describe a train journey through the mountains."]
-MAX_TOKENS = 32
+MAX_TOKENS = 24
 
 
 def body(prompt: str) -> dict:
