@@ -99,6 +99,7 @@ class Publisher(threading.Thread):
         self._pending: list[_Prepared] = []
         self._shipped: dict[str, _Shipped] = {}
         self._reconcile_due = False
+        self._gave_up = False
         self.buffered = 0
         """Events prepared but not yet shipped (non-zero only while Redis is unreachable)."""
         self.published = 0
@@ -161,13 +162,15 @@ class Publisher(threading.Thread):
                 self._send(self._pending[0])
                 self.buffered -= self._pending.pop(0).size
             self.outage.ok()
+            self._gave_up = False
             return 0.0
         except UNAVAILABLE as exc:
             # A round trip cut short may have run in part: replaying it appends some events
             # twice (readers drop repeats by offset); a restarted Redis may have lost some.
             self._reconcile_due = True
             pause = self.outage.failed(exc)
-            if self.outage.elapsed() > self.give_up_s:
+            if self.outage.elapsed() > self.give_up_s and not self._gave_up:
+                self._gave_up = True  # once per outage: what is buffered after it (releases) waits
                 log.error("Redis unavailable for %.0f s: dropping %d unshipped events and every request held",
                           self.outage.elapsed(), self.buffered)
                 self._pending.clear()

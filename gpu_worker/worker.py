@@ -151,8 +151,8 @@ class Worker:
 
     def _drop_everything(self) -> None:
         """Redis stayed away past the outage limit: the clients' streams have ended, so
-        stop what this worker holds (their leases lapse; nothing is rerun for nobody
-        when the API has cancelled them meanwhile)."""
+        stop what this worker holds. Their releases go out once Redis answers, so they
+        are not requeued and run again for nobody."""
         for engine in self.engines.values():
             for rid in engine.request_ids():
                 engine.abort(rid)

@@ -139,6 +139,8 @@ def test_a_worker_re_appends_what_a_restarted_redis_lost(redis_url, rclient):
     fq.enqueue(req)
     fq.claim_batch("m", "w", 1)
     publisher = Publisher(sync_client(redis_url), fq, "w", on_lost=lambda *_: None)
+    heartbeat = Heartbeat(sync_client(redis_url), fq, "w", {}, lambda: {"id": "w"}, 0.5, 5.0, publisher,
+                          threading.Event())
     publisher.start()
     log = keys.output_log("m", "r1")
 
@@ -152,8 +154,6 @@ def test_a_worker_re_appends_what_a_restarted_redis_lost(redis_url, rclient):
 
     try:
         tokens(0, 6)
-        heartbeat = Heartbeat(sync_client(redis_url), fq, "w", {}, lambda: {"id": "w"}, 0.5, 5.0, publisher,
-                              threading.Event())
         rclient.ltrim(log, 0, 2)  # "lost": the events of tokens 3..5 ...
         heartbeat.redis_run_id = "before-the-crash"  # ... in a crash the heartbeat now notices
         heartbeat.beat()
@@ -163,3 +163,58 @@ def test_a_worker_re_appends_what_a_restarted_redis_lost(redis_url, rclient):
     finally:
         publisher.stop()
         publisher.join(5)
+        for client in (fq.r, publisher.r, heartbeat.r):
+            client.close()
+
+
+def test_a_worker_buffers_in_order_while_redis_is_away_and_gives_up_past_the_limit():
+    server = RedisServer(appendonly=True)
+    rclient = sync_client(server.url)
+    fq = FairQueue(sync_client(server.url), SchedulerSettings())
+    for rid in ("r1", "r2"):
+        fq.enqueue(GenerateRequest(id=rid, model="m", prompt_token_ids=[1], params=SamplingParams(max_tokens=10),
+                                   reply_to="is:reply:t"))
+    fq.claim_batch("m", "w", 2)
+    gave_up = threading.Event()
+    publisher = Publisher(sync_client(server.url), fq, "w", on_lost=lambda *_: None, max_buffered=4, give_up_s=60,
+                          on_give_up=gave_up.set)
+    publisher.start()
+
+    def token(rid, i):
+        return [Outgoing("m", "is:reply:t", rid, TokenEvent(rid, 0, i, [100 + i], f"t{i}"))]
+
+    def starts(rid):
+        return [messages.decode(x).start for x in rclient.lrange(keys.output_log("m", rid), 0, -1)]
+
+    try:
+        server.shutdown()
+        for i in range(5):
+            publisher.submit(token("r1", i))
+        deadline = time.monotonic() + 10
+        while not publisher.backlogged:  # the compute loop would pause here
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.start()
+        deadline = time.monotonic() + 10
+        while publisher.buffered:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert starts("r1") == [0, 1, 2, 3, 4] and not gave_up.is_set()
+
+        publisher.give_up_s = 0.5
+        server.shutdown()
+        publisher.submit(token("r2", 0))
+        assert gave_up.wait(10)  # the outage outlasted the limit: the worker drops what it holds
+        publisher.submit(token("r2", 1))  # (say, the release of what it dropped) waits for Redis
+        server.start()
+        deadline = time.monotonic() + 10
+        while publisher.buffered:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert starts("r2") == [1]
+    finally:
+        publisher.stop()
+        publisher.join(5)
+        for client in (rclient, fq.r, publisher.r):
+            client.close()
+        server.stop()
