@@ -50,6 +50,21 @@ class Background:
         return self.events
 
 
+def outcome(url: str, request_id: str) -> list[tuple[str, str]]:
+    """The API's terminal lifecycle events of a request (what its row will say), once written."""
+    client = sync_client(url)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            ends = [(f["kind"], f.get("error", "")) for _, f in client.xrange(keys.EVENTS)
+                    if f["request_id"] == request_id and f["kind"] in ("finished", "failed", "cancelled")]
+            if ends or time.monotonic() > deadline:
+                return ends
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
 def wait_tokens(engine, n: int):
     deadline = time.monotonic() + 30
     while engine.tokens_generated < n:
@@ -80,6 +95,7 @@ def test_a_stream_rides_out_a_redis_restart(tiny_registry, tmp_path):
         assert [e.id for e in events] == [e.id for e in reference]
         assert texts(events) == texts(reference)
         assert generated_while_down > 0  # the worker kept generating into its buffer
+        assert outcome(server.url, events[0].json["id"]) == [("finished", "")]  # its row: finished, once
         after = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "stream": False, "max_tokens": 4},
                            timeout=30)
         assert after.status_code == 200
@@ -98,6 +114,7 @@ def test_redis_back_without_the_request_ends_the_stream_with_an_error(tiny_regis
         server.restart(down_s=0.5)
         events = run.join()
         assert [e["code"] for e in errors(events)] == ["request_lost"] and events[-1].data == "[DONE]"
+        assert outcome(server.url, events[0].json["id"]) == [("failed", "request_lost")]  # not "finished"
         deadline = time.monotonic() + 30
         while engine.request_ids():  # the worker learns it lost the request and stops it
             assert time.monotonic() < deadline
@@ -121,6 +138,7 @@ def test_an_outage_past_the_limit_ends_the_stream_with_an_error(tiny_registry, t
         events = run.join()  # ends while Redis is still away
         server.start()
         assert [e["code"] for e in errors(events)] == ["redis_unavailable"] and events[-1].data == "[DONE]"
+        assert outcome(server.url, events[0].json["id"]) == [("failed", "redis_unavailable")]
         stack.wait_ready()
         again = stream("POST", f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 5})
         assert not errors(again)
