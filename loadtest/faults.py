@@ -13,9 +13,14 @@ and failover settings) with SmolLM2-135M, and runs C greedy streams per scenario
   next chunk, and to the first new request answered.
 * ``client_resume``: a client drops its stream and resumes it on the same API
   process; "resume latency" = from the GET to its first chunk.
+* ``exporter_kill``: kill -9 the metrics exporter (chDB) mid-stream, start it again
+  once the streams are done. Stall as above (the streams should not notice);
+  "recovered" = from the restart to every event before it exported (the consumer
+  group's last delivery past them, none pending), then each stream's request row is
+  checked: finished, with every token counted.
 
-Every faulted stream's text is compared with an undisturbed run's; a mismatch or an
-error event is reported as such (and fails the run).
+Every faulted stream's text is compared with an undisturbed run's; a mismatch, an
+error event or an incomplete request row is reported as such (and fails the run).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import httpx
 import redis
 
+from broker import keys
 from inferstack.redis_server import RedisServer, free_port
 from loadtest import bench
 from loadtest.prompts import chat_prompt
@@ -79,13 +86,48 @@ class Procs:
             time.sleep(0.3)
         raise RuntimeError("the stack did not become ready")
 
-    def warm_up(self, redis_url: str, rounds: int = 10) -> None:
+    def redis_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.env["INFERSTACK_REDIS_URL"], decode_responses=True)
+
+    def busiest_worker(self) -> subprocess.Popen:
+        """The worker process holding the most requests now (from the heartbeats)."""
+        with self.redis_client() as r:
+            running = {}
+            for wid in r.zrange(keys.WORKERS, 0, -1):
+                info = r.hgetall(keys.worker(wid))
+                if info:
+                    running[int(info["pid"])] = sum(json.loads(info.get("running", "{}")).values())
+        return max((p for p in self.workers if p.pid in running), key=lambda p: running[p.pid])
+
+    def reclaimed(self, since: float) -> dict[str, float]:
+        """Request id -> unix time another worker claimed it again (attempt > 1), for the
+        claims since unix time ``since`` (the workers' lifecycle events)."""
+        with self.redis_client() as r:
+            return {f["request_id"]: float(f["ts"]) for _, f in r.xrange(keys.EVENTS) if f["kind"] == "claimed"
+                    and int(f.get("attempt", 1)) > 1 and float(f["ts"]) >= since}
+
+    def exported_up_to(self, last_id: str) -> bool:
+        """Whether the exporters have written (read and acknowledged) every lifecycle event
+        up to stream id ``last_id``."""
+        def key(entry_id: str) -> tuple[int, int]:
+            ms, seq = entry_id.split("-")
+            return int(ms), int(seq)
+
+        with self.redis_client() as r:
+            try:
+                group = next(g for g in r.xinfo_groups(keys.EVENTS) if g["name"] == keys.EVENTS_GROUP)
+            except (StopIteration, redis.ResponseError):
+                return False
+            pending = r.xpending_range(keys.EVENTS, keys.EVENTS_GROUP, min="-", max=last_id, count=1)
+        return key(group["last-delivered-id"]) >= key(last_id) and not pending
+
+    def warm_up(self, rounds: int = 10) -> None:
         """Until every worker has generated something: a worker's first forward pass is
         slow (kernels, allocations), and a cold standby would inflate the failover stall."""
-        r = redis.Redis.from_url(redis_url, decode_responses=True)
         for i in range(rounds):
-            cold = [w for w in r.zrange("is:workers", 0, -1)
-                    if float(r.hget(f"is:worker:{w}", "tokens_generated") or 0) == 0]
+            with self.redis_client() as r:
+                cold = [w for w in r.zrange(keys.WORKERS, 0, -1)
+                        if float(r.hget(keys.worker(w), "tokens_generated") or 0) == 0]
             if not cold:
                 return
             for run in [Run(self.url, k, 4) for k in range(2 * len(self.workers))]:
@@ -187,13 +229,7 @@ def worker_kill(procs: Procs, reference: dict[int, str], c: int, max_tokens: int
     runs = [Run(procs.url, i, max_tokens) for i in range(c)]
     for r in runs:
         r.wait_chunks(6)
-    # kill whichever worker holds the streams (both may hold some: kill the busier one)
-    held = redis.Redis.from_url(procs.env["INFERSTACK_REDIS_URL"], decode_responses=True)
-    running = {}
-    for wid in held.zrange("is:workers", 0, -1):
-        info = held.hgetall(f"is:worker:{wid}")
-        running[int(info["pid"])] = json.loads(info.get("running", "{}")).get(MODEL, 0)
-    victim = max((p for p in procs.workers if p.pid in running), key=lambda p: running[p.pid])
+    victim = procs.busiest_worker()  # both may hold some
     killed_at, killed_wall = time.monotonic(), time.time()
     os.kill(victim.pid, signal.SIGKILL)
     for r in runs:
@@ -202,9 +238,8 @@ def worker_kill(procs: Procs, reference: dict[int, str], c: int, max_tokens: int
     out["first_chunk_after_kill_s"] = round(max(
         min((t for t in r.times if t > killed_at), default=float("nan")) - killed_at for r in runs), 3)
     # When another worker claimed them again (its lifecycle events): detection + claim.
-    reclaims = [float(f["ts"]) for _, f in held.xrange("is:events")
-                if f["kind"] == "claimed" and int(f.get("attempt", 1)) > 1 and float(f["ts"]) > killed_wall]
-    out["reclaimed_after_kill_s"] = round(max(reclaims) - killed_wall, 3) if reclaims else None
+    reclaims = procs.reclaimed(killed_wall)
+    out["reclaimed_after_kill_s"] = round(max(reclaims.values()) - killed_wall, 3) if reclaims else None
     procs.workers.remove(victim)
     return out
 
@@ -254,13 +289,55 @@ def client_resume(procs: Procs, reference: dict[int, str], max_tokens: int, repe
             "resume_latency_max_s": round(max(latencies), 3), "identical_text": all(identical)}
 
 
+def exporter_kill(procs: Procs, reference: dict[int, str], c: int, max_tokens: int, chdb: str) -> dict:
+    def caught_up(timeout_s: float = 300) -> float:
+        """Seconds until every lifecycle event emitted so far is exported."""
+        with procs.redis_client() as r:
+            last = r.xinfo_stream(keys.EVENTS)["last-generated-id"]
+        started = time.monotonic()
+        while not procs.exported_up_to(last):
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError("the exporter did not catch up")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    exporter = procs.start_exporter(INFERSTACK_CHDB_PATH=chdb)
+    caught_up()
+    runs = [Run(procs.url, i, max_tokens) for i in range(c)]
+    for r in runs:
+        r.wait_chunks(6)
+    os.kill(exporter.pid, signal.SIGKILL)
+    exporter.wait()
+    for r in runs:
+        r.join()
+    out = stalls(runs, reference)
+    restarted = procs.start_exporter(INFERSTACK_CHDB_PATH=chdb)  # same consumer name: re-reads its pending
+    out["exported_all_after_restart_s"] = round(caught_up(), 3)
+    restarted.terminate()  # chDB: one process at a time on its directory
+    restarted.wait(30)
+    procs.exporter = None
+    from metrics.store import ChdbStore
+
+    store = ChdbStore(chdb)
+    try:
+        ids = {r.response_id for r in runs}
+        rows = [row for row in store.query("SELECT request_id, status, completion_tokens FROM requests")
+                if row["request_id"] in ids]
+    finally:
+        store.close()
+    out["rows_complete"] = (len(rows) == len(ids)
+                            and all(row["status"] == "finished" and row["completion_tokens"] == max_tokens
+                                    for row in rows))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--redis-down-s", type=float, default=3.0)
     ap.add_argument("--resumes", type=int, default=3)
-    ap.add_argument("--scenarios", default="worker_kill,redis_restart,client_resume")
+    ap.add_argument("--scenarios", default="worker_kill,redis_restart,client_resume,exporter_kill")
     ap.add_argument("--out", default="loadtest/results/faults.json")
     args = ap.parse_args(argv)
     scenarios = args.scenarios.split(",")
@@ -269,7 +346,7 @@ def main(argv=None) -> int:
     result = {"machine": bench.machine(), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
               "load_average": os.getloadavg()}
     try:
-        procs.warm_up(server.url)
+        procs.warm_up()
         print("reference run (no fault) ...", flush=True)
         runs = [Run(procs.url, i, args.max_tokens) for i in range(args.concurrency)]
         reference = {r.i: "".join(r.join().text) for r in runs}
@@ -283,6 +360,10 @@ def main(argv=None) -> int:
         if "client_resume" in scenarios:
             print("client drops and resumes ...", flush=True)
             result["client_resume"] = client_resume(procs, reference, args.max_tokens, args.resumes)
+        if "exporter_kill" in scenarios:
+            print("kill -9 the exporter mid-stream ...", flush=True)
+            with tempfile.TemporaryDirectory(prefix="faults-chdb-") as chdb:
+                result["exporter_kill"] = exporter_kill(procs, reference, args.concurrency, args.max_tokens, chdb)
     finally:
         procs.stop()
         server.stop()
@@ -290,7 +371,8 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
-    ok = all(result[k]["identical_text"] and not result[k].get("errors") for k in scenarios)
+    ok = all(result[k]["identical_text"] and not result[k].get("errors") and result[k].get("rows_complete", True)
+             for k in scenarios)
     return 0 if ok else 1
 
 
