@@ -206,9 +206,10 @@ class Worker:
                         try:
                             with step_seconds.labels(model).time():
                                 engine.step(self.publisher.submit)
-                        except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker
-                            log.exception("%s: engine step failed; failing its requests", model)
-                            engine.fail_all(f"{type(exc).__name__}: {exc}", self.publisher.submit)
+                        except Exception as exc:  # noqa: BLE001 - hand the batch back, keep the worker
+                            log.exception("%s: engine step failed; handing its requests back to the queue", model)
+                            engine.requeue_all(f"{type(exc).__name__}: {exc}", self.publisher.submit)
+                            self.claimer.back_off(self.s.heartbeat_s)
                         self.claimer.capacity_freed.set()
                         busy = True
                 if busy:

@@ -62,14 +62,19 @@ def context_error(model: TextModel, prompt_len: int, completion: int, where: str
 
 
 def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
-                    max_n: int, vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
+                    max_n: int, vocab_size: int, defaults: Mapping[str, float],
+                    eos_token_ids: frozenset[int] = frozenset()) -> SamplingParams:
     """The request's sampling, with the model's recommended ``defaults`` (registry) for
     whatever it leaves unset."""
     if n > max_n:
         raise OpenAIError(400, f"n must be at most {max_n}.", param="n", code="invalid_value")
-    if any(t < 0 or t >= vocab_size for t in body.stop_token_ids or ()):
+    stop_ids = set(body.stop_token_ids or ())
+    if any(t < 0 or t >= vocab_size for t in stop_ids):
         raise OpenAIError(400, f"stop_token_ids must be in [0, {vocab_size}).", param="stop_token_ids",
                           code="invalid_value")
+    if body.min_tokens and len(stop_ids | eos_token_ids) >= vocab_size:
+        raise OpenAIError(400, "stop_token_ids and the end-of-sequence token cover the whole vocabulary, so with "
+                          "min_tokens > 0 no token could be sampled.", param="stop_token_ids", code="invalid_value")
 
     def pick(name: str, fallback):
         value = getattr(body, name)

@@ -55,7 +55,8 @@ async def completions(body: CompletionRequest, request: Request):
                                     "prompt")
         params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
                                  top_logprobs=body.logprobs or 0, max_n=state.settings.max_n,
-                                 vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
+                                 vocab_size=len(model.tokenizer), defaults=model.spec.sampling,
+                                 eos_token_ids=model.eos_token_ids)
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
     await job.admit()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
-from gpu_worker.engine import Emit, Outgoing
+from gpu_worker.engine import Emit, Outgoing, handed_back
 from gpu_worker.text.kvcache import cache_kwarg
 from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.sampler import Sampler
@@ -105,7 +105,7 @@ class VisionEngine:
         if out:
             emit(out)
 
-    def fail_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit) -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             self._aborts.clear()
@@ -113,9 +113,7 @@ class VisionEngine:
         self._requests.clear()
         self._waiting.clear()
         self._wave = None
-        emit([Outgoing(self.model, r.reply_to, r.id, ErrorEvent(
-            r.id, f"the worker failed while generating: {message}", code="engine_error"), request_done=True)
-            for r in held])
+        emit(handed_back(self.model, held, message))
 
     def close(self) -> None:
         self.net = None

@@ -1,8 +1,9 @@
 -- Claim up to n requests for one worker: pick across tiers (with aging) and users
 -- (start-time fair queueing), move each to in-flight with a lease.
 -- ARGV: prefix, worker, n, lease_s, aging_max_wait_s, now(optional)
--- Returns {claimed, expired}: claimed = flat {rid, payload, attempts, ...},
--- expired = flat {rid, payload, ...} (deadline passed before start: never run late).
+-- Returns {claimed, expired}: claimed = {{rid, payload, attempts, weight, preemptions,
+-- preempted_ms, preempted_at}, ...} (see `take`), expired = {payload, ...} (deadline
+-- passed before start: never run late).
 local worker, n, lease_s, max_wait = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_s(ARGV[6])
 local claimed, expired = {}, {}
@@ -11,38 +12,7 @@ local SCAN_USERS, SCAN_DEPTH = 16, 4
 local backlogged = false
 local claimed_cost = 0
 
--- Reserved for another worker (KV affinity) within its window?
-local function eligible(rid)
-  local a = redis.call("HMGET", k_req(rid), "aff", "aff_until")
-  return not a[1] or a[1] == worker or tonumber(a[2]) <= now
-end
-
--- Move one waiting request to in-flight for this worker (or expire it: a request
--- whose start deadline has passed never runs late).
-local function take(rid, tier)
-  local rk = k_req(rid)
-  local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
-  remove_waiting(rid, tier, f[2])
-  local start = num(f[3], 0)
-  if start > num(redis.call("HGET", K_STATE, "v:" .. tier), 0) then
-    redis.call("HSET", K_STATE, "v:" .. tier, tostring(start))
-  end
-  if f[7] ~= "1" and num(f[4], now + 1) < now then
-    table.insert(expired, rid)
-    table.insert(expired, f[1])
-    redis.call("DEL", rk)
-    return
-  end
-  local attempts = redis.call("HINCRBY", rk, "attempts", 1)
-  redis.call("HSET", rk, "state", "running", "worker", worker, "started", "1", "claimed", tostring(now))
-  redis.call("ZADD", K_LEASES, now + lease_s, rid)
-  table.insert(claimed, rid)
-  table.insert(claimed, f[1])
-  table.insert(claimed, attempts)
-  claimed_cost = claimed_cost + num(f[6], 0)
-end
-
-while #claimed < 3 * n do
+while #claimed < n do
   -- Strict priority by tier (high 2 > normal 1 > low 0), with aging: a request of a
   -- lower tier than the top waiting one that has waited `max_wait` seconds is overdue,
   -- and overdue requests (oldest first) take every other claim while they last. So
@@ -66,7 +36,7 @@ while #claimed < 3 * n do
     if h and RANK[t] < top_rank and h[2] >= max_wait and h[2] > od_wait then od_tier, od_wait = t, h[2] end
   end
   local rid, best_tier = nil, nil
-  if od_tier and redis.call("HGET", K_STATE, "last_overdue") ~= "1" and eligible(heads[od_tier][1]) then
+  if od_tier and redis.call("HGET", K_STATE, "last_overdue") ~= "1" and eligible(heads[od_tier][1], worker, now) then
     best_tier, rid = od_tier, heads[od_tier][1]
     redis.call("HSET", K_STATE, "last_overdue", "1")
   else
@@ -77,14 +47,24 @@ while #claimed < 3 * n do
     -- window): then the user's next request, then the next user's.
     for _, u in ipairs(redis.call("ZRANGE", k_tu(best_tier), 0, SCAN_USERS - 1)) do
       for _, cand in ipairs(redis.call("LRANGE", k_uq(best_tier, u), 0, SCAN_DEPTH - 1)) do
-        if eligible(cand) then rid = cand break end
+        if eligible(cand, worker, now) then rid = cand break end
       end
       if rid then break end
     end
     if rid then redis.call("HSET", K_STATE, "last_overdue", "0") end
   end
-  if rid then take(rid, best_tier) else blocked[best_tier] = true end
-  if #claimed >= 3 * n then
+  if rid then
+    local entry, cost = take(rid, best_tier, worker, lease_s, now)
+    if entry then
+      table.insert(claimed, entry)
+      claimed_cost = claimed_cost + cost
+    else
+      table.insert(expired, cost)
+    end
+  else
+    blocked[best_tier] = true
+  end
+  if #claimed >= n then
     backlogged = num(redis.call("HGET", K_STATE, "len"), 0) > 0
     break
   end
