@@ -12,14 +12,6 @@ from inferstack.registry import Modality, ModelSpec
 from scheduler.queue import Claimed
 
 
-@pytest.fixture(scope="module")
-def engine_factory(tiny_model_dir):
-    def make(**kw):
-        spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
-        return TextEngine(spec, tiny_model_dir, device=torch.device("cpu"), dtype=torch.float64, **kw)
-    return make
-
-
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.inference_mode():

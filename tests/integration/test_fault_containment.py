@@ -8,12 +8,9 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from broker import messages
 from broker.messages import GenerateRequest, SamplingParams, TokenEvent
-from gpu_worker.text.engine import TextEngine
-from inferstack.registry import Modality, ModelSpec
 from scheduler.queue import Claimed, FairQueue
 from scheduler.settings import SchedulerSettings
 from tests.integration.test_engine import reference_greedy
@@ -22,9 +19,8 @@ from tests.tiny import registry_toml
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
-    return TextEngine(spec, tiny_model_dir, device=torch.device("cpu"), dtype=torch.float64, max_seqs=8)
+def engine(engine_factory):
+    return engine_factory(max_seqs=8)
 
 
 def greq(rid, tokens, max_tokens=10, **params):

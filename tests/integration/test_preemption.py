@@ -10,21 +10,11 @@ import pytest
 import torch
 
 from broker.messages import GenerateRequest, SamplingParams, TokenEvent
-from gpu_worker.text.engine import TextEngine
-from inferstack.registry import Modality, ModelSpec
 from scheduler.queue import Claimed, FairQueue
 from scheduler.settings import SchedulerSettings
 from tests.integration.test_engine import reference_greedy
 from tests.stack import Stack
 from tests.tiny import registry_toml
-
-
-@pytest.fixture(scope="module")
-def engine_factory(tiny_model_dir):
-    def make(**kw):
-        spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
-        return TextEngine(spec, tiny_model_dir, device=torch.device("cpu"), dtype=torch.float64, **kw)
-    return make
 
 
 def prompt(seed: int, n: int = 70) -> list[int]:
