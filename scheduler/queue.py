@@ -14,7 +14,7 @@ from importlib import resources
 import orjson
 
 from broker import keys, messages
-from broker.messages import GenerateRequest
+from broker.messages import GenerateRequest, Tier
 from scheduler.policy import Batch
 from scheduler.settings import SchedulerSettings
 
@@ -69,6 +69,16 @@ class ClaimResult:
     claimed: list[Claimed]
     expired: list[GenerateRequest]
     """Deadline passed before they started: the caller reports them, never runs them."""
+
+
+def depths(client, models: list[str]) -> dict[str, dict[str, int]]:
+    """Requests waiting per model and tier, for several models in one round trip
+    (a sync client). The counters are kept by ``lua/common.lua``."""
+    tiers = [t.value for t in Tier]
+    pipe = client.pipeline(transaction=False)
+    for model in models:
+        pipe.hmget(keys.tier_state(model), [f"len:{t}" for t in tiers])
+    return {model: {t: int(n or 0) for t, n in zip(tiers, lens)} for model, lens in zip(models, pipe.execute())}
 
 
 def _now_arg(now: float | None) -> str:
@@ -155,8 +165,7 @@ class FairQueue:
             self._scripts["kv_index"](args=args, client=client)
 
     def depth(self, model: str) -> dict[str, int]:
-        state = self.r.hgetall(keys.tier_state(model))
-        return {t: int(state.get(f"len:{t}", 0)) for t in ("high", "normal", "low")}
+        return depths(self.r, [model])[model]
 
     def output_log(self, model: str, request_id: str) -> list:
         return [messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1)]
@@ -179,9 +188,3 @@ class AsyncFairQueue:
 
     async def cancel(self, model: str, request_id: str) -> str:
         return await self._scripts["cancel"](args=[keys.tag(model), request_id])
-
-    async def depth(self, model: str) -> dict[str, int]:
-        state = await self.r.hgetall(keys.tier_state(model))
-        return {t: int(state.get(f"len:{t}", 0)) for t in ("high", "normal", "low")}
-
-

@@ -11,32 +11,18 @@ from fastapi.responses import Response
 from api.errors import OpenAIError
 from api.routes._text import state_of
 from api.state import AppState
-from broker import keys
 from metrics import prom, stats
 from metrics.store import open_store
 
 router = APIRouter()
 
-TIERS = ("high", "normal", "low")
-
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus_metrics(request: Request):
-    """This process's counters and histograms (all API processes' in multiprocess
-    mode), plus the queue depth per model and tier read from Redis now."""
-    state = state_of(request)
-    models = [spec.name for spec in state.catalog.registry]
-    depths: dict[str, dict[str, int]] = {}
-    try:
-        pipe = state.redis.pipeline(transaction=False)
-        for model in models:
-            pipe.hmget(keys.tier_state(model), [f"len:{t}" for t in TIERS])
-        for model, lens in zip(models, await pipe.execute()):
-            depths[model] = {t: int(n or 0) for t, n in zip(TIERS, lens)}
-    except Exception:  # noqa: BLE001 - Redis down: the rest of the metrics still matter
-        depths = {}
-    body = prom.exposition([prom.queue_depth_family(depths)] if depths else [])
-    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+async def prometheus_metrics():
+    """This process's counters and histograms (all API processes' in multiprocess mode).
+    The queue depth is not here: it is deployment-wide, and the exporter serves it once
+    (``metrics/prom.py``)."""
+    return Response(prom.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def _require_admin(request: Request, state: AppState) -> None:
