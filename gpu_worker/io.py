@@ -139,6 +139,8 @@ class Claimer(threading.Thread):
         self.paused = threading.Event()
         self.claimed = 0
         self._hold_until = 0.0
+        self._looked: dict[str, int] = {}
+        """Model -> the engine step at which it last looked for preempting requests."""
 
     def back_off(self, seconds: float) -> None:
         """Claim nothing for a while (this worker's step just failed: let healthy
@@ -174,7 +176,8 @@ class Claimer(threading.Thread):
             if n > 0:
                 had_room = True
                 res = self.fq.claim_batch(model, self.worker_id, n)
-            elif self.fq.s.preemption and hasattr(engine, "batch_view"):
+            elif self.fq.s.preemption and hasattr(engine, "batch_view") and self._looked.get(model) != engine.steps:
+                self._looked[model] = engine.steps  # one look per step: the batch changes no faster
                 batch = engine.batch_view()
                 if not any(r.steps >= self.fq.s.preempt_min_run_steps for r in batch.running):
                     continue
@@ -183,8 +186,7 @@ class Claimer(threading.Thread):
                 continue
             if res.claimed:  # noted before the engine sees them, so before any of their tokens
                 held, now = len(engine.request_ids()) + len(res.claimed), time.time()
-                self.publisher.submit([Claim(model, c.request, c.attempt, held, now, c.preemptions, c.preempted_s,
-                                             c.preempted_at) for c in res.claimed])
+                self.publisher.submit([Claim(model, c, held, now) for c in res.claimed])
             for c in res.claimed:
                 log_events = self.fq.output_log(model, c.request.id) if c.attempt > 1 else []
                 engine.add(c, log_events)

@@ -169,6 +169,7 @@ class Worker:
             "model_capacity_bytes": self.models.capacity_bytes(),
             "running": {m: len(e.request_ids()) for m, e in self.engines.items()},
             "tokens_generated": sum(getattr(e, "tokens_generated", 0) for e in self.engines.values()),
+            "preemptions": sum(getattr(e, "preemptions", 0) for e in self.engines.values()),
             "publish_busy_s": round(self.publisher.busy_s, 6),
             "publish_round_trips": self.publisher.round_trips,
             "events_published": self.publisher.published,

@@ -20,7 +20,7 @@ Per scenario and mode (``INFERSTACK_PREEMPTION=true|false``) it starts its own s
 
 Reported: the newcomer's TTFT p50/p95/max and request count, the flood's throughput
 (streamed tokens per second while the newcomer runs) and the preemptions the
-workers recorded (``preempted`` events). A newcomer request still waiting when the
+worker made (from its heartbeat). A newcomer request still waiting when the
 window closes counts with the time it had waited so far (a lower bound).
 """
 
@@ -35,6 +35,7 @@ import time
 import httpx
 import redis
 
+from broker import keys
 from inferstack.redis_server import RedisServer
 from loadtest.bench import machine
 from loadtest.prompts import chat_prompt
@@ -146,13 +147,14 @@ def main(argv=None) -> None:
                 proc, url = start_stack("continuous", {"INFERSTACK_PREEMPTION": "true" if mode == "on" else "false",
                                                        "INFERSTACK_MAX_BATCH": str(args.max_batch)},
                                         redis_url=server.url)
+                r = redis.Redis.from_url(server.url, decode_responses=True)
                 try:
                     res = asyncio.run(run_scenario(url, *SCENARIOS[scenario], args))
+                    res["preemptions"] = sum(int(r.hget(keys.worker(w), "preemptions") or 0)
+                                             for w in r.zrange(keys.WORKERS, 0, -1))  # its heartbeat
                 finally:
+                    r.close()
                     stop_stack(proc)
-                r = redis.Redis.from_url(server.url, decode_responses=True)
-                res["preemptions"] = sum(1 for _, f in r.xrange("is:events") if f.get("kind") == "preempted")
-                r.close()
             finally:
                 server.stop()
             result["runs"][f"{scenario}/{mode}"] = res

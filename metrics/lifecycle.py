@@ -18,6 +18,7 @@ from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from metrics import tracing
 from metrics.events import EventSink, Kind, add_to_pipeline, event
 from metrics.prom import api_metrics, worker_metrics
+from scheduler.queue import Claimed
 
 
 
@@ -117,16 +118,13 @@ class Claim:
     queue so that one thread owns the per-request bookkeeping."""
 
     model: str
-    request: GenerateRequest
-    attempt: int
+    claimed: Claimed
     batch_size: int
     at: float
-    preemptions: int = 0
-    """Times it was preempted before this claim."""
-    preempted_s: float = 0.0
-    """Time it spent back in the queue after those preemptions."""
-    preempted_at: float = 0.0
-    """When it was last preempted (0: never): this claim resumes it."""
+
+    @property
+    def request(self) -> GenerateRequest:
+        return self.claimed.request
 
 
 @dataclass(slots=True)
@@ -155,15 +153,15 @@ class WorkerRecorder:
         self._released: list[_Live] = []
 
     def claim(self, pipe, c: Claim) -> None:
-        req = c.request
+        req, cl = c.request, c.claimed
         self._live[req.id] = _Live(c)
         add_to_pipeline(pipe, event(Kind.CLAIMED, req.id, c.at, model=c.model, user=req.user, tier=str(req.tier),
                                     # resumes after a preemption are not attempts (nor count toward MAX_ATTEMPTS)
-                                    worker=self.worker_id, attempt=c.attempt - c.preemptions,
-                                    batch_size=c.batch_size, prompt_tokens=prompt_tokens(req), preemptions=c.preemptions,
-                                    preempted_ms=round(c.preempted_s * 1000)), self.maxlen)
+                                    worker=self.worker_id, attempt=cl.attempt - cl.preemptions,
+                                    batch_size=c.batch_size, prompt_tokens=prompt_tokens(req), preemptions=cl.preemptions,
+                                    preempted_ms=round(cl.preempted_s * 1000)), self.maxlen)
         self.m.claimed.labels(c.model).inc()
-        if req.created_at and c.attempt == 1:
+        if req.created_at and cl.attempt == 1:
             self.m.queue_wait.labels(c.model, str(req.tier)).observe(max(0.0, c.at - req.created_at))
 
     def token(self, model: str, ev: TokenEvent, now: float) -> None:
@@ -199,7 +197,7 @@ class WorkerRecorder:
         ``failed`` (this worker's step failed; it resumes elsewhere or here)."""
         live = self._live.pop(request_id, None)
         if kind == "preempted":
-            preemptions = (live.claim.preemptions if live else 0) + 1
+            preemptions = (live.claim.claimed.preemptions if live else 0) + 1
             add_to_pipeline(pipe, event(Kind.PREEMPTED, request_id, now, model=model, worker=self.worker_id,
                                         preemptions=preemptions, reason=reason), self.maxlen)
             self.m.preemptions.labels(model, reason).inc()
@@ -228,10 +226,10 @@ class WorkerRecorder:
                 live.first_publish = (started, ended)
 
     def _spans(self, live: _Live) -> None:
-        c = live.claim
-        attrs = {"inferstack.worker": self.worker_id, "inferstack.attempt": c.attempt}
-        if c.preempted_at:  # resumed: it waited since its preemption, not since it was sent
-            spans = [("preempted", c.preempted_at, c.at, {"inferstack.preemptions": c.preemptions, **attrs})]
+        c, cl = live.claim, live.claim.claimed
+        attrs = {"inferstack.worker": self.worker_id, "inferstack.attempt": cl.attempt}
+        if cl.preempted_at:  # resumed: it waited since its preemption, not since it was sent
+            spans = [("preempted", cl.preempted_at, c.at, {"inferstack.preemptions": cl.preemptions, **attrs})]
         else:
             spans = [("queue_wait", c.request.created_at or c.at, c.at,
                       {"inferstack.batch_size": c.batch_size, **attrs})]

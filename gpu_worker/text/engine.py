@@ -188,10 +188,10 @@ class TextEngine:
             self._index_ops = []
         if not self.planner.slots or self.steps % 64 == 0:
             self.runner.cache.shrink(self.planner.num_admitted, self.planner.used_len())
-        self.steps += 1
-        view = self._running_view()
+        view = self._running_view(self.steps + 1)
         with self._lock:
             self._view = view
+        self.steps += 1  # after the view: a claimer that sees this step sees its batch
         if out:
             emit(out)
 
@@ -312,7 +312,7 @@ class TextEngine:
             if not seq.status.finished:
                 seq.status = SeqStatus.FINISHED_ABORTED
 
-    def _running_view(self) -> tuple[Running, ...]:
+    def _running_view(self, step: int) -> tuple[Running, ...]:
         view = []
         for rid, state in self._requests.items():
             live = [s for s in state.seqs if not s.status.finished]
@@ -321,7 +321,7 @@ class TextEngine:
             req = state.request
             admitted = all(s.slot >= 0 for s in live)  # one still waiting for a row frees nothing yet
             view.append(Running(rid, req.user, str(req.tier), state.claimed.weight, len(live),
-                                sum(s.num_computed for s in live), self.steps - state.since if admitted else 0))
+                                sum(s.num_computed for s in live), step - state.since if admitted else 0))
         return tuple(view)
 
     def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence], out: list[Outgoing]) -> None:

@@ -256,3 +256,39 @@ def test_the_victim_resumes_on_another_worker_with_identical_text(preempt_stack,
     assert ["".join(o) for o in outs] == alone
     claims = [f for _, f in rclient.xrange("is:events") if f["kind"] == "claimed"]
     assert any(f["worker"] == w2.worker.id for f in claims), "the second worker took nothing"
+
+
+@pytest.mark.parametrize("flood_tier,newcomer_user", [("normal", "b"), ("low", "a2")])
+def test_the_contract_a_qualifying_newcomer_starts_within_k_steps(engine_factory, rclient, flood_tier,
+                                                                   newcomer_user):
+    """The worst case: every row was just (re)filled, so nothing may be preempted for
+    PREEMPT_MIN_RUN_STEPS steps. The real claimer (one look per step, as its thread
+    does) and engine, stepped in turn: the newcomer's first token comes within
+    K = PREEMPT_MIN_RUN_STEPS + 2 steps of its arrival, by share or by tier."""
+    from gpu_worker.io import Claimer
+
+    sched = SchedulerSettings(preempt_min_run_steps=4, lease_s=30)
+    fq = FairQueue(rclient, sched)
+    engine = engine_factory(max_seqs=4)
+    out = Collector()
+
+    class Publisher:
+        def submit(self, batch):
+            for o in batch:
+                if getattr(o, "requeue", None):
+                    fq.requeue("tiny", "w", o.request_id, o.requeue)
+            out([o for o in batch if hasattr(o, "requeue")])
+
+    claimer = Claimer(rclient, fq, "w", {"tiny": engine}, threading.Event(), Publisher(), threading.Event())
+    for i in range(4):
+        assert fq.enqueue(greq(f"f{i}", "a", [5 + i] * 8, 40, tier=flood_tier)).admitted
+    claimer._claim_round()
+    newcomer = greq("new", newcomer_user, [9, 9, 9], 4)
+    assert fq.enqueue(newcomer).admitted
+    for steps in range(1, 20):
+        claimer._claim_round()
+        engine.step(out)
+        if out.events.get("new"):
+            break
+    assert steps <= sched.preempt_min_run_steps + 2, steps
+    assert len(out.requeued) == 1 and out.requeued[0][2] == ("share" if flood_tier == "normal" else "tier")
