@@ -13,6 +13,11 @@ order. The preemption policy (:func:`pick_victims`, at the end) is plain Python 
   tag is ``max(V, F_user)``; the user's finish tag becomes ``start + cost/weight``;
   the head request with the smallest start tag goes first (ties: by user name, as
   Redis orders equal scores); V becomes the start tag of the request last claimed.
+  When a tier has nothing left waiting its busy period ends: V moves to the largest
+  finish tag. A finish tag at or below V means the same as none, so it is dropped:
+  the state holds only users with recent work.
+* A claim counts sequences (a request's ``n``): it stops at the first request in
+  order that would take the claim past its size, unless nothing was claimed yet.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ class _Waiting:
     cost: float
     start: float
     enq: float
+    seqs: int = 1
     weight: float = 1.0
-    n: int = 1
 
 
 @dataclass
@@ -51,17 +56,28 @@ class FairQueueModel:
     running: dict[str, _Waiting] = field(default_factory=dict)
     """Claimed requests, so that a preempted one can go back where it was."""
 
-    def enqueue(self, rid: str, user: str, tier: str, cost: float, weight: float, now: float, n: int = 1) -> None:
+    def enqueue(self, rid: str, user: str, tier: str, cost: float, weight: float, now: float,
+                seqs: int = 1) -> None:
         start = max(self.virtual[tier], self.finish.get((tier, user), 0.0))
         self.finish[(tier, user)] = start + cost / weight
-        item = _Waiting(rid, user, tier, cost, start, now, weight, n)
+        item = _Waiting(rid, user, tier, cost, start, now, seqs, weight)
         self.queues.setdefault((tier, user), deque()).append(item)
         self.by_age[tier][rid] = item
 
+    def _fair_head(self, tier: str) -> _Waiting:
+        heads = [q[0] for (t, _), q in self.queues.items() if t == tier and q]
+        # Redis sorted sets order equal scores by member name: do the same.
+        return min(heads, key=lambda w: (w.start, w.user))
+
     def _take(self, item: _Waiting) -> None:
-        self.queues[(item.tier, item.user)].remove(item)
-        del self.by_age[item.tier][item.rid]
-        self.virtual[item.tier] = max(self.virtual[item.tier], item.start)
+        tier = item.tier
+        self.queues[(tier, item.user)].remove(item)
+        del self.by_age[tier][item.rid]
+        if not self.by_age[tier]:  # the tier's busy period ends
+            tags = [f for (t, _), f in self.finish.items() if t == tier]
+            self.virtual[tier] = max([self.virtual[tier], *tags])
+        self.virtual[tier] = max(self.virtual[tier], item.start)
+        self.finish = {k: f for k, f in self.finish.items() if k[0] != tier or f > self.virtual[tier]}
         self.running[item.rid] = item
 
     def requeue(self, rid: str) -> None:
@@ -83,7 +99,7 @@ class FairQueueModel:
                 heads = sorted((q[0] for (t, _), q in self.queues.items() if t == tier and q),
                                key=lambda w: (w.start, w.user))
                 for item in heads[:PREEMPT_SCAN_USERS]:
-                    got = pick_victims(Batch(batch.slots, tuple(running)), item.user, tier, item.weight, item.n,
+                    got = pick_victims(Batch(batch.slots, tuple(running)), item.user, tier, item.weight, item.seqs,
                                        min_run_steps)
                     if got and got[0]:  # only with victims: a batch with room claims the usual way
                         pick = item, got
@@ -96,7 +112,7 @@ class FairQueueModel:
             self._take(item)
             gone = {v.rid for v in victims}
             running = [r for r in running if r.rid not in gone]
-            running.append(Running(item.rid, item.user, item.tier, item.weight, item.n, 0, 0))
+            running.append(Running(item.rid, item.user, item.tier, item.weight, item.seqs, 0, 0))
             out.append((item.rid, [v.rid for v in victims], reason))
 
     def _fair_head(self, tier: str) -> _Waiting:
@@ -105,8 +121,9 @@ class FairQueueModel:
         return min(heads, key=lambda w: (w.start, w.user))
 
     def claim(self, n: int, now: float) -> list[str]:
-        out = []
-        while len(out) < n:
+        """Request ids in claim order, until they bring ``n`` sequences."""
+        out, taken = [], 0
+        while taken < n:
             heads = {t: min(self.by_age[t].values(), key=lambda w: (w.enq, w.rid)) for t in TIERS if self.by_age[t]}
             if not heads:
                 break
@@ -116,13 +133,15 @@ class FairQueueModel:
                 # the longest wait; on a tie the tier that comes first in TIERS, as the Lua
                 tier = max(overdue, key=lambda x: (x[0], -TIERS.index(x[1])))[1]
                 item = heads[tier]
-                self.last_overdue = True
             else:
                 tier = next(t for t in TIERS if t in heads and RANK[t] == top)
                 item = self._fair_head(tier)
-                self.last_overdue = False
+            if taken and taken + item.seqs > n:
+                break
+            self.last_overdue = bool(overdue and not self.last_overdue)
             self._take(item)
             out.append(item.rid)
+            taken += item.seqs
         return out
 
 

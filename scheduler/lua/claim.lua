@@ -1,5 +1,8 @@
--- Claim up to n requests for one worker: pick across tiers (with aging) and users
--- (start-time fair queueing), move each to in-flight with a lease.
+-- Claim requests for one worker until they bring n sequences (batch rows: a request
+-- with n choices brings n): pick across tiers (with aging) and users (start-time fair
+-- queueing), move each to in-flight with a lease. The next request in policy order
+-- that would overshoot n ends the claim, unless nothing was claimed yet (so a request
+-- wider than the free room still runs once it is first in line).
 -- ARGV: prefix, worker, n, lease_s, aging_max_wait_s, now(optional)
 -- Returns {claimed, expired}: claimed = {{rid, payload, attempts, weight, preemptions,
 -- preempted_ms, preempted_at}, ...} (see `take`), expired = {payload, ...} (deadline
@@ -11,8 +14,9 @@ local blocked = {}  -- tiers whose candidates are all reserved for other workers
 local SCAN_USERS, SCAN_DEPTH = 16, 4
 local backlogged = false
 local claimed_cost = 0
+local taken = 0  -- sequences claimed
 
-while #claimed < n do
+while taken < n do
   -- Strict priority by tier (high 2 > normal 1 > low 0), with aging: a request of a
   -- lower tier than the top waiting one that has waited `max_wait` seconds is overdue,
   -- and overdue requests (oldest first) take every other claim while they last. So
@@ -35,10 +39,9 @@ while #claimed < n do
     local h = heads[t]
     if h and RANK[t] < top_rank and h[2] >= max_wait and h[2] > od_wait then od_tier, od_wait = t, h[2] end
   end
-  local rid, best_tier = nil, nil
+  local rid, best_tier, overdue = nil, nil, false
   if od_tier and redis.call("HGET", K_STATE, "last_overdue") ~= "1" and eligible(heads[od_tier][1], worker, now) then
-    best_tier, rid = od_tier, heads[od_tier][1]
-    redis.call("HSET", K_STATE, "last_overdue", "1")
+    best_tier, rid, overdue = od_tier, heads[od_tier][1], true
   else
     for _, t in ipairs(TIERS) do
       if heads[t] and RANK[t] == top_rank then best_tier = t end
@@ -51,20 +54,26 @@ while #claimed < n do
       end
       if rid then break end
     end
-    if rid then redis.call("HSET", K_STATE, "last_overdue", "0") end
   end
+  local full = false
   if rid then
-    local entry, cost = take(rid, best_tier, worker, lease_s, now)
-    if entry then
-      table.insert(claimed, entry)
-      claimed_cost = claimed_cost + cost
-    else
-      table.insert(expired, cost)
+    local seqs = num(redis.call("HGET", k_req(rid), "seqs"), 1)
+    full = taken > 0 and taken + seqs > n
+    if not full then
+      redis.call("HSET", K_STATE, "last_overdue", overdue and "1" or "0")
+      local entry, cost = take(rid, best_tier, worker, lease_s, now)
+      if entry then
+        table.insert(claimed, entry)
+        claimed_cost = claimed_cost + cost
+        taken = taken + seqs
+      else
+        table.insert(expired, cost)
+      end
     end
   else
     blocked[best_tier] = true
   end
-  if #claimed >= n then
+  if full or taken >= n then
     backlogged = num(redis.call("HGET", K_STATE, "len"), 0) > 0
     break
   end

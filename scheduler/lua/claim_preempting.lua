@@ -21,7 +21,7 @@ while true do
     for _, u in ipairs(redis.call("ZRANGE", k_tu(t), 0, SCAN_USERS - 1)) do
       local rid = redis.call("LINDEX", k_uq(t, u), 0)
       if rid and eligible(rid, worker, now) then
-        local f = redis.call("HMGET", k_req(rid), "w", "n")
+        local f = redis.call("HMGET", k_req(rid), "w", "seqs")
         local weight, need = num(f[1], 1), num(f[2], 1)
         local victims, reason = pick_victims(batch, u, RANK[t], weight, need, min_run)
         if victims and #victims > 0 then
