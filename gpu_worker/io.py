@@ -48,6 +48,8 @@ class _Prepared:
     """(model, reply channel, event, encoded): remembered once shipped (``_reconcile``)."""
     done: list[tuple[str, str]] = field(default_factory=list)
     """(model, request id) whose leases are released after their events."""
+    requeue: list[Outgoing] = field(default_factory=list)
+    """Requests handed back to the queue (``Outgoing.requeue``) after their events."""
     size: int = 0
 
 
@@ -71,8 +73,10 @@ def _mode(o: Outgoing) -> str:
 class Publisher(threading.Thread):
     """Ships each step's events in one pipelined round trip: per API process one fenced
     emit (append to the output logs, publish the batch: ``lua/emit.lua``), then release
-    finished requests' leases; the lifecycle events of claims and releases
-    (``metrics.lifecycle``) ride along in the same round trip.
+    finished requests' leases and hand requests back to the queue (preempted, or held
+    by a failed step: ``lua/requeue.lua``); the lifecycle events of claims and releases
+    (``metrics.lifecycle``) ride along in the same round trip, those of requests handed
+    back in the next one (they depend on the queue's answer).
 
     While Redis is unreachable it keeps what the engines produce, in order (the compute
     loop pauses once ``max_buffered`` events wait: ``backlogged``), and ships it when
@@ -159,8 +163,10 @@ class Publisher(threading.Thread):
                 self._reconcile()
                 self._reconcile_due = False
             while self._pending:
-                self._send(self._pending[0])
+                follow_up = self._send(self._pending[0])
                 self.buffered -= self._pending.pop(0).size
+                if follow_up is not None:
+                    self._pending.insert(0, follow_up)
             self.outage.ok()
             self._gave_up = False
             return 0.0
@@ -196,6 +202,9 @@ class Publisher(threading.Thread):
             if isinstance(o, Claim):
                 self.recorder.claim(p.deferred, o)
                 continue
+            if o.requeue:  # its event (an error) goes out only if the queue says it failed
+                p.requeue.append(o)
+                continue
             if o.event is not None:
                 encoded = messages.encode(o.event)
                 p.emits.setdefault((o.model, o.reply_to), []).append((o.request_id, _mode(o), encoded))
@@ -207,7 +216,8 @@ class Publisher(threading.Thread):
                 self.recorder.release(p.deferred, o.model, o.request_id, o.event, now)
         return p
 
-    def _send(self, p: _Prepared) -> None:
+    def _send(self, p: _Prepared) -> _Prepared | None:
+        """One round trip; returns what must follow it (the requeues' consequences)."""
         started = time.perf_counter()
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
@@ -219,6 +229,9 @@ class Publisher(threading.Thread):
             self.fq.emit(model, self.worker_id, channel, events, client=pipe)
         for model, rid in p.done:
             self._complete(args=[keys.tag(model), self.worker_id, rid, self.fq.s.output_log_ttl_s], client=pipe)
+        requeued_at = len(pipe)  # after their last tokens
+        for o in p.requeue:
+            self.fq.requeue(o.model, self.worker_id, o.request_id, o.requeue, client=pipe, now=now)
         p.deferred.replay(pipe)
         results = pipe.execute()
         for model, rid_list in ((m, results[i]) for m, i in emitted):
@@ -235,6 +248,27 @@ class Publisher(threading.Thread):
         elapsed = time.perf_counter() - started
         self.busy_s += elapsed
         self.recorder.round_trip(now, now + elapsed)
+        if p.requeue:
+            return self._after_requeue(p.requeue, results[requeued_at:requeued_at + len(p.requeue)])
+        return None
+
+    def _after_requeue(self, handed_back: list[Outgoing], answers: list[str]) -> _Prepared:
+        """What follows the requeue answers (``lua/requeue.lua``), as a round trip of its
+        own that waits out an outage like any other: the error of a request out of
+        attempts (logged, so a resuming client sees it too) and the lifecycle events."""
+        now = time.time()
+        p = _Prepared()
+        for o, answer in zip(handed_back, answers):
+            self._shipped.pop(o.request_id, None)  # not this worker's any more
+            if answer == "failed":  # out of attempts: the client gets the error now
+                p.emits.setdefault((o.model, o.reply_to), []).append(
+                    (o.request_id, "final", messages.encode(o.event)))
+                self.recorder.release(p.deferred, o.model, o.request_id, o.event, now)
+            elif answer == "requeued":
+                self.recorder.requeued(p.deferred, o.model, o.request_id, o.requeue, o.reason, now)
+            else:  # cancelled meanwhile, or no longer ours
+                self.recorder.release(p.deferred, o.model, o.request_id, None, now)
+        return p
 
     def _reconcile(self) -> None:
         """After an outage: re-append what a restarted Redis lost of the events already
@@ -271,7 +305,9 @@ class Publisher(threading.Thread):
 
 class Claimer(threading.Thread):
     """Claims work whenever an engine has free capacity; sleeps on the models'
-    doorbells (BLPOP) when the queues are empty, so idle workers cost nothing."""
+    doorbells (BLPOP) when the queues are empty, so idle workers cost nothing. While
+    an engine is full it looks, once per step, for waiting requests that may preempt
+    part of its batch (``FairQueue.claim_preempting``)."""
 
     def __init__(self, client, fq: FairQueue, worker_id: str, engines: dict[str, Engine],
                  wake: threading.Event, publisher: Publisher, stopping: threading.Event):
@@ -282,10 +318,18 @@ class Claimer(threading.Thread):
         self.paused = threading.Event()
         self.claimed = 0
         self.outage = Outage(f"worker {worker_id} claimer", log)
+        self._hold_until = 0.0
+        self._looked: dict[str, int] = {}
+        """Model -> the engine step at which it last looked for preempting requests."""
+
+    def back_off(self, seconds: float) -> None:
+        """Claim nothing for a while (this worker's step just failed: let healthy
+        workers take the requests it handed back first)."""
+        self._hold_until = time.monotonic() + seconds
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            if self.paused.is_set() or self.publisher.backlogged:
+            if self.paused.is_set() or self.publisher.backlogged or time.monotonic() < self._hold_until:
                 time.sleep(0.05)  # (backlogged: Redis is away; claim nothing new meanwhile)
                 continue
             try:
@@ -312,13 +356,20 @@ class Claimer(threading.Thread):
         got, had_room = 0, False
         for model, engine in self.engines.items():
             n = engine.capacity()
-            if n <= 0:
+            if n > 0:
+                had_room = True
+                res = self.fq.claim_batch(model, self.worker_id, n)
+            elif self.fq.s.preemption and hasattr(engine, "batch_view") and self._looked.get(model) != engine.steps:
+                self._looked[model] = engine.steps  # one look per step: the batch changes no faster
+                batch = engine.batch_view()
+                if not any(r.steps >= self.fq.s.preempt_min_run_steps for r in batch.running):
+                    continue
+                res = self.fq.claim_preempting(model, self.worker_id, batch)
+            else:
                 continue
-            had_room = True
-            res = self.fq.claim_batch(model, self.worker_id, n)
             if res.claimed:  # noted before the engine sees them, so before any of their tokens
                 held, now = len(engine.request_ids()) + len(res.claimed), time.time()
-                self.publisher.submit([Claim(model, c.request, c.attempt, held, now) for c in res.claimed])
+                self.publisher.submit([Claim(model, c, held, now) for c in res.claimed])
             for c in res.claimed:
                 log_events = self.fq.output_log(model, c.request.id) if c.attempt > 1 else []
                 engine.add(c, log_events)

@@ -25,7 +25,7 @@ for i = 5, #ARGV, 3 do
   end
   if ok then
     if mode ~= "live" then
-      local log = P .. ":out:" .. rid
+      local log = k_out(rid)
       redis.call("RPUSH", log, ev)
       if mode == "final" then redis.call("EXPIRE", log, ttl) end
     end

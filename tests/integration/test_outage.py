@@ -13,7 +13,7 @@ import pytest
 from broker import keys, messages
 from broker.connection import sync_client
 from broker.messages import GenerateRequest, SamplingParams, TokenEvent
-from gpu_worker.engine import Outgoing
+from gpu_worker.engine import Outgoing, handed_back
 from gpu_worker.io import Heartbeat, Publisher
 from inferstack.redis_server import RedisServer
 from scheduler.queue import FairQueue
@@ -230,6 +230,55 @@ def test_a_worker_buffers_in_order_while_redis_is_away_and_gives_up_past_the_lim
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert starts("r2") == [1]
+    finally:
+        publisher.stop()
+        publisher.join(5)
+        for client in (rclient, fq.r, publisher.r):
+            client.close()
+        server.stop()
+
+
+def test_requests_handed_back_while_redis_is_away_go_back_after_their_tokens():
+    """A preemption and a failed step's hand-back (issue 11) during an outage wait in
+    the buffer like any output: once Redis is back, each request's tokens are logged
+    first, then it is requeued with its log (a resume continues from there), or, out of
+    attempts, ends with its error in the log too (a resuming client sees it)."""
+    server = RedisServer(appendonly=True)
+    rclient = sync_client(server.url)
+    fq = FairQueue(sync_client(server.url), SchedulerSettings())
+    reqs = {rid: GenerateRequest(id=rid, model="m", prompt_token_ids=[1], params=SamplingParams(max_tokens=10),
+                                 reply_to="is:reply:t") for rid in ("r1", "r2")}
+    for req in reqs.values():
+        fq.enqueue(req)
+    fq.claim_batch("m", "w", 2)
+    rclient.hset(keys.request("m", "r2"), "attempts", fq.s.max_attempts)  # its last attempt
+    publisher = Publisher(sync_client(server.url), fq, "w", on_lost=lambda *_: None)
+    publisher.start()
+
+    def log(rid):
+        return [messages.decode(x) for x in rclient.lrange(keys.output_log("m", rid), 0, -1)]
+
+    try:
+        server.shutdown()
+        publisher.submit([Outgoing("m", "is:reply:t", rid, TokenEvent(rid, 0, i, [100 + i], f"t{i}"))
+                          for rid in reqs for i in range(3)])
+        publisher.submit([Outgoing("m", "is:reply:t", "r1", None, requeue="preempted", reason="tier"),
+                          *handed_back("m", [reqs["r2"]], "RuntimeError: out of memory")])
+        time.sleep(0.3)
+        server.start()
+        deadline = time.monotonic() + 20
+        while not {"preempted", "released"} <= {f["kind"] for _, f in rclient.xrange(keys.EVENTS)}:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r1 = rclient.hgetall(keys.request("m", "r1"))
+        assert (r1["state"], r1["preemptions"]) == ("queued", "1") and "worker" not in r1
+        assert [ev.start for ev in log("r1")] == [0, 1, 2]
+        assert fq.claim_batch("m", "w2", 1).claimed[0].request.id == "r1"  # next in line
+        *tokens, error = log("r2")
+        assert [ev.start for ev in tokens] == [0, 1, 2] and error.code == "engine_error"
+        assert not rclient.exists(keys.request("m", "r2"))
+        [released] = [f for _, f in rclient.xrange(keys.EVENTS) if f["kind"] == "released"]
+        assert (released["request_id"], released["error"]) == ("r2", "engine_error")
     finally:
         publisher.stop()
         publisher.join(5)
