@@ -68,6 +68,12 @@ class Procs:
         self.workers.append(p)
         return p
 
+    def kill_worker(self, worker: subprocess.Popen) -> None:
+        """kill -9, as a crash: no shutdown, no release of what it holds."""
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        self.workers.remove(worker)
+
     def start_exporter(self, **env) -> subprocess.Popen:
         self.exporter = self._spawn("exporter", **env)
         return self.exporter
@@ -231,7 +237,7 @@ def worker_kill(procs: Procs, reference: dict[int, str], c: int, max_tokens: int
         r.wait_chunks(6)
     victim = procs.busiest_worker()  # both may hold some
     killed_at, killed_wall = time.monotonic(), time.time()
-    os.kill(victim.pid, signal.SIGKILL)
+    procs.kill_worker(victim)
     for r in runs:
         r.join()
     out = stalls(runs, reference)
@@ -240,7 +246,6 @@ def worker_kill(procs: Procs, reference: dict[int, str], c: int, max_tokens: int
     # When another worker claimed them again (its lifecycle events): detection + claim.
     reclaims = procs.reclaimed(killed_wall)
     out["reclaimed_after_kill_s"] = round(max(reclaims.values()) - killed_wall, 3) if reclaims else None
-    procs.workers.remove(victim)
     return out
 
 

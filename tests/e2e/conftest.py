@@ -14,9 +14,9 @@ pytestmark = pytest.mark.e2e
 class ProcStack(Procs):
     """The stack as processes, with the tests' short heartbeat and lease."""
 
-    def __init__(self, redis_url: str, extra_env: dict | None = None):
-        super().__init__(redis_url, workers=1, extra_env={"INFERSTACK_HEARTBEAT_S": "0.5", "INFERSTACK_LEASE_S": "3",
-                                                          **(extra_env or {})})
+    def __init__(self, redis_url: str, extra_env: dict | None = None, workers: int = 1):
+        super().__init__(redis_url, workers=workers, extra_env={"INFERSTACK_HEARTBEAT_S": "0.5",
+                                                                "INFERSTACK_LEASE_S": "3", **(extra_env or {})})
 
 
 @pytest.fixture(scope="package")

@@ -185,57 +185,70 @@ def test_a_worker_re_appends_what_a_restarted_redis_lost(redis_url, rclient):
             client.close()
 
 
-def test_a_worker_buffers_in_order_while_redis_is_away_and_gives_up_past_the_limit():
-    server = RedisServer(appendonly=True)
-    rclient = sync_client(server.url)
-    fq = FairQueue(sync_client(server.url), SchedulerSettings())
-    for rid in ("r1", "r2"):
-        fq.enqueue(GenerateRequest(id=rid, model="m", prompt_token_ids=[1], params=SamplingParams(max_tokens=10),
-                                   reply_to="is:reply:t"))
-    fq.claim_batch("m", "w", 2)
-    gave_up = threading.Event()
-    publisher = Publisher(sync_client(server.url), fq, "w", on_lost=lambda *_: None, max_buffered=4, give_up_s=60,
-                          on_give_up=gave_up.set)
-    publisher.start()
+class TwoClaimed:
+    """An append-only redis-server the test stops and starts, requests r1 and r2 of
+    model m claimed by worker w, and that worker's publisher."""
 
-    def token(rid, i):
-        return [Outgoing("m", "is:reply:t", rid, TokenEvent(rid, 0, i, [100 + i], f"t{i}"))]
+    def __init__(self, **publisher_kw):
+        self.server = RedisServer(appendonly=True)
+        self.r = sync_client(self.server.url)
+        self.fq = FairQueue(sync_client(self.server.url), SchedulerSettings())
+        self.reqs = {rid: GenerateRequest(id=rid, model="m", prompt_token_ids=[1], params=SamplingParams(max_tokens=10),
+                                          reply_to="is:reply:t") for rid in ("r1", "r2")}
+        for req in self.reqs.values():
+            self.fq.enqueue(req)
+        self.fq.claim_batch("m", "w", 2)
+        self.publisher = Publisher(sync_client(self.server.url), self.fq, "w", on_lost=lambda *_: None, **publisher_kw)
+        self.publisher.start()
+
+    @staticmethod
+    def tokens(rid: str, lo: int, hi: int) -> list[Outgoing]:
+        return [Outgoing("m", "is:reply:t", rid, TokenEvent(rid, 0, i, [100 + i], f"t{i}")) for i in range(lo, hi)]
+
+    def log(self, rid: str) -> list:
+        return [messages.decode(x) for x in self.r.lrange(keys.output_log("m", rid), 0, -1)]
+
+    def wait(self, cond) -> None:
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.publisher.stop()
+        self.publisher.join(5)
+        for client in (self.r, self.fq.r, self.publisher.r):
+            client.close()
+        self.server.stop()
+
+
+def test_a_worker_buffers_in_order_while_redis_is_away_and_gives_up_past_the_limit():
+    gave_up = threading.Event()
+    t = TwoClaimed(max_buffered=4, give_up_s=60, on_give_up=gave_up.set)
+    publisher = t.publisher
 
     def starts(rid):
-        return [messages.decode(x).start for x in rclient.lrange(keys.output_log("m", rid), 0, -1)]
+        return [ev.start for ev in t.log(rid)]
 
     try:
-        server.shutdown()
+        t.server.shutdown()
         for i in range(5):
-            publisher.submit(token("r1", i))
-        deadline = time.monotonic() + 10
-        while not publisher.backlogged:  # the compute loop would pause here
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        server.start()
-        deadline = time.monotonic() + 10
-        while publisher.buffered:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+            publisher.submit(t.tokens("r1", i, i + 1))
+        t.wait(lambda: publisher.backlogged)  # the compute loop would pause here
+        t.server.start()
+        t.wait(lambda: not publisher.buffered)
         assert starts("r1") == [0, 1, 2, 3, 4] and not gave_up.is_set()
 
         publisher.give_up_s = 0.5
-        server.shutdown()
-        publisher.submit(token("r2", 0))
+        t.server.shutdown()
+        publisher.submit(t.tokens("r2", 0, 1))
         assert gave_up.wait(10)  # the outage outlasted the limit: the worker drops what it holds
-        publisher.submit(token("r2", 1))  # (say, the release of what it dropped) waits for Redis
-        server.start()
-        deadline = time.monotonic() + 10
-        while publisher.buffered:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        publisher.submit(t.tokens("r2", 1, 2))  # (say, the release of what it dropped) waits for Redis
+        t.server.start()
+        t.wait(lambda: not publisher.buffered)
         assert starts("r2") == [1]
     finally:
-        publisher.stop()
-        publisher.join(5)
-        for client in (rclient, fq.r, publisher.r):
-            client.close()
-        server.stop()
+        t.close()
 
 
 def test_requests_handed_back_while_redis_is_away_go_back_after_their_tokens():
@@ -243,45 +256,24 @@ def test_requests_handed_back_while_redis_is_away_go_back_after_their_tokens():
     the buffer like any output: once Redis is back, each request's tokens are logged
     first, then it is requeued with its log (a resume continues from there), or, out of
     attempts, ends with its error in the log too (a resuming client sees it)."""
-    server = RedisServer(appendonly=True)
-    rclient = sync_client(server.url)
-    fq = FairQueue(sync_client(server.url), SchedulerSettings())
-    reqs = {rid: GenerateRequest(id=rid, model="m", prompt_token_ids=[1], params=SamplingParams(max_tokens=10),
-                                 reply_to="is:reply:t") for rid in ("r1", "r2")}
-    for req in reqs.values():
-        fq.enqueue(req)
-    fq.claim_batch("m", "w", 2)
-    rclient.hset(keys.request("m", "r2"), "attempts", fq.s.max_attempts)  # its last attempt
-    publisher = Publisher(sync_client(server.url), fq, "w", on_lost=lambda *_: None)
-    publisher.start()
-
-    def log(rid):
-        return [messages.decode(x) for x in rclient.lrange(keys.output_log("m", rid), 0, -1)]
-
+    t = TwoClaimed()
+    t.r.hset(keys.request("m", "r2"), "attempts", t.fq.s.max_attempts)  # its last attempt
     try:
-        server.shutdown()
-        publisher.submit([Outgoing("m", "is:reply:t", rid, TokenEvent(rid, 0, i, [100 + i], f"t{i}"))
-                          for rid in reqs for i in range(3)])
-        publisher.submit([Outgoing("m", "is:reply:t", "r1", None, requeue="preempted", reason="tier"),
-                          *handed_back("m", [reqs["r2"]], "RuntimeError: out of memory")])
+        t.server.shutdown()
+        t.publisher.submit(t.tokens("r1", 0, 3) + t.tokens("r2", 0, 3))
+        t.publisher.submit([Outgoing("m", "is:reply:t", "r1", None, requeue="preempted", reason="tier"),
+                            *handed_back("m", [t.reqs["r2"]], "RuntimeError: out of memory")])
         time.sleep(0.3)
-        server.start()
-        deadline = time.monotonic() + 20
-        while not {"preempted", "released"} <= {f["kind"] for _, f in rclient.xrange(keys.EVENTS)}:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        r1 = rclient.hgetall(keys.request("m", "r1"))
+        t.server.start()
+        t.wait(lambda: {"preempted", "released"} <= {f["kind"] for _, f in t.r.xrange(keys.EVENTS)})
+        r1 = t.r.hgetall(keys.request("m", "r1"))
         assert (r1["state"], r1["preemptions"]) == ("queued", "1") and "worker" not in r1
-        assert [ev.start for ev in log("r1")] == [0, 1, 2]
-        assert fq.claim_batch("m", "w2", 1).claimed[0].request.id == "r1"  # next in line
-        *tokens, error = log("r2")
+        assert [ev.start for ev in t.log("r1")] == [0, 1, 2]
+        assert t.fq.claim_batch("m", "w2", 1).claimed[0].request.id == "r1"  # next in line
+        *tokens, error = t.log("r2")
         assert [ev.start for ev in tokens] == [0, 1, 2] and error.code == "engine_error"
-        assert not rclient.exists(keys.request("m", "r2"))
-        [released] = [f for _, f in rclient.xrange(keys.EVENTS) if f["kind"] == "released"]
+        assert not t.r.exists(keys.request("m", "r2"))
+        [released] = [f for _, f in t.r.xrange(keys.EVENTS) if f["kind"] == "released"]
         assert (released["request_id"], released["error"]) == ("r2", "engine_error")
     finally:
-        publisher.stop()
-        publisher.join(5)
-        for client in (rclient, fq.r, publisher.r):
-            client.close()
-        server.stop()
+        t.close()
