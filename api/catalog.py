@@ -23,8 +23,21 @@ class TextModel:
     tokenizer: object
     context_length: int
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    @property
+    def native_tools(self) -> bool:
+        """The chat template renders ``tools``, tool calls and tool results itself."""
+        template = self.tokenizer.chat_template
+        return isinstance(template, str) and "tools" in template
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, tool_format=None,
+                    **template_kwargs) -> list[int]:
+        """``tools`` (OpenAI function tools) go to the template; a template without tool
+        support gets ``tool_format``'s fallback (tools in the system message, calls and
+        results as text: ``api.tool_calls``)."""
+        if not self.native_tools and (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)):
+            messages, tools = tool_format.fallback_messages(messages, tools), None
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                                                  **template_kwargs)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, text: str) -> list[int]:

@@ -21,7 +21,7 @@ from api.generation import Generation, merged, watch_disconnect
 from api.schemas import _Sampling
 from api.state import AppState
 from api.workers import check_servable
-from broker.messages import GenerateRequest, SamplingParams, TokenEvent, VisionRequest
+from broker.messages import Constraint, GenerateRequest, SamplingParams, TokenEvent, VisionRequest
 from broker.prefix import prefix_hashes
 
 _background: set[asyncio.Task] = set()
@@ -62,7 +62,8 @@ def context_error(model: TextModel, prompt_len: int, completion: int, where: str
 
 
 def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
-                    max_n: int, vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
+                    max_n: int, vocab_size: int, defaults: Mapping[str, float],
+                    constraint: Constraint | None = None) -> SamplingParams:
     """The request's sampling, with the model's recommended ``defaults`` (registry) for
     whatever it leaves unset."""
     if n > max_n:
@@ -95,6 +96,7 @@ def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool,
         ignore_eos=body.ignore_eos,
         min_tokens=min(body.min_tokens, max_tokens),
         skip_special_tokens=body.skip_special_tokens,
+        constraint=constraint,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import APIRouter, Request
@@ -10,7 +11,9 @@ from api.errors import OpenAIError
 from api.routes._text import (
     TextJob, collect, identify, max_tokens_for, new_id, sampling_params, state_of, stream, usage,
 )
-from api.schemas import ChatCompletionRequest
+from api.schemas import ChatCompletionRequest, ChatMessage
+from api.structured import output_plan
+from api.tool_calls import PARSERS
 from api.vision import vision_prompt
 from broker.messages import TokenEvent
 from inferstack.registry import Modality
@@ -29,43 +32,79 @@ def chat_logprobs(records: list[dict] | None) -> dict | None:
     ]}
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Request messages as chat templates take them (Hugging Face's convention: tool
+    call arguments as objects, tool results with their ``tool_call_id``)."""
+    out = []
+    for m in messages:
+        d: dict = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content:
+            d["reasoning_content"] = m.reasoning_content
+        out.append(d)
+    return out
+
+
+def _arguments(text: str):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
     identity = identify(request, body)
     model = await state.catalog.text(body.model)
+    if body.reasoning_effort is not None and not model.spec.reasoning:
+        raise OpenAIError(400, f"reasoning_effort is not supported with `{body.model}` (not a reasoning model).",
+                          param="reasoning_effort", code="unsupported_parameter")
     if model.spec.modality is not Modality.VISION and any(
-        not isinstance(m.content, str) and m.content and any(p.type != "text" for p in m.content)
+        not isinstance(m.content, str) and m.content and any(p.type not in ("text", "refusal") for p in m.content)
         for m in body.messages
     ):
         raise OpenAIError(400, f"`{body.model}` accepts text only; image and audio parts need a vision model.",
                           param="messages", code="unsupported_content")
     images: list[str] = []
+    plan = await output_plan(body, model.spec)
     if model.spec.modality is Modality.VISION:
         prompt_ids, images = await vision_prompt(
             model, body.messages, cache_dir=state.catalog.cache_dir, timeout_s=state.settings.fetch_timeout_s,
             max_bytes=state.settings.fetch_max_bytes)
     else:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        prompt_ids = model.render_chat(messages)
+        kwargs = {"enable_thinking": False} if body.reasoning_effort == "none" else {}
+        prompt_ids = model.render_chat(template_messages(body.messages), tools=plan.tools,
+                                       tool_format=PARSERS[model.spec.tool_parser or "hermes"], **kwargs)
     max_tokens = max_tokens_for(model, len(prompt_ids), body.requested_max_tokens,
                                 state.settings.default_max_tokens, "messages")
     params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs,
                              top_logprobs=body.top_logprobs or 0, max_n=state.settings.max_n,
-                             vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
+                             vocab_size=len(model.tokenizer), defaults=model.spec.sampling,
+                             constraint=plan.constraint)
     rid = new_id("chatcmpl")
     job = TextJob(state, identity, body, session_id=request.headers.get("x-session-id"))
-    job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning, images=images)
+    job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning and body.reasoning_effort != "none",
+            images=images)
     await job.admit()
 
     created = int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
+    if body.service_tier is not None:
+        base["service_tier"] = "default"
     counts = {"completion": 0, "cached": 0}
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started: set[int] = set()
+        parsers = {i: plan.parser.stream() for i in range(body.n)} if plan.parser else {}
 
         def render(_: int, ev: TokenEvent) -> list[dict]:
             counts["completion"] += len(ev.token_ids)
@@ -76,13 +115,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 delta["role"] = "assistant"
             if ev.reasoning:
                 delta["reasoning_content"] = ev.reasoning
-            if ev.text or "role" in delta:
-                delta["content"] = ev.text
-            if not delta and not ev.finish_reason and not ev.logprobs:
+            text, calls = ev.text, []
+            parser = parsers.get(ev.choice)
+            if parser is not None:
+                text, calls = parser.feed(ev.text, final=ev.finish_reason is not None)
+            if text or "role" in delta:
+                delta["content"] = text
+            if calls:
+                delta["tool_calls"] = calls
+            finish = ev.finish_reason
+            if finish == "stop" and parser is not None and parser.calls:
+                finish = "tool_calls"
+            if not delta and not finish and not ev.logprobs:
                 return []  # a token that completes no text yet (partial character, held-back stop)
             chunk = {**base, "object": "chat.completion.chunk", "choices": [{
                 "index": ev.choice, "delta": delta, "logprobs": chat_logprobs(ev.logprobs),
-                "finish_reason": ev.finish_reason}]}
+                "finish_reason": finish}]}
             if include_usage:
                 chunk["usage"] = None
             return [chunk]
@@ -106,11 +154,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         counts["cached"] = max(counts["cached"], ev.cached_tokens)
     out_choices = []
     for i, c in choices.items():
-        message = {"role": "assistant", "content": "".join(c["text"])}
+        message: dict = {"role": "assistant", "content": "".join(c["text"])}
+        finish = c["finish"]
+        if plan.parser is not None:
+            message["content"], calls = plan.parser.parse(message["content"])
+            if calls:
+                message["tool_calls"] = [call.openai() for call in calls]
+                if finish == "stop":
+                    finish = "tool_calls"
         if model.spec.reasoning:
             message["reasoning_content"] = "".join(c["reasoning"]) or None
         out_choices.append({"index": i, "message": message,
                             "logprobs": chat_logprobs(c["logprobs"]) if body.logprobs else None,
-                            "finish_reason": c["finish"]})
+                            "finish_reason": finish})
     return {**base, "object": "chat.completion", "choices": out_choices,
             "usage": usage(len(prompt_ids), counts["completion"], counts["cached"])}

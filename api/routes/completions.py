@@ -11,6 +11,7 @@ from api.routes._text import (
     TextJob, collect, identify, max_tokens_for, new_id, sampling_params, state_of, stream, usage,
 )
 from api.schemas import CompletionRequest
+from api.structured import output_plan
 from broker.messages import TokenEvent
 
 router = APIRouter()
@@ -39,9 +40,8 @@ def completion_logprobs(records: list[dict], offset: int) -> dict:
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
     identity = identify(request, body)
-    if body.suffix:
-        raise OpenAIError(400, "suffix is not supported.", param="suffix", code="unsupported_parameter")
     model = await state.catalog.text(body.model)
+    plan = await output_plan(body, model.spec)
     prompts = _prompts(model, body.prompt)
     if any(not p for p in prompts):
         raise OpenAIError(400, "prompt must not be empty.", param="prompt", code="invalid_value")
@@ -55,7 +55,8 @@ async def completions(body: CompletionRequest, request: Request):
                                     "prompt")
         params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
                                  top_logprobs=body.logprobs or 0, max_n=state.settings.max_n,
-                                 vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
+                                 vocab_size=len(model.tokenizer), defaults=model.spec.sampling,
+                                 constraint=plan.constraint)
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
     await job.admit()
 

@@ -6,6 +6,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +15,7 @@ import torch
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from broker.prefix import BLOCK
 from gpu_worker.engine import Emit, Outgoing
+from gpu_worker.text.grammar import NO_ALLOWED_TOKEN, GrammarCache, new_matcher
 from gpu_worker.text.kvstore import KvStore
 from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.planner import StepPlanner
@@ -30,6 +33,10 @@ class _Request:
     request: GenerateRequest
     seqs: list[Sequence] = field(default_factory=list)
     first_event_sent: bool = False
+    grammar: Future | None = None
+    """Its compiled grammar (constrained requests); it joins the batch once this is done."""
+    error: ErrorEvent | None = None
+    """Set when the request failed on its own (its sequences are aborted); sent on retirement."""
 
     @property
     def done(self) -> bool:
@@ -51,6 +58,10 @@ class TextEngine:
                                   context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes,
                                   memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None)
         self.sampler = Sampler(self._eos_ids(), self._token_text)
+        self.grammars = GrammarCache(self.tokenizer, self.runner.model.get_output_embeddings().weight.shape[0],
+                                     self.sampler.eos, name=spec.name)
+        self._awaiting_grammar: list[_Request] = []
+        """Constrained requests whose grammar is still compiling: not in the batch yet."""
         self.planner = StepPlanner(self.runner.cache, max_seqs=max_seqs,
                                    max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static,
                                    on_admit=self._restore)
@@ -76,6 +87,7 @@ class TextEngine:
     def capacity(self) -> int:
         with self._lock:
             pending = sum(c.request.params.n for c, _ in self._inbox)
+        pending += sum(len(state.seqs) for state in self._awaiting_grammar)
         return max(0, self.planner.free_capacity() - pending)
 
     def add(self, claimed: Claimed, log_events: list[TokenEvent]) -> None:
@@ -90,7 +102,7 @@ class TextEngine:
         with self._lock:
             if self._inbox or self._aborts:
                 return True
-        return self.planner.has_work()
+        return self.planner.has_work() or bool(self._awaiting_grammar)
 
     def request_ids(self) -> list[str]:
         with self._lock:
@@ -99,6 +111,7 @@ class TextEngine:
     def step(self, emit: Emit) -> None:
         out: list[Outgoing] = []
         self._take_inbox(out)
+        self._start_compiled(out)
         self._retire_finished(out)  # aborted ones leave before they cost a forward pass
         plan = self.planner.schedule()
         if plan.prefill:
@@ -140,6 +153,10 @@ class TextEngine:
         if out:
             emit(out)
 
+    def close(self) -> None:
+        """Unloading: stop the grammar compile thread (the weights go with the engine)."""
+        self.grammars.close()
+
     def gauges(self) -> dict[str, float]:
         out = {"batch_size": self.planner.num_admitted, "kv_cache_bytes": self.runner.cache.nbytes}
         if self.kv_store is not None:
@@ -157,6 +174,7 @@ class TextEngine:
             for seq in state.seqs:
                 self._release_restore(seq)
         self._requests.clear()
+        self._awaiting_grammar.clear()
         self.planner.waiting.clear()
         for seq in self.planner.slots:
             seq.slot = -1
@@ -211,7 +229,13 @@ class TextEngine:
             state.seqs.append(seq)
             if not seq.status.finished:
                 self._match_cache(seq)
-                self.planner.add(seq)
+        if req.params.constraint is not None:
+            state.grammar = self.grammars.get(req.params.constraint, req.reasoning)
+            self._awaiting_grammar.append(state)
+        else:
+            for seq in state.seqs:
+                if not seq.status.finished:
+                    self.planner.add(seq)
         if self.kv_store is not None:
             # A prefix is worth keeping once several conversations share it (a system
             # prompt); one conversation's own history is its session cache already.
@@ -225,11 +249,64 @@ class TextEngine:
                 self._prefix_seen.popitem(last=False)
         self._requests[req.id] = state
 
+    def _start_compiled(self, out: list[Outgoing]) -> None:
+        """Constrained requests whose grammar is ready join the batch, each sequence with
+        its own matcher (replaying what a resumed sequence already generated). With
+        nothing else to run, wait a moment for a compile rather than spin."""
+        if not self._awaiting_grammar:
+            return
+        if not self.planner.has_work():
+            wait_futures([s.grammar for s in self._awaiting_grammar], timeout=0.01, return_when=FIRST_COMPLETED)
+        still = []
+        for state in self._awaiting_grammar:
+            if state.done:  # aborted while compiling
+                continue
+            if not state.grammar.done():
+                still.append(state)
+                continue
+            exc = state.grammar.exception()
+            if exc is not None:
+                kind = state.request.params.constraint.kind
+                self._fail(state, f"The output constraint could not be compiled: {exc}",
+                           "invalid_json_schema" if kind.startswith("json") else "invalid_grammar", 400)
+                continue
+            for seq in state.seqs:
+                if seq.status.finished:
+                    continue
+                seq.grammar = new_matcher(state.grammar.result(), seq.output_ids)
+                if seq.grammar is None:
+                    self._fail(state, "The tokens already generated do not match the output constraint.",
+                               "engine_error", 500)
+                    break
+            else:
+                for seq in state.seqs:
+                    if not seq.status.finished:
+                        self.planner.add(seq)
+        self._awaiting_grammar = still
+
+    def _fail(self, state: _Request, message: str, code: str, status: int) -> None:
+        """This request alone fails (its choices stop at once); the rest of the batch goes on."""
+        req = state.request
+        state.error = ErrorEvent(req.id, message, type="invalid_request_error" if status < 500 else "server_error",
+                                 code=code, status=status)
+        for seq in state.seqs:
+            if not seq.status.finished:
+                seq.status = SeqStatus.FINISHED_ABORTED
+
     def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence], out: list[Outgoing]) -> None:
         tokens, records = self.sampler(logits, seqs)
         self.tokens_generated += len(tokens)
         for seq, tok, record in zip(seqs, tokens, records):
             if seq.status.finished:  # aborted while in flight
+                continue
+            if seq.failure == NO_ALLOWED_TOKEN:
+                self._fail(self._requests[seq.request_id],
+                           "The output constraint allows no next token here (is the schema satisfiable?).",
+                           "constraint_unsatisfiable", 400)
+                continue
+            if seq.grammar is not None and not seq.grammar.accept_token(tok):
+                self._fail(self._requests[seq.request_id], "The sampled token does not match the output constraint.",
+                           "engine_error", 500)
                 continue
             seq.output_ids.append(tok)
             if record is not None:
@@ -243,7 +320,7 @@ class TextEngine:
         seq.pending_text += text
         seq.pending_reasoning += reasoning
         n_out = len(seq.output_ids)
-        if stopped:
+        if stopped or (seq.grammar is not None and seq.grammar.is_terminated()):
             seq.status = SeqStatus.FINISHED_STOPPED
         elif n_out >= p.min_tokens and (
             (tok in self.sampler.eos and not p.ignore_eos) or tok in p.stop_token_ids
@@ -283,8 +360,9 @@ class TextEngine:
             if state.done:
                 del self._requests[rid]
                 # Aborted requests get no event: the client is gone, or another worker
-                # owns the request now. The release is a no-op for a lost lease.
-                out.append(Outgoing(self.model, state.request.reply_to, rid, None, request_done=True))
+                # owns the request now. The release is a no-op for a lost lease. A
+                # request that failed on its own gets its error.
+                out.append(Outgoing(self.model, state.request.reply_to, rid, state.error, request_done=True))
 
     # -- KV reuse ---------------------------------------------------------------
 

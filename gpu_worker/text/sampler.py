@@ -1,8 +1,10 @@
 """Logits -> next tokens, with per-request parameters inside one batch.
 
 Order of operations (as in vLLM): raw logprobs for reporting; penalties
-(repetition, frequency, presence); min_tokens; then greedy rows take the argmax and
-sampling rows apply temperature, top-k, top-p and min-p and draw. A request with a
+(repetition, frequency, presence); min_tokens; the grammar mask of constrained rows
+(``gpu_worker.text.grammar``); then greedy rows take the argmax and sampling rows
+apply temperature, top-k, top-p and min-p and draw. A row left with no token to draw
+is marked on its sequence (``Sequence.failure``) and its token is meaningless. A request with a
 seed draws from a generator seeded by (seed, choice, position), so it is
 reproducible inside any batch and after a resume on another worker.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from gpu_worker.text.grammar import constrain
 from gpu_worker.text.sequence import Sequence
 
 _SEED_MIX = 0x9E3779B97F4A7C15
@@ -40,6 +43,9 @@ class Sampler:
                 if _blocks_stop(seq):
                     banned = list(self.eos) + list(seq.params.stop_token_ids)
                     logits[row, banned] = float("-inf")
+
+        if any(s.grammar is not None for s in seqs):
+            constrain(logits, seqs)  # constrained decoding: each constrained row to its grammar's tokens
 
         greedy = [s.params.greedy for s in seqs]
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
@@ -104,7 +110,8 @@ def _has_penalty(seq: Sequence) -> bool:
 
 
 def _blocks_stop(seq: Sequence) -> bool:
-    return len(seq.output_ids) < seq.params.min_tokens
+    # Under a grammar, the grammar decides where the output ends (min_tokens is not applied).
+    return len(seq.output_ids) < seq.params.min_tokens and seq.grammar is None
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
