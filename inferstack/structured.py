@@ -34,6 +34,13 @@ def _xgr():
     return xgrammar
 
 
+def warm() -> None:
+    """Import what building a grammar needs (seconds, once), before a request needs it."""
+    import jsonschema  # noqa: F401
+
+    _xgr()
+
+
 def _reason(exc: Exception) -> str:
     # xgrammar's C++ errors read "[10:48:15] /project/cpp/json_schema_converter.cc:5082: <reason>"
     return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc).strip())
