@@ -137,3 +137,39 @@ def test_bad_constraints_are_400_before_anything_is_enqueued(stack, redis_server
         assert client.hget(keys.tier_state("tiny"), "len") in (None, "0")
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("script,content,calls", [
+    ('<think>maybe <tool_call>\n{"name": "now", "arguments": {}}\n</tool_call></think>\n\nIt is noon.',
+     "It is noon.", []),
+    ('<think>I need the time.</think>\n\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>',
+     None, ["now"]),
+])
+def test_tool_calls_inside_the_reasoning_are_not_calls(redis_server, tiny_model_dir, tmp_path, script, content,
+                                                       calls):
+    """A reasoning model's output under the tools grammar (its sampler scripted: the tiny
+    model cannot reason; the grammar still checks every token). Its own model name, so
+    the module's stack on the same Redis never claims its requests."""
+    registry = registry_toml(tmp_path / "models.toml", tiny_model_dir, name="tiny-think", reasoning=True)
+    registry.write_text(registry.read_text() + "context_length = 2048\n")
+    stack = Stack(redis_server.url, registry, tmp_path / "cache")
+    engine = stack.workers[0].engines["tiny-think"]
+    tokens = engine.tokenizer(script, add_special_tokens=False)["input_ids"] + [engine.tokenizer.eos_token_id]
+    real = engine.sampler
+
+    class Scripted:
+        eos = real.eos
+
+        def __call__(self, logits, seqs):
+            return [tokens[len(s.output_ids)] for s in seqs], [None] * len(seqs)
+
+    engine.sampler = Scripted()
+    try:
+        body = chat(stack, model="tiny-think", tools=[NOW], max_tokens=len(tokens) + 5)
+        message = body["choices"][0]["message"]
+        assert message["content"] == content
+        assert [c["function"]["name"] for c in message.get("tool_calls") or []] == calls
+        assert "<think>" not in (message["content"] or "") and message["reasoning_content"]
+        assert body["choices"][0]["finish_reason"] == ("tool_calls" if calls else "stop")
+    finally:
+        stack.stop()
