@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.errors import OpenAIError, model_not_found
+from api.offload import Offload
 from inferstack import modelstore, structured
 from inferstack.registry import Modality, ModelSpec, Registry
 
@@ -22,6 +23,8 @@ class TextModel:
     spec: ModelSpec
     tokenizer: object
     context_length: int
+    offload: Offload
+    """Templating and tokenizing run here, never on the event loop."""
 
     @property
     def native_tools(self) -> bool:
@@ -29,28 +32,33 @@ class TextModel:
         template = self.tokenizer.chat_template
         return isinstance(template, str) and "tools" in template
 
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, tool_format=None,
-                    **template_kwargs) -> list[int]:
+    async def render_chat(self, messages: list[dict], tools: list[dict] | None = None, tool_format=None,
+                          **template_kwargs) -> list[int]:
         """``tools`` (OpenAI function tools) go to the template; a template without tool
         support gets ``tool_format``'s fallback (tools in the system message, calls and
         results as text: ``api.tool_calls``)."""
+        return await self.offload(self._render_chat, messages, tools, tool_format, template_kwargs)
+
+    async def encode(self, texts: list[str]) -> list[list[int]]:
+        return await self.offload(lambda: [self.tokenizer(t)["input_ids"] for t in texts])
+
+    def _render_chat(self, messages: list[dict], tools: list[dict] | None = None, tool_format=None,
+                     template_kwargs: dict | None = None) -> list[int]:
         if not self.native_tools and (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)):
             messages, tools = tool_format.fallback_messages(messages, tools), None
         text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
-                                                  **template_kwargs)
+                                                  **(template_kwargs or {}))
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class Catalog:
-    def __init__(self, registry: Registry, cache_dir: Path):
+    def __init__(self, registry: Registry, cache_dir: Path, offload: Offload):
         self.registry = registry
         self.cache_dir = cache_dir
+        self.offload = offload
         self._text: dict[str, TextModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -89,4 +97,4 @@ class Catalog:
             context = int(config.get("max_position_embeddings", 4096))
         structured.warm()  # here, off the event loop, not in the first structured request
         log.info("tokenizer for %s loaded (context %d)", spec.name, context)
-        return TextModel(spec, tokenizer, context)
+        return TextModel(spec, tokenizer, context, self.offload)

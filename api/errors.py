@@ -29,6 +29,11 @@ def model_not_found(model: str) -> OpenAIError:
                        param="model", code="model_not_found")
 
 
+def body_too_large(max_bytes: int | None) -> OpenAIError:
+    return OpenAIError(413, f"The request body is larger than {max_bytes} bytes (INFERSTACK_MAX_BODY_BYTES).",
+                       code="request_too_large")
+
+
 CUSTOM_CODES = ("unsupported_parameter", "unsupported_value", "invalid_json_schema")
 """Error types the request schemas raise themselves: the type is the OpenAI ``code`` and
 the message is theirs (``api.schemas``)."""
@@ -69,15 +74,16 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
                            code="unsupported_parameter")
     if kind in CUSTOM_CODES:
         return OpenAIError(400, msg, param=param, code=kind)
+    if param is None:
+        return OpenAIError(400, f"Invalid request body: {msg}.", code="invalid_value")
     if kind == "missing":
-        if msg and msg != "Field required":
-            return OpenAIError(400, f"Missing required parameter: '{param}': {msg}.", param=param,
-                               code="missing_required_parameter")
-        return OpenAIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        detail = f": {msg}" if msg and msg != "Field required" else ""
+        return OpenAIError(400, f"Missing required parameter: '{param}'{detail}.", param=param,
+                           code="missing_required_parameter")
     return OpenAIError(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, max_body_bytes: int | None = None) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, exc: OpenAIError):
         return exc.response()
@@ -88,6 +94,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
+        if exc.status_code == 413:  # api.body.BodyLimit
+            return body_too_large(max_body_bytes).response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return OpenAIError(exc.status_code, str(exc.detail), type=kind).response()
 

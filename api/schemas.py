@@ -24,6 +24,13 @@ Tier = Literal["high", "normal", "low"]
 
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
+INT64_MAX = 2**63 - 1
+Int64 = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
+"""Integers travel to the workers as JSON; anything wider than 64 bits is refused here."""
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+"""Checked against the model's vocabulary once the model is known."""
+
 
 def unsupported_parameter(message: str) -> PydanticCustomError:
     """The field is known but not implemented here (400 ``unsupported_parameter``)."""
@@ -60,9 +67,10 @@ def OnlyValues(*allowed, why: str):  # noqa: N802 - used like a type
 
 
 class _Body(BaseModel):
-    """Every request body and part of one: unknown fields are refused, never ignored."""
+    """Every request body and part of one: unknown fields are refused, never ignored;
+    NaN and Infinity (which Python's JSON accepts) are no number a request may carry."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -88,34 +96,38 @@ class StructuredOutputs(_Body):
 
 
 class _Sampling(_Body):
-    """Parameters shared by chat and completions."""
+    """Parameters shared by chat and completions. Counts and lengths that operators
+    configure (stop sequences, stop_token_ids, logit_bias, messages, prompt size) are
+    checked by ``api.limits`` before any work."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: Int64 | None = None
     user: str | None = Field(None, max_length=256)
-    logit_bias: Refused("logit_bias is not supported by this server.", unless=({},)) = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    """Token id (as a string) -> bias added to its logit (OpenAI's range, -100 to 100)."""
     # extensions (vLLM names)
     structured_outputs: StructuredOutputs | None = None
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=INT64_MAX)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    min_tokens: Count = 0
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     # ours
     priority: Tier | None = None
     session_id: str | None = Field(None, max_length=256)
-    deadline_s: float | None = Field(None, gt=0.0, description="Fail if not started within this many seconds.")
+    deadline_s: float | None = Field(None, gt=0.0, description="Fail if not started within this many seconds "
+                                                                "(at most the server's default).")
 
     @field_validator("stop")
     @classmethod
@@ -123,10 +135,6 @@ class _Sampling(_Body):
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(len(s) > 256 for s in stops):
-            raise ValueError("stop sequences are at most 256 characters")
         return [s for s in stops if s]
 
     @model_validator(mode="after")
@@ -296,7 +304,7 @@ class ResponseFormat(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -354,12 +362,12 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: Refused("suffix is not supported.", unless=("",)) = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=INT64_MAX)
     """Accepted when it equals n (or is unset): no server-side best-of here."""
 
     @field_validator("best_of")

@@ -2,15 +2,16 @@
 ``structured_outputs`` and tool calling, as one :class:`~broker.messages.Constraint`
 for the worker, checked here first so a bad schema is a 400 before anything is
 enqueued. Building a grammar takes milliseconds (seconds for xgrammar's first import),
-so it runs off the event loop, and results are cached by what was asked."""
+so it runs off the event loop (the API's offload pool), and results are cached by what
+was asked."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 
+from api.catalog import TextModel
 from api.errors import OpenAIError
 from api.schemas import _Sampling
 from api.tool_calls import PARSERS, Hermes
@@ -123,14 +124,15 @@ def _asked_for(body: _Sampling) -> str | None:
     return "tools" if getattr(body, "tools", None) else None
 
 
-async def output_plan(body: _Sampling, spec: ModelSpec) -> OutputPlan:
+async def output_plan(body: _Sampling, model: TextModel) -> OutputPlan:
     """What the output must match and how tool calls are read back; a 400 if the
-    request's schemas, regex or tools cannot be used."""
+    request's schemas, regex or tools cannot be used. Built on the API's offload pool."""
+    spec = model.spec
     field = _asked_for(body)
     if field is None:
         return OutputPlan()  # the common case never leaves the event loop
     if spec.modality is Modality.VISION:
         raise OpenAIError(400, f"{field} is not supported with vision models yet.", param=field,
                           code="unsupported_parameter")
-    return await asyncio.to_thread(_plan, body, spec)
+    return await model.offload(_plan, body, spec)
 

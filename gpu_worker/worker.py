@@ -183,8 +183,9 @@ class Worker:
         (tests use it to run a worker deterministically to completion)."""
         prom.engine_gauges().attach(self.id, self.engines)
         if self.s.metrics_port:
-            self.metrics_server = prom.serve(self.s.metrics_port)
-            log.info("worker %s: Prometheus metrics on :%d/metrics", self.id, self.s.metrics_port)
+            self.metrics_server = prom.serve(self.s.metrics_port, self.s.metrics_host)
+            log.info("worker %s: Prometheus metrics on %s:%d/metrics", self.id, self.s.metrics_host,
+                     self.s.metrics_port)
         step_seconds = prom.worker_metrics().step
         for t in (self.publisher, self.heartbeat, self.cancels):
             t.start()

@@ -7,9 +7,12 @@ import time
 
 from fastapi import APIRouter, Request
 
+from api.body import request_body
 from api.errors import OpenAIError
+from api.fetch import FetchPolicy
+from api.limits import check_chat
 from api.routes._text import (
-    TextJob, collect, identify, max_tokens_for, new_id, sampling_params, state_of, stream, usage,
+    TextJob, collect, max_tokens_for, new_id, read, sampling_params, state_of, stream, usage,
 )
 from api.schemas import ChatCompletionRequest, ChatMessage
 from api.structured import output_plan
@@ -59,10 +62,11 @@ def _arguments(text: str):
     return value if isinstance(value, dict) else text
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+@router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
+async def chat_completions(request: Request):
     state = state_of(request)
-    identity = identify(request, body)
+    body, identity = await read(request, ChatCompletionRequest)
+    check_chat(body, state.settings, state.sched.default_deadline_s)
     model = await state.catalog.text(body.model)
     if body.reasoning_effort is not None and not model.spec.reasoning:
         raise OpenAIError(400, f"reasoning_effort is not supported with `{body.model}` (not a reasoning model).",
@@ -74,21 +78,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise OpenAIError(400, f"`{body.model}` accepts text only; image and audio parts need a vision model.",
                           param="messages", code="unsupported_content")
     images: list[str] = []
-    plan = await output_plan(body, model.spec)
+    plan = await output_plan(body, model)
     if model.spec.modality is Modality.VISION:
-        prompt_ids, images = await vision_prompt(
-            model, body.messages, cache_dir=state.catalog.cache_dir, timeout_s=state.settings.fetch_timeout_s,
-            max_bytes=state.settings.fetch_max_bytes)
+        prompt_ids, images = await vision_prompt(model, body.messages, cache_dir=state.catalog.cache_dir,
+                                                 policy=FetchPolicy.of(state.settings))
     else:
         kwargs = {"enable_thinking": False} if body.reasoning_effort == "none" else {}
-        prompt_ids = model.render_chat(template_messages(body.messages), tools=plan.tools,
+        prompt_ids = await model.render_chat(template_messages(body.messages), tools=plan.tools,
                                        tool_format=PARSERS[model.spec.tool_parser or "hermes"], **kwargs)
     max_tokens = max_tokens_for(model, len(prompt_ids), body.requested_max_tokens,
                                 state.settings.default_max_tokens, "messages")
     params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs,
-                             top_logprobs=body.top_logprobs or 0, max_n=state.settings.max_n,
-                             vocab_size=len(model.tokenizer), defaults=model.spec.sampling,
-                             constraint=plan.constraint)
+                             top_logprobs=body.top_logprobs or 0, vocab_size=len(model.tokenizer),
+                             defaults=model.spec.sampling, constraint=plan.constraint)
     rid = new_id("chatcmpl")
     job = TextJob(state, identity, body, session_id=request.headers.get("x-session-id"))
     job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning and body.reasoning_effort != "none",

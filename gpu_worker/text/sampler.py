@@ -1,7 +1,7 @@
 """Logits -> next tokens, with per-request parameters inside one batch.
 
 Order of operations (as in vLLM): raw logprobs for reporting; penalties
-(repetition, frequency, presence); min_tokens; the grammar mask of constrained rows
+(repetition, frequency, presence); logit_bias; min_tokens; the grammar mask of constrained rows
 (``gpu_worker.text.grammar``); then greedy rows take the argmax and sampling rows
 apply temperature, top-k, top-p and min-p and draw. A row left with no token to draw
 is marked on its sequence (``Sequence.failure``) and its token is meaningless. A request with a
@@ -106,7 +106,7 @@ class Sampler:
 
 def _has_penalty(seq: Sequence) -> bool:
     p = seq.params
-    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 or bool(p.logit_bias)
 
 
 def _blocks_stop(seq: Sequence) -> bool:
@@ -124,6 +124,9 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
         counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long, device=row.device), minlength=row.shape[0])
         counts = counts[: row.shape[0]].to(row.dtype)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias)
+        row[list(ids)] += torch.tensor(bias, dtype=row.dtype, device=row.device)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -131,7 +131,7 @@ def test_mixed_batch_constrained_rows_valid_free_rows_as_if_alone(sdk):
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
      "tool_choice", "unsupported_value"),
-    ({"logit_bias": {"1": 5}}, "logit_bias", "unsupported_parameter"),
+    ({"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
     ({"audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"]}, "modalities", "unsupported_value"),
     ({"prediction": {"type": "content", "content": "Paris"}}, "prediction", "unsupported_parameter"),
     ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json", "unsupported_parameter"),

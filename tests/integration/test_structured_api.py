@@ -109,6 +109,15 @@ def test_tool_results_go_back_to_the_model(stack):
     assert body["usage"]["prompt_tokens"] > chat(stack, tools=[ADD], max_tokens=5)["usage"]["prompt_tokens"]
 
 
+def test_logit_bias_is_applied(stack):
+    tokenizer = stack.workers[0].engines["tiny"].tokenizer
+    r = httpx.post(f"{stack.url}/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "Hello", "max_tokens": 4, "ignore_eos": True, "temperature": 0,
+        "logit_bias": {"42": 100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == tokenizer.decode([42] * 4)
+
+
 @pytest.mark.parametrize("extra,param,code", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
      "response_format.json_schema.schema", "invalid_json_schema"),
@@ -122,7 +131,7 @@ def test_tool_results_go_back_to_the_model(stack):
     ({"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "sub"}}}, "tool_choice", "invalid_value"),
     ({"tools": [ADD, ADD]}, "tools", "invalid_value"),
     ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
-    ({"logit_bias": {"5": 10}}, "logit_bias", "unsupported_parameter"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "unsupported_parameter"),
     ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type", "unsupported_value"),
     ({"made_up": True}, "made_up", "unsupported_parameter"),
 ])

@@ -91,3 +91,11 @@ def test_logprobs_are_raw_model_logprobs():
 
 def test_a_vanishing_temperature_is_greedy_not_nan():
     assert SAMPLER(LOGITS, [mk(temperature=1e-9)])[0] == [2]
+
+
+def test_logit_bias_shifts_only_its_row():
+    biased = mk(temperature=0.0, logit_bias=((5, 10.0), (2, -100.0)))
+    plain = mk(temperature=0.0)
+    tokens, _ = SAMPLER(LOGITS.repeat(2, 1), [biased, plain])
+    assert tokens == [5, 2]
+    assert set(draw(mk(temperature=1.0, logit_bias=((2, -100.0), (3, -100.0), (7, -100.0))))) <= {0, 1, 4, 5, 6}

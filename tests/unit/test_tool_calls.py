@@ -87,17 +87,17 @@ def test_render_chat_uses_the_template_when_it_knows_tools(tiny_model_dir):
     from inferstack.registry import Modality, ModelSpec
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    model = TextModel(ModelSpec(name="t", modality=Modality.TEXT), tok, 512)
+    model = TextModel(ModelSpec(name="t", modality=Modality.TEXT), tok, 512, offload=None)
     history = [{"role": "user", "content": "hi"},
                {"role": "assistant", "content": "", "tool_calls": [
                    {"id": "c", "type": "function", "function": {"name": "now", "arguments": {}}}]},
                {"role": "tool", "tool_call_id": "c", "content": "noon"}]
-    fallback = tok.decode(model.render_chat(history, tools=TOOLS, tool_format=HERMES))
+    fallback = tok.decode(model._render_chat(history, TOOLS, HERMES))  # what render_chat runs off the loop
     assert "# Tools" in fallback and "<tool_response>\nnoon\n</tool_response>" in fallback
     tok.chat_template = ("{% for t in tools %}TOOL:{{ t.function.name }};{% endfor %}"
                          "{% for m in messages %}{{ m.role }}:{{ m.content }}"
                          "{% for c in m.tool_calls or [] %}CALL:{{ c.function.name }}{% endfor %}|{% endfor %}")
-    native = tok.decode(model.render_chat(history, tools=TOOLS, tool_format=HERMES))
+    native = tok.decode(model._render_chat(history, TOOLS, HERMES))
     assert native.startswith("TOOL:add;TOOL:now;") and "CALL:now" in native and "tool:noon" in native
 
 
