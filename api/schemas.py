@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -64,6 +64,18 @@ def OnlyValues(*allowed, why: str):  # noqa: N802 - used like a type
         raise unsupported_value(why)
 
     return Annotated[Any, BeforeValidator(check)]
+
+
+def Kind(*allowed: str, what: str):  # noqa: N802 - used like a type
+    """A ``type`` field: the kinds of ``what`` this server serves; others are a 400
+    ``unsupported_value`` (an OpenAI kind we do not implement, e.g. a ``custom`` tool)."""
+
+    def check(v: str) -> str:
+        if v not in allowed:
+            raise unsupported_value(f"{what} of type '{v}' are not supported (supported: {', '.join(allowed)}).")
+        return v
+
+    return Annotated[str, AfterValidator(check)]
 
 
 class _Body(BaseModel):
@@ -149,24 +161,13 @@ class ImageURL(_Body):
     detail: Literal["auto", "low", "high"] | None = None
 
 
-CONTENT_PART_TYPES = ("text", "image_url", "input_audio", "refusal")
-
-
 class ContentPart(_Body):
-    type: str
+    type: Kind("text", "image_url", "input_audio", "refusal", what="Content parts")
     text: str | None = None
     image_url: ImageURL | None = None
     input_audio: dict | None = None
     """Refused by the chat route: no model here takes audio input."""
     refusal: str | None = None
-
-    @field_validator("type")
-    @classmethod
-    def _type(cls, v):
-        if v not in CONTENT_PART_TYPES:
-            raise unsupported_value(f"Content parts of type '{v}' are not supported "
-                                    f"(supported: {', '.join(CONTENT_PART_TYPES)}).")
-        return v
 
 
 class FunctionCall(_Body):
@@ -181,17 +182,10 @@ class ToolCall(_Body):
     """A tool call in an assistant message of the history."""
 
     id: str = Field(min_length=1, max_length=256)
-    type: str = "function"
+    type: Kind("function", what="Tool calls") = "function"
     function: FunctionCall
     index: int | None = None
     """Accepted: set on calls the openai SDK assembled from a stream."""
-
-    @field_validator("type")
-    @classmethod
-    def _type(cls, v):
-        if v != "function":
-            raise unsupported_value(f"Tool calls of type '{v}' are not supported; only 'function' is.")
-        return v
 
 
 class ChatMessage(_Body):
@@ -241,16 +235,9 @@ class FunctionDefinition(_Body):
 
 
 class Tool(_Body):
-    type: str
+    type: Kind("function", what="Tools")
     function: FunctionDefinition | None = None
     custom: Any = None
-
-    @field_validator("type")
-    @classmethod
-    def _type(cls, v):
-        if v != "function":
-            raise unsupported_value(f"Tools of type '{v}' are not supported; only 'function' tools are.")
-        return v
 
     @model_validator(mode="after")
     def _function(self):
@@ -284,16 +271,8 @@ class JsonSchemaSpec(_Body):
 
 
 class ResponseFormat(_Body):
-    type: str
+    type: Kind("text", "json_object", "json_schema", what="Response formats")
     json_schema: JsonSchemaSpec | None = None
-
-    @field_validator("type")
-    @classmethod
-    def _type(cls, v):
-        if v not in ("text", "json_object", "json_schema"):
-            raise unsupported_value(f"response_format of type '{v}' is not supported "
-                                    "(supported: text, json_object, json_schema).")
-        return v
 
     @model_validator(mode="after")
     def _schema(self):

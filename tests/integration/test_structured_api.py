@@ -12,7 +12,7 @@ import redis
 
 from broker import keys
 from tests.integration.test_pipeline import sse_events
-from tests.stack import Stack
+from tests.stack import Stack, script_output
 from tests.tiny import registry_toml
 
 SCHEMA = {"type": "object", "properties": {
@@ -162,19 +162,9 @@ def test_tool_calls_inside_the_reasoning_are_not_calls(redis_server, tiny_model_
     registry = registry_toml(tmp_path / "models.toml", tiny_model_dir, name="tiny-think", reasoning=True)
     registry.write_text(registry.read_text() + "context_length = 2048\n")
     stack = Stack(redis_server.url, registry, tmp_path / "cache")
-    engine = stack.workers[0].engines["tiny-think"]
-    tokens = engine.tokenizer(script, add_special_tokens=False)["input_ids"] + [engine.tokenizer.eos_token_id]
-    real = engine.sampler
-
-    class Scripted:
-        eos = real.eos
-
-        def __call__(self, logits, seqs):
-            return [tokens[len(s.output_ids)] for s in seqs], [None] * len(seqs)
-
-    engine.sampler = Scripted()
+    length = script_output(stack.workers[0].engines["tiny-think"], script)
     try:
-        body = chat(stack, model="tiny-think", tools=[NOW], max_tokens=len(tokens) + 5)
+        body = chat(stack, model="tiny-think", tools=[NOW], max_tokens=length + 5)
         message = body["choices"][0]["message"]
         assert message["content"] == content
         assert [c["function"]["name"] for c in message.get("tool_calls") or []] == calls
