@@ -127,7 +127,7 @@ def script_output(engine, text: str) -> int:
         eos = real.eos
 
         def __call__(self, logits, seqs):
-            return [tokens[len(s.output_ids)] for s in seqs], [None] * len(seqs)
+            return [tokens[len(s.output_ids)] for s in seqs], [None] * len(seqs), [0] * len(seqs)
 
     engine.sampler = Scripted()
     return len(tokens)

@@ -63,7 +63,8 @@ async def completions(request: Request):
                                     "prompt")
         params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
                                  top_logprobs=body.logprobs or 0, vocab_size=len(model.tokenizer),
-                                 defaults=model.spec.sampling, constraint=plan.constraint)
+                                 defaults=model.spec.sampling, eos_token_ids=model.eos_token_ids,
+                                 constraint=plan.constraint)
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
     await job.admit()
 

@@ -9,8 +9,9 @@ loop, keep one matcher per sequence, and mask the logits of constrained rows onl
   request replays the tokens it already generated into a fresh one.
 * :func:`constrain` fills one bitmask row per constrained sequence, sized to the
   logits' width (a model's vocab_size may exceed its tokenizer's, as Qwen's does), and
-  applies it to those rows only. A row the grammar leaves no token for is marked
-  failed on its sequence (``Sequence.failure``), for the engine to fail that request alone.
+  applies it to those rows only. A row the grammar leaves no token for ends up all
+  ``-inf``, which the sampler reports as that row's failure (``CONSTRAINT_FAILED``), so
+  the engine fails that request alone.
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ CACHE_ENTRIES = 512
 
 COMPILE_THREADS = 2
 """Threads xgrammar may use to compile one grammar (the compile thread is one more)."""
-
-NO_ALLOWED_TOKEN = "no_allowed_token"
-"""``Sequence.failure`` when the grammar allows no next token."""
-
 
 class GrammarCache:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], name: str = "",
@@ -104,8 +101,8 @@ def _backend(device: torch.device) -> str:
 
 def constrain(logits: torch.Tensor, seqs: list) -> None:
     """Mask, in place, the rows of ``logits`` whose sequence has a grammar to the tokens
-    it allows next; other rows are untouched. Rows with no allowed token get
-    ``seq.failure`` and neutral logits (they are discarded, not sampled)."""
+    it allows next (-inf elsewhere; a row it allows nothing is left all -inf); other
+    rows are untouched."""
     import xgrammar as xgr
 
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.grammar.is_terminated()]
@@ -114,11 +111,5 @@ def constrain(logits: torch.Tensor, seqs: list) -> None:
     bitmask = xgr.allocate_token_bitmask(len(seqs), logits.shape[-1])  # all allowed
     for i in rows:
         seqs[i].grammar.fill_next_token_bitmask(bitmask, i)
-    alive = bitmask[rows].ne(0).any(dim=1).tolist()
-    dead = [i for i, ok in zip(rows, alive) if not ok]
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                     vocab_size=logits.shape[-1], indices=rows, backend=_backend(logits.device))
-    if dead:
-        logits[dead] = 0.0
-        for i in dead:
-            seqs[i].failure = NO_ALLOWED_TOKEN

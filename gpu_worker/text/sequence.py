@@ -56,9 +56,6 @@ class Sequence:
     """Text produced since the last published event."""
     grammar: object = None
     """xgrammar matcher of a constrained sequence (``gpu_worker.text.grammar``), else None."""
-    failure: str | None = None
-    """Why this row could not be sampled (e.g. ``no_allowed_token``); set by the sampler
-    step that found it, and the engine fails this sequence's request alone."""
 
     @property
     def params(self) -> SamplingParams:

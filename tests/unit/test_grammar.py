@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from broker.messages import Constraint
-from gpu_worker.text.grammar import NO_ALLOWED_TOKEN, GrammarCache, constrain, new_matcher
-from gpu_worker.text.sampler import Sampler
+from gpu_worker.text.grammar import GrammarCache, constrain, new_matcher
+from gpu_worker.text.sampler import CONSTRAINT_FAILED, NUMERIC_FAILED, Sampler
 
 
 class Row:
     def __init__(self, grammar=None):
-        self.grammar, self.failure = grammar, None
+        self.grammar = grammar
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,10 @@ def test_replay_rejects_tokens_the_grammar_does_not_allow(tokenizer):
     cache.close()
 
 
-def test_a_row_with_no_allowed_token_is_marked_and_sampling_goes_on(tokenizer):
+def test_a_row_with_no_allowed_token_fails_alone_through_the_sampler(tokenizer):
+    """The sampler's per-row failure path: the emptied row is reported with its own
+    reason, a row whose logits were broken anyway keeps the numeric reason, and the
+    others sample as if alone."""
     class Nothing:
         def is_terminated(self):
             return False
@@ -58,11 +61,17 @@ def test_a_row_with_no_allowed_token_is_marked_and_sampling_goes_on(tokenizer):
     from gpu_worker.text.sequence import Sequence
 
     req = GenerateRequest(id="r", model="m", prompt_token_ids=[1], reply_to="x",
-                          params=SamplingParams(temperature=0.7, min_tokens=3))
-    seqs = [Sequence(req, 0, [1]), Sequence(req, 1, [1])]
+                          params=SamplingParams(temperature=0.0, min_tokens=3))
+    seqs = [Sequence(req, i, [1]) for i in range(3)]
     seqs[0].grammar = Nothing()
-    tokens, _ = Sampler({0}, str)(torch.randn(2, 50), seqs)
-    assert seqs[0].failure == NO_ALLOWED_TOKEN and seqs[1].failure is None and len(tokens) == 2
+    seqs[2].grammar = Nothing()
+    logits = torch.randn(3, 50)
+    logits[2, 7] = float("nan")
+    sampler = Sampler({0}, str)
+    tokens, _, failures = sampler(logits, seqs)
+    assert failures == [CONSTRAINT_FAILED, 0, NUMERIC_FAILED]
+    alone, _, ok = sampler(logits[1:2], seqs[1:2])
+    assert (tokens[1], ok) == (alone[0], [0])
 
 
 def test_compile_errors_come_back_on_the_future_and_are_not_cached(tokenizer):
