@@ -38,6 +38,21 @@ class Tier(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Constraint:
+    """What a request's output must match, enforced by constrained decoding
+    (``inferstack.structured`` turns it into a grammar)."""
+
+    kind: str
+    """``json_object`` (any JSON object), ``json_schema``, ``regex``, ``ebnf`` or
+    ``structural_tag`` (xgrammar's format, as tool calls use it)."""
+    spec: str = ""
+    """The schema or structural tag as JSON text, the regex or the grammar."""
+    strict: bool = True
+    """``json_schema`` only: no object properties beyond those the schema lists
+    (OpenAI's ``strict``); False follows JSON Schema (extra properties allowed)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
@@ -57,6 +72,10 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit), OpenAI's ``logit_bias``."""
+    constraint: Constraint | None = None
+    """Structured output (response_format, structured_outputs, forced tool calls)."""
 
     @property
     def greedy(self) -> bool:
@@ -242,6 +261,9 @@ def _build(tag: str, d: dict[str, Any]) -> Any:
         p = d["params"]
         p["stop"] = tuple(p.get("stop", ()))
         p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
+        p["logit_bias"] = tuple(tuple(pair) for pair in p.get("logit_bias", ()))
+        if p.get("constraint") is not None:
+            p["constraint"] = Constraint(**p["constraint"])
         d["params"] = SamplingParams(**p)
     if "tier" in d:
         d["tier"] = Tier(d["tier"])

@@ -77,19 +77,21 @@ async def one_request(client: httpx.AsyncClient, host: str, model: str, i: int, 
 
 
 async def run_stack(host: str, model: str, concurrency: int, max_tokens: int, requests_per_client: int,
-                    max_tokens_sampler=None) -> StackResult:
+                    max_tokens_sampler=None, extra: dict | None = None) -> StackResult:
+    """``extra``: more request fields (e.g. a response_format), on every request."""
     samples: list[RequestSample] = []
     errors = 0
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_request(client, host, model, 0, 4)  # warm-up
+        await one_request(client, host, model, 0, 4, **(extra or {}))  # warm-up (and a grammar compile)
 
         async def loop(c: int):
             nonlocal errors
             for k in range(requests_per_client):
                 n = max_tokens_sampler() if max_tokens_sampler else max_tokens
                 try:
-                    samples.append(await one_request(client, host, model, c * requests_per_client + k, n))
+                    samples.append(await one_request(client, host, model, c * requests_per_client + k, n,
+                                                     **(extra or {})))
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     errors += 1
                     print(f"  request failed: {exc}", file=sys.stderr)

@@ -54,6 +54,7 @@ def registry_toml(path: Path, model_dir: Path, name: str = "tiny", max_batch: in
     path.write_text(f"""
 [models."{name}"]
 modality = "text"
+tool_parser = "hermes"
 path = "{model_dir}"
 max_batch = {max_batch}
 max_prefill_tokens = {max_prefill_tokens}

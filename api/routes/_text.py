@@ -27,7 +27,7 @@ from api.schemas import _Sampling
 from api.state import AppState
 from api.streams import DONE_ID, ERROR_ID, KEEPALIVE_S, USAGE_ID, StreamRecord, event_id, parse_after
 from api.workers import check_servable
-from broker.messages import GenerateRequest, SamplingParams, Tier, TokenEvent, VisionRequest
+from broker.messages import Constraint, GenerateRequest, SamplingParams, Tier, TokenEvent, VisionRequest
 from broker.prefix import prefix_hashes
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ def context_error(model: TextModel, prompt_len: int, completion: int, where: str
 
 def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
                     vocab_size: int, defaults: Mapping[str, float],
-                    eos_token_ids: frozenset[int] = frozenset()) -> SamplingParams:
+                    eos_token_ids: frozenset[int] = frozenset(),
+                    constraint: Constraint | None = None) -> SamplingParams:
     """The request's sampling, with the model's recommended ``defaults`` (registry) for
     whatever it leaves unset. Counts and ranges were checked by ``api.limits``."""
     stop_ids = set(body.stop_token_ids or ())
@@ -143,6 +144,8 @@ def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool,
         ignore_eos=body.ignore_eos,
         min_tokens=min(body.min_tokens, max_tokens),
         skip_special_tokens=body.skip_special_tokens,
+        logit_bias=tuple(sorted((int(k), v) for k, v in (body.logit_bias or {}).items() if v)),
+        constraint=constraint,
     )
 
 
@@ -166,6 +169,8 @@ class Chunks:
 
     def __init__(self, rid: str, render: dict):
         self.base = {"id": rid, "created": render["created"], "model": render["model"], "system_fingerprint": None}
+        if render.get("service_tier"):
+            self.base["service_tier"] = "default"
         self.include_usage = render["include_usage"]
         self.prompt_tokens = render["prompt_tokens"]
         self.started: set[int] = set()

@@ -14,6 +14,7 @@ from api.routes._text import (
     state_of, usage,
 )
 from api.schemas import CompletionRequest
+from api.structured import output_plan
 from broker.messages import TokenEvent
 
 router = APIRouter()
@@ -77,10 +78,9 @@ async def resume_completion(stream_id: str, request: Request):
 async def completions(request: Request):
     state = state_of(request)
     body, identity = await read(request, CompletionRequest)
-    if body.suffix:
-        raise OpenAIError(400, "suffix is not supported.", param="suffix", code="unsupported_parameter")
     check_completion(body, state.settings, state.sched.default_deadline_s)
     model = await state.catalog.text(body.model)
+    plan = await output_plan(body, model)
     prompts = await _prompts(model, body.prompt)
     if any(not p for p in prompts):
         raise OpenAIError(400, "prompt must not be empty.", param="prompt", code="invalid_value")
@@ -97,7 +97,8 @@ async def completions(request: Request):
                                     "prompt")
         params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
                                  top_logprobs=body.logprobs or 0, vocab_size=len(model.tokenizer),
-                                 defaults=model.spec.sampling, eos_token_ids=model.eos_token_ids)
+                                 defaults=model.spec.sampling, eos_token_ids=model.eos_token_ids,
+                                 constraint=plan.constraint)
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
     created = int(time.time())
     n = body.n

@@ -5,10 +5,15 @@ decided by ``scheduler.policy``). At the start of the next step each victim leav
 batch, its KV copied to the DRAM store (or dropped where recomputing is cheaper), and
 goes back to the queue (``Outgoing.requeue``); the newcomer takes the first free row.
 A preempted request resumes like one whose worker died: from its output log, here
-restoring the DRAM copy, elsewhere recomputing prompt plus tokens sent.
+restoring the DRAM copy, elsewhere recomputing prompt plus tokens sent (a constrained
+one replays those tokens into a fresh grammar matcher).
 
-Faults stay with their request: a row the sampler flags, or an exception in one
-sequence's admission or output processing, fails that request alone."""
+Constrained requests wait outside the batch until their grammar is compiled
+(``gpu_worker.text.grammar``), then each sequence gets its own matcher.
+
+Faults stay with their request: a row the sampler flags (non-finite numbers, or
+penalties or a grammar leaving no token), or an exception in one sequence's admission
+or output processing, fails that request alone."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +30,7 @@ import torch
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from broker.prefix import BLOCK
 from gpu_worker.engine import Emit, Outgoing, handed_back
+from gpu_worker.text.grammar import GrammarCache, new_matcher
 from gpu_worker.text.kvstore import KvStore
 from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.planner import StepPlanner
@@ -62,8 +70,10 @@ class _Request:
     """Engine step at which it was admitted (or resumed): the thrash guard counts from it."""
     seqs: list[Sequence] = field(default_factory=list)
     first_event_sent: bool = False
+    grammar: Future | None = None
+    """Its compiled grammar (constrained requests); it joins the batch once this is done."""
     error: ErrorEvent | None = None
-    """It failed alone (its parameters, its output processing): sent when it retires."""
+    """It failed alone (its parameters, its grammar, its output processing): sent when it retires."""
 
     @property
     def request(self) -> GenerateRequest:
@@ -98,6 +108,10 @@ class TextEngine:
                                   context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes,
                                   memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None)
         self.sampler = Sampler(self._eos_ids(), self._token_text)
+        self.grammars = GrammarCache(self.tokenizer, self.runner.model.get_output_embeddings().weight.shape[0],
+                                     self.sampler.eos, name=spec.name)
+        self._awaiting_grammar: list[_Request] = []
+        """Constrained requests whose grammar is still compiling: not in the batch yet."""
         self.planner = StepPlanner(self.runner.cache, max_seqs=max_seqs,
                                    max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static,
                                    on_admit=self._restore)
@@ -126,6 +140,7 @@ class TextEngine:
     def capacity(self) -> int:
         with self._lock:
             pending = sum(c.request.params.n for c, _ in self._inbox)
+        pending += sum(len(state.seqs) for state in self._awaiting_grammar)
         return max(0, self.planner.free_capacity() - pending)
 
     def add(self, claimed: Claimed, log_events: list[TokenEvent]) -> None:
@@ -151,7 +166,7 @@ class TextEngine:
         with self._lock:
             if self._inbox or self._aborts:
                 return True
-        return self.planner.has_work()
+        return self.planner.has_work() or bool(self._awaiting_grammar)
 
     def request_ids(self) -> list[str]:
         with self._lock:
@@ -160,6 +175,7 @@ class TextEngine:
     def step(self, emit: Emit) -> None:
         out: list[Outgoing] = []
         self._take_inbox(out)
+        self._start_compiled()
         self._retire_finished(out)  # aborted ones leave before they cost a forward pass
         plan = self.planner.schedule()
         if plan.prefill:
@@ -204,6 +220,10 @@ class TextEngine:
         if out:
             emit(out)
 
+    def close(self) -> None:
+        """Unloading: stop the grammar compile thread (the weights go with the engine)."""
+        self.grammars.close()
+
     def gauges(self) -> dict[str, float]:
         out = {"batch_size": self.planner.num_admitted, "kv_cache_bytes": self.runner.cache.nbytes}
         if self.kv_store is not None:
@@ -222,6 +242,7 @@ class TextEngine:
             for seq in state.seqs:
                 self._release_restore(seq)
         self._requests.clear()
+        self._awaiting_grammar.clear()
         self.planner.waiting.clear()
         for seq in self.planner.slots:
             seq.slot = -1
@@ -288,11 +309,15 @@ class TextEngine:
                 if any(ev.finish_reason for ev in events):
                     seq.status = SeqStatus.FINISHED_STOPPED
             state.seqs.append(seq)
-        # A preempting claim goes first: the rows its victims freed are for it.
-        for seq in state.seqs if not claimed.victims else reversed(state.seqs):
+        for seq in state.seqs:
             if not seq.status.finished:
                 self._match_cache(seq)
-                self.planner.add(seq, first=bool(claimed.victims))
+        if req.params.constraint is not None:
+            # Rows wait for the grammar (the rest of the batch does not): _start_compiled.
+            state.grammar = self.grammars.get(req.params.constraint, req.reasoning)
+            self._awaiting_grammar.append(state)
+        else:
+            self._join_batch(state)
         if self.kv_store is not None:
             # A prefix is worth keeping once several conversations share it (a system
             # prompt); one conversation's own history is its session cache already.
@@ -306,10 +331,53 @@ class TextEngine:
                 self._prefix_seen.popitem(last=False)
         self._requests[req.id] = state
 
+    def _join_batch(self, state: _Request) -> None:
+        """Queue a request's live sequences for rows; a preempting claim goes first (the
+        rows its victims freed are for it)."""
+        first = bool(state.claimed.victims)
+        for seq in reversed(state.seqs) if first else state.seqs:
+            if not seq.status.finished:
+                self.planner.add(seq, first=first)
+
+    def _start_compiled(self) -> None:
+        """Constrained requests whose grammar is ready join the batch, each sequence with
+        its own matcher (replaying what a resumed or preempted sequence already
+        generated). With nothing else to run, wait a moment for a compile rather than spin."""
+        if not self._awaiting_grammar:
+            return
+        if not self.planner.has_work():
+            wait_futures([s.grammar for s in self._awaiting_grammar], timeout=0.01, return_when=FIRST_COMPLETED)
+        still = []
+        for state in self._awaiting_grammar:
+            rid = state.request.id
+            if state.done or self._requests.get(rid) is not state:  # aborted or preempted while compiling
+                continue
+            if not state.grammar.done():
+                still.append(state)
+                continue
+            exc = state.grammar.exception()
+            if exc is not None:
+                kind = state.request.params.constraint.kind
+                self._fail(rid, ErrorEvent(rid, f"The output constraint could not be compiled: {exc}",
+                                           type="invalid_request_error", status=400,
+                                           code="invalid_json_schema" if kind.startswith("json") else "invalid_grammar"))
+                continue
+            for seq in state.seqs:
+                if seq.status.finished:
+                    continue
+                seq.grammar = new_matcher(state.grammar.result(), seq.output_ids)
+                if seq.grammar is None:
+                    self._fail(rid, ErrorEvent(rid, "The tokens already generated do not match the output "
+                                               "constraint.", type="server_error", code="engine_error", status=500))
+                    break
+            else:
+                self._join_batch(state)
+        self._awaiting_grammar = still
+
     def _preempt(self, rid: str, reason: str, out: list[Outgoing]) -> None:
         """Take a request out of the batch and hand it back to the queue; its KV waits in
         DRAM for a resume here (sequences shorter than a block are recomputed: cheaper
-        than keeping them)."""
+        than keeping them). One still waiting for its grammar just leaves."""
         state = self._requests.pop(rid, None)
         if state is None:
             return  # it finished or left meanwhile: its rows are free already
@@ -347,8 +415,13 @@ class TextEngine:
         for seq, tok, record, failure in zip(seqs, tokens, records, failures):
             if seq.status.finished:  # aborted while in flight, or its request failed
                 continue
-            if failure:
+            if failure:  # incl. a grammar that left no token (sampler.CONSTRAINT_FAILED)
                 self._fail(seq.request_id, sampling_error(seq.request_id, failure))
+                continue
+            if seq.grammar is not None and not seq.grammar.accept_token(tok):
+                self._fail(seq.request_id, ErrorEvent(seq.request_id, "The sampled token does not match the output "
+                                                      "constraint.", type="server_error", code="engine_error",
+                                                      status=500))
                 continue
             try:
                 seq.output_ids.append(tok)
@@ -366,7 +439,7 @@ class TextEngine:
         seq.pending_text += text
         seq.pending_reasoning += reasoning
         n_out = len(seq.output_ids)
-        if stopped:
+        if stopped or (seq.grammar is not None and seq.grammar.is_terminated()):
             seq.status = SeqStatus.FINISHED_STOPPED
         elif n_out >= p.min_tokens and (
             (tok in self.sampler.eos and not p.ignore_eos) or tok in p.stop_token_ids
@@ -406,7 +479,8 @@ class TextEngine:
             if state.done:
                 del self._requests[rid]
                 # Aborted requests get no event: the client is gone, or another worker
-                # owns the request now. The release is a no-op for a lost lease.
+                # owns the request now. The release is a no-op for a lost lease. A
+                # request that failed on its own gets its error.
                 out.append(Outgoing(self.model, state.request.reply_to, rid, state.error, request_done=True))
 
     # -- KV reuse ---------------------------------------------------------------

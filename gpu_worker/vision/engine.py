@@ -135,6 +135,11 @@ class VisionEngine:
                     f"{self.context_length}", type="invalid_request_error", code="context_length_exceeded",
                     status=400), request_done=True))
                 continue
+            if req.params.constraint is not None:  # the API refuses these; never ignore one
+                out.append(Outgoing(self.model, req.reply_to, req.id, ErrorEvent(
+                    req.id, "structured output is not supported for vision models", type="invalid_request_error",
+                    code="unsupported_parameter", status=400), request_done=True))
+                continue
             # A request resumed after a worker died starts over: its events carry token
             # offsets, and the API drops what it already relayed.
             seqs = []

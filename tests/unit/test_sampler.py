@@ -93,6 +93,14 @@ def test_a_vanishing_temperature_is_greedy_not_nan():
     assert SAMPLER(LOGITS, [mk(temperature=1e-9)])[0] == [2]
 
 
+def test_logit_bias_shifts_only_its_row():
+    biased = mk(temperature=0.0, logit_bias=((5, 10.0), (2, -100.0)))
+    plain = mk(temperature=0.0)
+    tokens, _, _ = SAMPLER(LOGITS.repeat(2, 1), [biased, plain])
+    assert tokens == [5, 2]
+    assert set(draw(mk(temperature=1.0, logit_bias=((2, -100.0), (3, -100.0), (7, -100.0))))) <= {0, 1, 4, 5, 6}
+
+
 def test_a_broken_row_fails_alone_and_says_why():
     """Poisoned parameters or logits flag their own row; the others sample as if alone."""
     logits = LOGITS.repeat(5, 1)
