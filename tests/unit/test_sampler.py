@@ -91,3 +91,14 @@ def test_logprobs_are_raw_model_logprobs():
 
 def test_a_vanishing_temperature_is_greedy_not_nan():
     assert SAMPLER(LOGITS, [mk(temperature=1e-9)])[0] == [2]
+
+
+def test_half_precision_logits_are_sampled_in_fp32():
+    # A bf16 model hands over bf16 logits; log-softmax in bf16 (8 bits of mantissa) would
+    # round every reported logprob, so the sampler upcasts first.
+    half = LOGITS.to(torch.bfloat16)
+    tokens, records = SAMPLER(half, [mk(temperature=0.0, logprobs=True, top_logprobs=2)])
+    expected = torch.log_softmax(half.float(), -1)[0]
+    assert float(torch.log_softmax(half, -1)[0, 2]) != float(expected[2])
+    assert tokens == [2] and records[0]["logprob"] == float(expected[2])
+    assert [t["id"] for t in records[0]["top_logprobs"]] == [2, 3]
