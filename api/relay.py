@@ -47,6 +47,13 @@ class TokenRelay:
     def in_flight(self) -> int:
         return len(self._queues)
 
+    def dispatch(self, data: bytes) -> None:
+        """One published batch (a worker's step) to the queues of the requests it names."""
+        for event in messages.decode_batch(data):
+            q = self._queues.get(event.request_id)
+            if q is not None:
+                q.put_nowait(event)
+
     async def _listen(self) -> None:
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -57,10 +64,7 @@ class TokenRelay:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is None or msg["type"] != "message":
                         continue
-                    for event in messages.decode_batch(msg["data"]):
-                        q = self._queues.get(event.request_id)
-                        if q is not None:
-                            q.put_nowait(event)
+                    self.dispatch(msg["data"])
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - resubscribe; gaps are refilled from the output log

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from broker.messages import ErrorEvent, TokenEvent
-from scheduler.queue import Claimed
+
+if TYPE_CHECKING:  # the scheduler (Redis, pydantic settings) is not needed to run an engine
+    from scheduler.queue import Claimed
 
 
 @dataclass(slots=True)

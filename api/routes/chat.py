@@ -29,6 +29,41 @@ def chat_logprobs(records: list[dict] | None) -> dict | None:
     ]}
 
 
+class ChatChunks:
+    """Token events -> ``chat.completion.chunk`` dicts of one streamed response."""
+
+    def __init__(self, base: dict, prompt_tokens: int, include_usage: bool):
+        self.base, self.prompt_tokens, self.include_usage = base, prompt_tokens, include_usage
+        self.completion_tokens = self.cached_tokens = 0
+        self.started: set[int] = set()
+
+    def render(self, _: int, ev: TokenEvent) -> list[dict]:
+        self.completion_tokens += len(ev.token_ids)
+        self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
+        delta: dict = {}
+        if ev.choice not in self.started:
+            self.started.add(ev.choice)
+            delta["role"] = "assistant"
+        if ev.reasoning:
+            delta["reasoning_content"] = ev.reasoning
+        if ev.text or "role" in delta:
+            delta["content"] = ev.text
+        if not delta and not ev.finish_reason and not ev.logprobs:
+            return []  # a token that completes no text yet (partial character, held-back stop)
+        chunk = {**self.base, "object": "chat.completion.chunk", "choices": [{
+            "index": ev.choice, "delta": delta, "logprobs": chat_logprobs(ev.logprobs),
+            "finish_reason": ev.finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return [chunk]
+
+    def finish(self) -> list[dict]:
+        if not self.include_usage:
+            return []
+        return [{**self.base, "object": "chat.completion.chunk", "choices": [],
+                 "usage": usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)}]
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
@@ -64,36 +99,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     counts = {"completion": 0, "cached": 0}
 
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        started: set[int] = set()
-
-        def render(_: int, ev: TokenEvent) -> list[dict]:
-            counts["completion"] += len(ev.token_ids)
-            counts["cached"] = max(counts["cached"], ev.cached_tokens)
-            delta: dict = {}
-            if ev.choice not in started:
-                started.add(ev.choice)
-                delta["role"] = "assistant"
-            if ev.reasoning:
-                delta["reasoning_content"] = ev.reasoning
-            if ev.text or "role" in delta:
-                delta["content"] = ev.text
-            if not delta and not ev.finish_reason and not ev.logprobs:
-                return []  # a token that completes no text yet (partial character, held-back stop)
-            chunk = {**base, "object": "chat.completion.chunk", "choices": [{
-                "index": ev.choice, "delta": delta, "logprobs": chat_logprobs(ev.logprobs),
-                "finish_reason": ev.finish_reason}]}
-            if include_usage:
-                chunk["usage"] = None
-            return [chunk]
-
-        def finish() -> list[dict]:
-            if not include_usage:
-                return []
-            return [{**base, "object": "chat.completion.chunk", "choices": [],
-                     "usage": usage(len(prompt_ids), counts["completion"], counts["cached"])}]
-
-        return await stream(request, job, render, finish)
+        chunks = ChatChunks(base, len(prompt_ids), bool(body.stream_options and body.stream_options.include_usage))
+        return await stream(request, job, chunks.render, chunks.finish)
 
     choices = {i: {"text": [], "reasoning": [], "logprobs": [], "finish": None} for i in range(body.n)}
     for _, ev in await collect(request, job):

@@ -7,6 +7,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,7 +21,9 @@ from gpu_worker.text.runner import ModelRunner
 from gpu_worker.text.sampler import Sampler
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
-from scheduler.queue import Claimed
+
+if TYPE_CHECKING:  # the scheduler (Redis, pydantic settings) is not needed to run an engine
+    from scheduler.queue import Claimed
 
 log = logging.getLogger(__name__)
 

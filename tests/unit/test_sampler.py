@@ -102,3 +102,13 @@ def test_half_precision_logits_are_sampled_in_fp32():
     assert float(torch.log_softmax(half, -1)[0, 2]) != float(expected[2])
     assert tokens == [2] and records[0]["logprob"] == float(expected[2])
     assert [t["id"] for t in records[0]["top_logprobs"]] == [2, 3]
+
+
+def test_tied_top_logits_truncate_to_the_greedy_token():
+    # bf16 logits tie often; truncation to one token must keep the one argmax picks (the first).
+    tied = torch.zeros(1, 4096)
+    tied[0, 1000:3000] = 5.0  # 2000 tokens tied for the top
+    greedy = SAMPLER(tied, [mk(temperature=0.0)])[0]
+    assert greedy == [1000]
+    for kw in ({"top_k": 1}, {"top_p": 1e-4}):
+        assert {SAMPLER(tied, [mk(temperature=1.5, seed=s, **kw)])[0][0] for s in range(20)} == {1000}, kw
