@@ -75,7 +75,12 @@ class Generation:
             else:
                 timeout = stall
             try:
-                item = await asyncio.wait_for(self._queue.get(), timeout)
+                if self._queue.empty():
+                    # asyncio.timeout, not wait_for: wait_for wraps the get in a new Task (3.11)
+                    async with asyncio.timeout(timeout):
+                        item = await self._queue.get()
+                else:
+                    item = self._queue.get_nowait()
             except TimeoutError:
                 if self.first_event_at is None:
                     await self._deadline_passed()

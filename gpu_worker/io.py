@@ -80,15 +80,16 @@ class Publisher(threading.Thread):
             if isinstance(o, Claim):
                 self.recorder.claim(pipe, o)
                 continue
-            if isinstance(o.event, TokenEvent):
-                self.recorder.token(o.model, o.event, now)
-                pipe.rpush(keys.output_log(o.model, o.event.request_id), messages.encode(o.event))
             if o.event is not None:
-                channels[o.reply_to].append(o.event)
+                encoded = messages.encode(o.event)  # once, for the output log and the reply channel
+                if isinstance(o.event, TokenEvent):
+                    self.recorder.token(o.model, o.event, now)
+                    pipe.rpush(keys.output_log(o.model, o.event.request_id), encoded)
+                channels[o.reply_to].append(encoded)
             if o.request_done:
                 done.append(o)
-        for channel, events in channels.items():
-            pipe.publish(channel, messages.encode_batch(events))
+        for channel, encoded in channels.items():
+            pipe.publish(channel, messages.join_encoded(encoded))
         for o in done:
             self._complete(args=[keys.tag(o.model), self.worker_id, o.request_id,
                                  self.fq.s.output_log_ttl_s], client=pipe)

@@ -35,6 +35,10 @@ class RequestRecorder:
         self.req = req
         self.tier = str(req.tier)
         self.m = api_metrics()
+        # Labelled once: ``labels()`` takes a lock and a dict lookup, and tokens() runs per event.
+        self._ttft = self.m.ttft.labels(req.model)
+        self._itl = self.m.itl.labels(req.model)
+        self._generation_tokens = self.m.generation_tokens.labels(req.model)
         self.enqueued_at = 0.0
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
@@ -74,11 +78,11 @@ class RequestRecorder:
         if self.first_token_at is None:
             self.first_token_at = now
             self._emit(Kind.FIRST_TOKEN, now)
-            self.m.ttft.labels(self.req.model).observe(max(0.0, now - self.enqueued_at))
+            self._ttft.observe(max(0.0, now - self.enqueued_at))
         elif n:
-            self.m.itl.labels(self.req.model).observe((now - self.last_token_at) / n)
+            self._itl.observe((now - self.last_token_at) / n)
         self.last_token_at = now
-        self.m.generation_tokens.labels(self.req.model).inc(n)
+        self._generation_tokens.inc(n)
 
     def finished(self) -> None:
         if self.outcome is None:
@@ -142,6 +146,8 @@ class WorkerRecorder:
         self.worker_id = worker_id
         self.maxlen = maxlen
         self.m = worker_metrics()
+        self._generated: dict[str, object] = {}
+        """Per model, the labelled token counter (token() runs per event)."""
         self._live: dict[str, _Live] = {}
         self._released: list[_Live] = []
 
@@ -156,7 +162,10 @@ class WorkerRecorder:
             self.m.queue_wait.labels(c.model, str(req.tier)).observe(max(0.0, c.at - req.created_at))
 
     def token(self, model: str, ev: TokenEvent, now: float) -> None:
-        self.m.generated_tokens.labels(model).inc(len(ev.token_ids))
+        counter = self._generated.get(model)
+        if counter is None:
+            counter = self._generated[model] = self.m.generated_tokens.labels(model)
+        counter.inc(len(ev.token_ids))
         live = self._live.get(ev.request_id)
         if live is None:
             return
