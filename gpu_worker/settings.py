@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from inferstack.settings import CommonSettings
+from metrics.settings import MetricsServerSettings
 
 
-class WorkerSettings(CommonSettings):
+class WorkerSettings(MetricsServerSettings):
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     worker_models: str = Field("smollm2-135m", description="Comma-separated registry names this worker loads at start.")
     worker_serves: str = Field(
@@ -39,7 +39,6 @@ class WorkerSettings(CommonSettings):
     heartbeat_ttl_s: float = Field(5.0, description="A worker silent this long is considered dead.")
     drain_timeout_s: float = Field(10.0, description="On SIGTERM, how long running requests may finish.")
     torch_threads: int | None = Field(None, description="torch intra-op threads (default: torch's choice).")
-    metrics_port: int = Field(0, description="Port of this worker's Prometheus /metrics (0 = off).")
 
     @property
     def model_names(self) -> list[str]:

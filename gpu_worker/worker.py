@@ -19,8 +19,8 @@ from broker.connection import sync_client
 from gpu_worker.demand import JOB_MODALITIES, DemandWatcher
 from gpu_worker.engine import Engine
 from gpu_worker.io import CancelListener, Claimer, Heartbeat, Publisher
-from gpu_worker.precision import choose_dtype
 from gpu_worker.manager import GiB, MemoryProbe, ModelManager, NotEnoughMemory
+from gpu_worker.precision import choose_dtype
 from gpu_worker.settings import WorkerSettings
 from inferstack import modelstore
 from inferstack.registry import Modality, ModelSpec, Registry
@@ -183,8 +183,9 @@ class Worker:
         (tests use it to run a worker deterministically to completion)."""
         prom.engine_gauges().attach(self.id, self.engines)
         if self.s.metrics_port:
-            self.metrics_server = prom.serve(self.s.metrics_port)
-            log.info("worker %s: Prometheus metrics on :%d/metrics", self.id, self.s.metrics_port)
+            self.metrics_server = prom.serve(self.s.metrics_port, self.s.metrics_host)
+            log.info("worker %s: Prometheus metrics on %s:%d/metrics", self.id, self.s.metrics_host,
+                     self.s.metrics_port)
         step_seconds = prom.worker_metrics().step
         for t in (self.publisher, self.heartbeat, self.cancels):
             t.start()

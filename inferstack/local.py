@@ -91,8 +91,14 @@ def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float =
                 say(f"{name} exited with code {p.returncode}; see its log above")
                 return False
         try:
-            r = httpx.get(f"{url}/ready", timeout=2)
+            # with a keys file /ready needs a key: the admin key passes
+            admin = os.environ.get("INFERSTACK_ADMIN_KEY")
+            r = httpx.get(f"{url}/ready", timeout=2, headers={"Authorization": f"Bearer {admin}"} if admin else {})
             if r.status_code == 200:
+                return True
+            if r.status_code == 401:
+                say("the API is up; /ready needs a key with INFERSTACK_KEYS_FILE set (set INFERSTACK_ADMIN_KEY too "
+                    "and this waits for a worker)")
                 return True
             reason = r.json().get("reason", "")
         except httpx.HTTPError:
@@ -135,6 +141,7 @@ def run_local(port: int | None = None) -> int:
     env["INFERSTACK_PORT"] = str(port)
     env.setdefault("INFERSTACK_HOST", "127.0.0.1")
     worker_metrics_port = int(env.get("INFERSTACK_METRICS_PORT") or free_port())
+    exporter_metrics_port = free_port()
     store = StoreSettings()
     metrics_at = store.clickhouse_url.split("@")[-1] if store.clickhouse_url else f"chDB in {store.chdb_dir}"
     procs: dict[str, subprocess.Popen] = {}
@@ -144,7 +151,7 @@ def run_local(port: int | None = None) -> int:
         procs["worker"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "worker"],
                                       env={**env, "INFERSTACK_METRICS_PORT": str(worker_metrics_port)})
         procs["exporter"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "exporter"],
-                                        env={**env, "INFERSTACK_METRICS_PORT": "0"})
+                                        env={**env, "INFERSTACK_METRICS_PORT": str(exporter_metrics_port)})
         url = f"http://{env['INFERSTACK_HOST']}:{port}"
         if not _wait_ready(url, procs):
             return 1
@@ -157,7 +164,8 @@ Inference Stack is up at {url}  (Ctrl-C stops everything)
 
   OpenAI SDK: OpenAI(base_url="{url}/v1", api_key="unused")
 
-  Metrics: {url}/metrics (API), http://127.0.0.1:{worker_metrics_port}/metrics (worker);
+  Metrics: {url}/metrics (API), http://127.0.0.1:{worker_metrics_port}/metrics (worker),
+  http://127.0.0.1:{exporter_metrics_port}/metrics (exporter: queue depth);
   request rows: {metrics_at}; `inferstack stats` or {url}/v1/stats
 """, flush=True)
         while all(p.poll() is None for p in procs.values()):

@@ -2,6 +2,10 @@
 
     inferstack exporter        # INFERSTACK_CLICKHOUSE_URL, or chDB in INFERSTACK_CHDB_PATH
 
+With ``INFERSTACK_METRICS_PORT`` it also serves Prometheus metrics, among them the
+queue depth per model and tier (read from Redis when scraped): the one place that
+gauge comes from, so autoscalers count each waiting request once.
+
 It reads the stream in a consumer group, assembles one row per request from that
 request's events in the batch, inserts the batch, and only then acknowledges the
 events. Delivery is at least once:
@@ -28,13 +32,16 @@ import time
 from typing import Any
 
 import redis
+from prometheus_client import REGISTRY
 
 from broker import keys
 from broker.connection import sync_client
+from inferstack.registry import Registry
 from metrics import prom
 from metrics.events import Kind, LifecycleEvent
 from metrics.settings import ExporterSettings
 from metrics.store import Store, open_store
+from scheduler import queue
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +262,15 @@ def main(settings: ExporterSettings | None = None) -> None:
             stop.wait(2.0)
     if store is None:
         return
+    client = sync_client(settings.redis_url)
     if settings.metrics_port:
-        prom.serve(settings.metrics_port)
-    exporter = Exporter(sync_client(settings.redis_url), store, settings)
+        models = Registry.load(settings.models_file).names()
+        # The one place the queue depth is exported (see metrics/prom.py).
+        REGISTRY.register(prom.QueueDepth(lambda: queue.depths(client, models)))
+        prom.serve(settings.metrics_port, settings.metrics_host)
+        log.info("Prometheus metrics (with the queue depth of %d models) on %s:%d/metrics", len(models),
+                 settings.metrics_host, settings.metrics_port)
+    exporter = Exporter(client, store, settings)
     try:
         exporter.run(stop)
     finally:

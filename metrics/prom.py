@@ -6,6 +6,12 @@ Each process kind defines its metrics once (``api_metrics()``, ``worker_metrics(
 Values that live elsewhere — queue depths in Redis, a worker's batch and KV cache —
 are read when scraped, not mirrored.
 
+The queue depth is deployment-wide state, so exactly one kind of process exports it:
+the metrics exporter (``inferstack exporter`` with ``INFERSTACK_METRICS_PORT``). Were
+every API replica to export it, a ``sum`` over replicas would count each waiting
+request once per replica; an autoscaler reads ``max by (model, tier)``, which stays
+right with several exporters too.
+
 Several API processes behind one port (``INFERSTACK_API_WORKERS`` > 1) share their
 counters and histograms through the client's multiprocess mode:
 :func:`prepare_multiprocess` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory
@@ -15,14 +21,17 @@ before the processes start, and :func:`exposition` then merges every process's f
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -107,12 +116,26 @@ def exporter_metrics() -> ExporterMetrics:
 # -- scrape-time gauges ---------------------------------------------------------
 
 
-def queue_depth_family(depths: dict[str, dict[str, int]]) -> GaugeMetricFamily:
-    g = GaugeMetricFamily("inferstack_queue_depth", "Requests waiting, per model and tier.", labels=["model", "tier"])
-    for model, tiers in sorted(depths.items()):
-        for tier, n in tiers.items():
-            g.add_metric([model, tier], n)
-    return g
+class QueueDepth:
+    """``inferstack_queue_depth{model, tier}``: requests waiting, read from Redis by
+    ``read()`` when scraped. A failed read drops the family from that scrape (an
+    absent series, not a false zero that would scale workers down)."""
+
+    def __init__(self, read: Callable[[], dict[str, dict[str, int]]]):
+        self.read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            depths = self.read()
+        except Exception as exc:  # noqa: BLE001 - Redis down: the rest of the metrics still matter
+            log.warning("queue depth unavailable this scrape: %s", exc)
+            return []
+        g = GaugeMetricFamily("inferstack_queue_depth", "Requests waiting, per model and tier.",
+                              labels=["model", "tier"])
+        for model, tiers in sorted(depths.items()):
+            for tier, n in tiers.items():
+                g.add_metric([model, tier], n)
+        return [g]
 
 
 class EngineGauges:
@@ -189,36 +212,22 @@ def cleanup_multiprocess(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def exposition(extra: Iterable[GaugeMetricFamily] = ()) -> bytes:
+def exposition() -> bytes:
     """The text format of this process's registry — or, in multiprocess mode, of every
-    process's files merged — followed by ``extra`` families read at scrape time."""
+    process's files merged."""
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        body = generate_latest(registry)
-    else:
-        body = generate_latest(REGISTRY)
-    extra = list(extra)
-    if extra:
-        scrape = CollectorRegistry()
-        scrape.register(_Static(extra))
-        body += generate_latest(scrape)
-    return body
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
 
 
-class _Static:
-    def __init__(self, families):
-        self.families = families
-
-    def collect(self):
-        return self.families
-
-
-def serve(port: int):
-    """Expose the default registry on ``port`` (workers, exporter); returns the server."""
+def serve(port: int, host: str = "127.0.0.1"):
+    """Expose the default registry on ``host:port`` (workers, exporter); returns the
+    server. Loopback unless configured: these metrics carry no authentication."""
     from prometheus_client import start_http_server
 
-    server, _thread = start_http_server(port)
+    server, _thread = start_http_server(port, addr=host)
     return server

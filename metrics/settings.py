@@ -23,7 +23,17 @@ class StoreSettings(CommonSettings):
         return self.chdb_path or self.cache_dir / "chdb"
 
 
-class ExporterSettings(StoreSettings):
+class MetricsServerSettings(CommonSettings):
+    """A process that serves Prometheus metrics on a port of its own (workers, the exporter)."""
+
+    metrics_port: int = Field(0, description="Port of this process's Prometheus /metrics (0 = off).")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address that port binds to: it has no authentication, so loopback unless "
+                                 "opened (0.0.0.0 for a pod or a compose network tenants cannot reach)."
+    )
+
+
+class ExporterSettings(StoreSettings, MetricsServerSettings):
     exporter_id: str = Field(
         default_factory=lambda: f"exporter-{socket.gethostname()}",
         description="Consumer name in the group; stable across restarts, so a restarted exporter re-reads what it "
@@ -34,4 +44,3 @@ class ExporterSettings(StoreSettings):
     exporter_claim_idle_s: float = Field(
         30.0, description="Events read by another exporter and unacknowledged this long are taken over (it died)."
     )
-    metrics_port: int = Field(0, description="Port of this process's Prometheus /metrics (0 = off).")

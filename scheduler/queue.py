@@ -13,7 +13,7 @@ from importlib import resources
 import orjson
 
 from broker import keys, messages
-from broker.messages import GenerateRequest
+from broker.messages import GenerateRequest, Tier
 from scheduler.settings import SchedulerSettings
 
 
@@ -50,6 +50,16 @@ class ClaimResult:
     """Deadline passed before they started: the caller reports them, never runs them."""
 
 
+def depths(client, models: list[str]) -> dict[str, dict[str, int]]:
+    """Requests waiting per model and tier, for several models in one round trip
+    (a sync client). The counters are kept by ``lua/common.lua``."""
+    tiers = [t.value for t in Tier]
+    pipe = client.pipeline(transaction=False)
+    for model in models:
+        pipe.hmget(keys.tier_state(model), [f"len:{t}" for t in tiers])
+    return {model: {t: int(n or 0) for t, n in zip(tiers, lens)} for model, lens in zip(models, pipe.execute())}
+
+
 def _now_arg(now: float | None) -> str:
     return "" if now is None else repr(now)
 
@@ -60,7 +70,7 @@ def _enqueue_args(req: GenerateRequest, s: SchedulerSettings, weight: float, tim
         keys.tag(req.model), req.id, messages.encode(req), req.user, str(req.tier), req.cost, weight,
         s.default_deadline_s if timeout_s is None else timeout_s, s.max_queue, s.tier_share(req.tier),
         s.max_queue_per_user if user_cap is None else user_cap, _now_arg(now), "1" if s.fairness else "0",
-        req.session_key or "", orjson.dumps(req.prefix_hashes), s.affinity_window_s,
+        req.session_key or "", orjson.dumps(req.prefix_hashes), s.affinity_window_s, req.seqs,
     ]
 
 
@@ -84,7 +94,8 @@ class FairQueue:
         return _admission(self._scripts["enqueue"](args=_enqueue_args(req, self.s, weight, timeout_s, user_cap, now)))
 
     def claim_batch(self, model: str, worker_id: str, n: int, *, now: float | None = None) -> ClaimResult:
-        """Atomically take up to ``n`` requests for ``model``, in policy order, leased to ``worker_id``."""
+        """Atomically take requests for ``model`` in policy order, leased to ``worker_id``,
+        until they bring ``n`` sequences (an engine's free rows; see lua/claim.lua)."""
         if n <= 0:
             return ClaimResult([], [])
         claimed, expired = self._scripts["claim"](
@@ -120,8 +131,7 @@ class FairQueue:
             self._scripts["kv_index"](args=args, client=client)
 
     def depth(self, model: str) -> dict[str, int]:
-        state = self.r.hgetall(keys.tier_state(model))
-        return {t: int(state.get(f"len:{t}", 0)) for t in ("high", "normal", "low")}
+        return depths(self.r, [model])[model]
 
     def output_log(self, model: str, request_id: str) -> list:
         return [messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1)]
@@ -144,9 +154,3 @@ class AsyncFairQueue:
 
     async def cancel(self, model: str, request_id: str) -> str:
         return await self._scripts["cancel"](args=[keys.tag(model), request_id])
-
-    async def depth(self, model: str) -> dict[str, int]:
-        state = await self.r.hgetall(keys.tier_state(model))
-        return {t: int(state.get(f"len:{t}", 0)) for t in ("high", "normal", "low")}
-
-

@@ -295,7 +295,7 @@ class TextEngine:
         if self.kv_store is None or seq.output_ids:
             return
         req = seq.request
-        hit = self.kv_store.match(seq.prompt_ids, req.session_key, req.prefix_hashes)
+        hit = self.kv_store.match(seq.prompt_ids, req.session_key, req.prefix_hashes, req.cache_scope)
         self.kv_store.stats.prompt_tokens += len(seq.prompt_ids)
         if hit:
             self.kv_store.acquire(hit[0])
@@ -325,7 +325,7 @@ class TextEngine:
         started = time.perf_counter()
         try:
             entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length],
-                                               self.runner.cache.to_layers(seq.slot, length))
+                                               self.runner.cache.to_layers(seq.slot, length), seq.request.cache_scope)
         except Exception:  # noqa: BLE001 - a cache not kept costs a later recompute, never this batch
             log.exception("%s: keeping %s KV (%d tokens) in DRAM failed", self.model, kind, length)
             return

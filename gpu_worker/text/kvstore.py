@@ -39,6 +39,8 @@ class KvEntry:
     """Marks the end of the device-to-host copy (CUDA only; None once it has landed)."""
     hashes: list[str] = field(default_factory=list)
     """Prefix entries: the block hashes they cover (index keys)."""
+    scope: str = ""
+    """Prefix entries: the cache scope that may reuse them (broker.prefix)."""
     in_use: int = 0
     last_use: float = field(default_factory=time.time)
 
@@ -103,21 +105,27 @@ class KvStore:
 
     # -- lookup -----------------------------------------------------------------
 
-    def match(self, prompt: list[int], session_key: str | None, hashes: list[str]) -> tuple[KvEntry, int] | None:
+    def match(self, prompt: list[int], session_key: str | None, hashes: list[str],
+              scope: str = "") -> tuple[KvEntry, int] | None:
         """The stored entry that covers the longest prefix of ``prompt``, and how many
-        of its tokens to reuse (always leaving the last prompt token to prefill)."""
+        of its tokens to reuse (always leaving the last prompt token to prefill). A
+        prefix entry counts only for its own cache scope and only when its token ids
+        are the prompt's: a 64-bit hash says where to look, never what is there."""
         best: tuple[KvEntry, int] | None = None
         if session_key and session_key in self.entries:
             entry = self.entries[session_key]
             n = common_prefix(entry.token_ids, prompt)
             best = (entry, n)
         for j in range(len(hashes) - 1, -1, -1):
+            n = (j + 1) * BLOCK
+            if best is not None and n <= best[1]:
+                break
             hit = self.prefix_index.get(hashes[j])
             if hit:
-                n = (j + 1) * BLOCK
-                if best is None or n > best[1]:
-                    best = (self.entries[hit[0]], n)
-                break
+                entry = self.entries[hit[0]]
+                if entry.scope == scope and entry.token_ids[:n] == prompt[:n]:
+                    best = (entry, n)
+                    break
         if best is not None:
             best = (best[0], min(best[1], len(prompt) - 1))
         if best is None or best[1] <= 0:
@@ -136,11 +144,12 @@ class KvStore:
 
     # -- insertion and eviction ---------------------------------------------------
 
-    def put(self, key: str, kind: str, token_ids: list[int], layers: Layers) -> tuple[KvEntry | None, list[KvEntry]]:
+    def put(self, key: str, kind: str, token_ids: list[int], layers: Layers,
+            scope: str = "") -> tuple[KvEntry | None, list[KvEntry]]:
         """Store (replacing ``key``); returns the new entry (None if it cannot fit) and
-        the entries evicted to make room. ``layers`` may live on the model's device; the
-        store takes them to host memory (before changing anything, so a failed copy
-        leaves the store as it was)."""
+        the entries evicted to make room. ``scope``: a prefix entry's cache scope.
+        ``layers`` may live on the model's device; the store takes them to host memory
+        (before changing anything, so a failed copy leaves the store as it was)."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         ready = None
         if nbytes <= self.budget_bytes:
@@ -161,9 +170,9 @@ class KvStore:
                 self.stats.evictions += 1
         if self.bytes_used + nbytes > self.budget_bytes:
             return None, evicted
-        entry = KvEntry(key, kind, list(token_ids), layers, nbytes, ready)
+        entry = KvEntry(key, kind, list(token_ids), layers, nbytes, ready, scope=scope)
         if kind == "prefix":
-            entry.hashes = prefix_hashes(entry.token_ids)
+            entry.hashes = prefix_hashes(entry.token_ids, scope)
             for j, h in enumerate(entry.hashes):
                 self.prefix_index[h] = (key, (j + 1) * BLOCK)
         self.entries[key] = entry
