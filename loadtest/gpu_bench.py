@@ -227,11 +227,7 @@ def run_inferstack(model_dir: Path, name: str, device: torch.device, dtype: torc
         return out
 
     try:
-        for c in levels:
-            if time.perf_counter() > deadline:
-                record(name, "inferstack", c, {"skipped": "time budget spent"})
-                continue
-            record(name, "inferstack", c, measure(submit, wait_finished, c, args, cfg["vocab_size"], deadline))
+        measure_levels(name, "inferstack", submit, wait_finished, levels, args, cfg["vocab_size"], deadline, record)
     finally:
         del engine
         _free(device)
@@ -244,10 +240,21 @@ def run_transformers_cb(model_dir: Path, name: str, device: torch.device, dtype:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     cfg = json.loads((model_dir / "config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa").to(device)
     gen = GenerationConfig(max_new_tokens=args.output_tokens, do_sample=False, eos_token_id=-1,
                            pad_token_id=cfg["pad_token_id"])
-    manager = model.init_continuous_batching(generation_config=gen)
+    # Recent releases take "sdpa" and switch to a paged or flash kernel themselves; older
+    # ones wanted the paged implementation named at load.
+    for attn in ("sdpa", "paged|sdpa", "sdpa_paged"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=attn)
+            manager = model.to(device).init_continuous_batching(generation_config=gen)
+            break
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"transformers CB with attn_implementation={attn!r}: {exc}; trying the next", file=sys.stderr)
+            model = None
+            _free(device)
+    else:
+        raise RuntimeError("no attention implementation that transformers' continuous batching accepts")
     if hasattr(manager, "warmup"):  # CUDA graphs, captured before the clock starts as generate_batch does
         manager.warmup()
     manager.start()
@@ -266,15 +273,21 @@ def run_transformers_cb(model_dir: Path, name: str, device: torch.device, dtype:
             clock.progress(out.request_id, len(out.generated_tokens))
             return [out.request_id] if out.is_finished() else []
 
-        for c in levels:
-            if time.perf_counter() > deadline:
-                record(name, "transformers-cb", c, {"skipped": "time budget spent"})
-                continue
-            record(name, "transformers-cb", c, measure(submit, wait_finished, c, args, cfg["vocab_size"], deadline))
+        measure_levels(name, "transformers-cb", submit, wait_finished, levels, args, cfg["vocab_size"], deadline,
+                       record)
     finally:
         manager.stop(block=True, timeout=30)
         del manager, model
         _free(device)
+
+
+def measure_levels(name: str, system: str, submit, wait_finished, levels: list[int], args, vocab: int,
+                   deadline: float, record) -> None:
+    for c in levels:
+        if time.perf_counter() > deadline:
+            record(name, system, c, {"skipped": "time budget spent"})
+        else:
+            record(name, system, c, measure(submit, wait_finished, c, args, vocab, deadline))
 
 
 def measure(submit, wait_finished, c: int, args, vocab: int, deadline: float) -> dict:
@@ -313,7 +326,7 @@ def machine(device: torch.device) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2-135m,qwen3-0.6b")
+    ap.add_argument("--models", default="qwen3-0.6b,smollm2-135m", help="the anchor's model first")
     ap.add_argument("--concurrency", default="1,32,128,256")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--output-tokens", type=int, default=128)
