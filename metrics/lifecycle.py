@@ -35,10 +35,9 @@ class RequestRecorder:
         self.req = req
         self.tier = str(req.tier)
         self.m = api_metrics()
-        # Labelled once: ``labels()`` takes a lock and a dict lookup, and tokens() runs per event.
-        self._ttft = self.m.ttft.labels(req.model)
-        self._itl = self.m.itl.labels(req.model)
-        self._generation_tokens = self.m.generation_tokens.labels(req.model)
+        self._token_series = None
+        """(ttft, itl, generation tokens) labelled once, at the first token: ``labels()`` takes
+        a lock and a lookup, and tokens() runs per event."""
         self.enqueued_at = 0.0
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
@@ -75,14 +74,19 @@ class RequestRecorder:
         n = len(ev.token_ids)
         self.completion_tokens += n
         self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
+        if self._token_series is None:
+            model = self.req.model
+            self._token_series = (self.m.ttft.labels(model), self.m.itl.labels(model),
+                                  self.m.generation_tokens.labels(model))
+        ttft, itl, generation_tokens = self._token_series
         if self.first_token_at is None:
             self.first_token_at = now
             self._emit(Kind.FIRST_TOKEN, now)
-            self._ttft.observe(max(0.0, now - self.enqueued_at))
+            ttft.observe(max(0.0, now - self.enqueued_at))
         elif n:
-            self._itl.observe((now - self.last_token_at) / n)
+            itl.observe((now - self.last_token_at) / n)
         self.last_token_at = now
-        self._generation_tokens.inc(n)
+        generation_tokens.inc(n)
 
     def finished(self) -> None:
         if self.outcome is None:
