@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}  # float64: exact arithmetic, for tests that compare token for token
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """x86 CPU flags (``/proc/cpuinfo``) under which bf16 matmuls run natively (oneDNN)."""

@@ -11,8 +11,8 @@ on weight values) and saved once to a temp dir, with a word-level tokenizer over
 whole vocabulary, so our ``TextEngine`` (driven in-process, as the worker's compute
 loop drives it, with token ids in and token events out) and
 ``model.init_continuous_batching()`` load exactly the same checkpoint. It needs
-torch, transformers and this repository's ``broker``, ``gpu_worker`` and
-``inferstack`` packages: nothing else (no redis, pydantic or psutil; orjson is
+torch, transformers and this repository's ``broker``, ``gpu_worker``, ``inferstack``
+and ``scheduler`` (its Redis-free ``claimed`` and ``policy``) packages: nothing else (no redis, pydantic or psutil; orjson is
 replaced by a stand-in when missing, since nothing here goes over the wire).
 
 Each level runs closed loop: ``c`` clients each send a request (``--prompt-tokens``
@@ -36,7 +36,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -63,11 +62,6 @@ SMOKE_CONFIG = dict(
     model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=64, intermediate_size=128,
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=256,
     rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-BenchClaim = namedtuple("BenchClaim", "request attempt")
-"""What ``TextEngine.add`` reads from a claim (``scheduler.queue.Claimed``, whose module
-needs Redis and pydantic, which a GPU host may lack)."""
-
 
 def _orjson_stand_in() -> None:
     """``broker.messages`` imports orjson for the wire; nothing here encodes anything."""
@@ -189,6 +183,7 @@ def run_inferstack(model_dir: Path, name: str, device: torch.device, dtype: torc
     from broker.messages import ErrorEvent, GenerateRequest, SamplingParams
     from gpu_worker.text.engine import TextEngine
     from inferstack.registry import Modality, ModelSpec
+    from scheduler.claimed import Claimed
 
     context = args.prompt_tokens + args.output_tokens + 8
     spec = ModelSpec(name=name, modality=Modality.TEXT, path=str(model_dir), max_batch=max(levels),
@@ -212,7 +207,7 @@ def run_inferstack(model_dir: Path, name: str, device: torch.device, dtype: torc
                 finished.append(o.request_id)
 
     def submit(rid: str, ids: list[int]) -> None:
-        engine.add(BenchClaim(GenerateRequest(id=rid, model=name, prompt_token_ids=ids, params=params,
+        engine.add(Claimed(GenerateRequest(id=rid, model=name, prompt_token_ids=ids, params=params,
                                               reply_to="bench"), 1), [])
 
     def wait_finished(on: Clock):
@@ -363,8 +358,8 @@ def main(argv=None) -> None:
         row = {"model": model, "system": system, "concurrency": c, **row}
         result["results"].append(row)
         Path(args.out).write_text(json.dumps(result, indent=2))  # partial results survive a timeout
-        if "skipped" in row:
-            print(f"{model:13} {system:16} c={c:<4} skipped: {row['skipped']}", flush=True)
+        if "output_tok_s" not in row:  # skipped, or the system failed
+            print(f"{model:13} {system:16} c={c:<4} {row}", flush=True)
         else:
             print(f"{model:13} {system:16} c={c:<4} {row['output_tok_s']:9.1f} tok/s  TTFT p50 "
                   f"{row['ttft_p50_ms']:8.1f} ms  TPOT p50 {row['tpot_p50_ms']} ms  ({row['requests']} req, "

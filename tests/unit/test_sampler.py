@@ -82,7 +82,7 @@ def test_penalties_push_repeated_tokens_down():
 
 
 def test_logprobs_are_raw_model_logprobs():
-    toks, recs = SAMPLER(LOGITS, [mk(temperature=0.0, logprobs=True, top_logprobs=3)])
+    toks, recs, _ = SAMPLER(LOGITS, [mk(temperature=0.0, logprobs=True, top_logprobs=3)])
     expected = torch.log_softmax(LOGITS[0], -1)
     assert math.isclose(recs[0]["logprob"], float(expected[2]), rel_tol=1e-5)
     assert [t["id"] for t in recs[0]["top_logprobs"]] == [2, 3, 7]
@@ -97,10 +97,10 @@ def test_half_precision_logits_are_sampled_in_fp32():
     # A bf16 model hands over bf16 logits; log-softmax in bf16 (8 bits of mantissa) would
     # round every reported logprob, so the sampler upcasts first.
     half = LOGITS.to(torch.bfloat16)
-    tokens, records = SAMPLER(half, [mk(temperature=0.0, logprobs=True, top_logprobs=2)])
+    tokens, records, failures = SAMPLER(half, [mk(temperature=0.0, logprobs=True, top_logprobs=2)])
     expected = torch.log_softmax(half.float(), -1)[0]
     assert float(torch.log_softmax(half, -1)[0, 2]) != float(expected[2])
-    assert tokens == [2] and records[0]["logprob"] == float(expected[2])
+    assert tokens == [2] and failures == [0] and records[0]["logprob"] == float(expected[2])
     assert [t["id"] for t in records[0]["top_logprobs"]] == [2, 3]
 
 
@@ -112,3 +112,21 @@ def test_tied_top_logits_truncate_to_the_greedy_token():
     assert greedy == [1000]
     for kw in ({"top_k": 1}, {"top_p": 1e-4}):
         assert {SAMPLER(tied, [mk(temperature=1.5, seed=s, **kw)])[0][0] for s in range(20)} == {1000}, kw
+
+
+def test_a_broken_row_fails_alone_and_says_why():
+    """Poisoned parameters or logits flag their own row; the others sample as if alone."""
+    logits = LOGITS.repeat(5, 1)
+    logits[3, 2] = float("nan")  # the model's own output went bad
+    rows = [
+        mk(temperature=0.0),
+        mk(temperature=1.0, prompt=[2, 3], repetition_penalty=1e-40),  # overflows to +inf
+        mk(temperature=0.0, min_tokens=3, stop_token_ids=tuple(range(V))),  # nothing left to sample
+        mk(temperature=1.0),
+        mk(temperature=0.0, repetition_penalty=1e-40, prompt=[2]),  # greedy rows are checked too
+    ]
+    tokens, records, failures = SAMPLER(logits, rows)
+    assert failures == [0, 1, 1, 2, 1]
+    assert tokens[0] == 2
+    alone = SAMPLER(LOGITS, [mk(temperature=0.0)])
+    assert (alone[0][0], alone[2]) == (tokens[0], [0])
