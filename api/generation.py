@@ -134,7 +134,12 @@ class Generation:
                 self._note_state(exists)
                 continue
             try:
-                item = await asyncio.wait_for(self._queue.get(), self._wait_s())
+                if self._queue.empty():
+                    # asyncio.timeout, not wait_for: wait_for wraps the get in a new Task (3.11)
+                    async with asyncio.timeout(self._wait_s()):
+                        item = await self._queue.get()
+                else:
+                    item = self._queue.get_nowait()
             except TimeoutError:
                 await self._timed_out()
                 continue

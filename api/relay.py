@@ -72,6 +72,12 @@ class TokenRelay:
             for q in queues:
                 q.put_nowait(None)
 
+    def dispatch(self, data: bytes) -> None:
+        """One published batch (a worker's step) to the queues of the requests it names."""
+        for event in messages.decode_batch(data):
+            for q in self._queues.get(event.request_id, ()):
+                q.put_nowait(event)
+
     async def _listen(self) -> None:
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -88,9 +94,7 @@ class TokenRelay:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is None or msg["type"] != "message":
                         continue
-                    for event in messages.decode_batch(msg["data"]):
-                        for q in self._queues.get(event.request_id, ()):
-                            q.put_nowait(event)
+                    self.dispatch(msg["data"])
             except asyncio.CancelledError:
                 raise
             except UNAVAILABLE as exc:

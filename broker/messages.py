@@ -296,6 +296,12 @@ def encode_batch(msgs: list[Any]) -> bytes:
     return orjson.dumps([[_TAGS[type(m)], m] for m in msgs])
 
 
+def join_encoded(encoded: list[bytes]) -> bytes:
+    """``encode_batch`` of messages already ``encode``d one by one (the same bytes):
+    the publisher writes each token event to its output log and reuses that encoding."""
+    return b"[" + b",".join(encoded) + b"]"
+
+
 def decode_batch(raw: str | bytes) -> list[Any]:
     return [_build(tag, d) for tag, d in orjson.loads(raw)]
 

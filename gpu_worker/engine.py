@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from broker.messages import ErrorEvent, TokenEvent
-from scheduler.queue import Claimed
+from scheduler.claimed import Claimed
 
 
 @dataclass(slots=True)

@@ -19,7 +19,9 @@ class WorkerSettings(MetricsServerSettings):
         None, description="Most memory the worker's models may take together (default: free device memory).")
     memory_reserve_gb: float = Field(0.5, description="Device memory the model manager always leaves free.")
     device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:N.")
-    dtype: str | None = Field(None, description="Overrides the registry dtype (float32, bfloat16, float16).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] | None = Field(
+        None, description="Overrides the registry dtype; auto = bfloat16 where the GPU or CPU computes it natively "
+        "(avx512_bf16, amx_bf16), else float32 (see gpu_worker.precision).")
     max_batch: int | None = Field(None, description="Overrides the registry's max_batch (sequences per step).")
     max_prefill_tokens: int | None = Field(None, description="Overrides the registry's prefill budget per step.")
     kv_cache_bytes: int | None = Field(

@@ -20,6 +20,7 @@ from gpu_worker.demand import JOB_MODALITIES, DemandWatcher
 from gpu_worker.engine import Engine
 from gpu_worker.io import CancelListener, Claimer, Heartbeat, Publisher
 from gpu_worker.manager import GiB, MemoryProbe, ModelManager, NotEnoughMemory
+from gpu_worker.precision import choose_dtype
 from gpu_worker.settings import WorkerSettings
 from inferstack import modelstore
 from inferstack.registry import Modality, ModelSpec, Registry
@@ -57,12 +58,11 @@ def engine_available(spec: ModelSpec, settings: WorkerSettings) -> bool:
 
 
 def build_engine(spec: ModelSpec, settings: WorkerSettings, device: torch.device, model_dir=None) -> Engine:
-    from gpu_worker.text.runner import pick_dtype
-
     model_dir = model_dir or modelstore.resolve(spec, settings.cache_dir)
-    dtype = pick_dtype(settings.dtype or spec.dtype, device)
-    if device.type == "cpu" and dtype is torch.float16:
-        dtype = torch.float32  # fp16 registry dtypes are for GPUs; CPUs lack most half kernels
+    choice = choose_dtype(device, spec.dtype, settings.dtype)
+    dtype = choice.dtype
+    if spec.modality is not Modality.SPEECH:
+        log.info("%s: %s on %s (%s)", spec.name, choice.name, device, choice.reason)
     max_batch = settings.max_batch or spec.max_batch
     if spec.modality is Modality.TEXT:
         from gpu_worker.text.engine import TextEngine

@@ -32,7 +32,8 @@ class ModelSpec:
     path: str | None = None
     gguf: GgufSource | None = None
     dtype: str = "auto"
-    """``auto`` = float32 on CPU, bfloat16 on CUDA; or float32/bfloat16/float16."""
+    """``auto`` = bfloat16 where the device computes it natively (GPUs; CPUs with avx512_bf16 or
+    amx_bf16), else float32 (``gpu_worker.precision``); or pinned: float32/bfloat16/float16."""
     memory_gb: float = 1.0
     tensor_parallel: int = 1
     max_batch: int = 32

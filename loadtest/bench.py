@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import subprocess
@@ -112,8 +113,6 @@ def machine() -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    import os
-
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -129,6 +128,8 @@ def main(argv=None) -> None:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--raw", action="store_true", help="also run the raw model.generate reference in-process")
     ap.add_argument("--raw-repeats", type=int, default=1)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the raw reference's INFERSTACK_DTYPE (default: as configured); start the stack with the same")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--label", default="stack")
     args = ap.parse_args(argv)
@@ -151,14 +152,16 @@ def main(argv=None) -> None:
                   f"p95 {res.ttft_p95_ms:6.0f} ms  ITL p50 {res.itl_p50_ms:5.0f} ms p95 {res.itl_p95_ms:5.0f} ms"
                   f"  ({res.requests} req, {res.errors} errors, {res.wall_s:.0f} s)", flush=True)
     if args.raw:
-        from gpu_worker.settings import WorkerSettings
-        from inferstack import modelstore
-        from inferstack.registry import Registry
         from loadtest import raw
 
-        settings = WorkerSettings()
-        model_dir = modelstore.resolve(Registry.load(settings.models_file)[args.model], settings.cache_dir)
-        tok, model = raw.load(str(model_dir))
+        if args.dtype:
+            os.environ["INFERSTACK_DTYPE"] = args.dtype
+
+        model_dir, device, precision = raw.stack_precision(args.model)
+        out["dtype"] = precision.name
+        print(f"raw    {precision.name} on {device} ({precision.reason}); start the stack with the same "
+              "INFERSTACK_DTYPE", flush=True)
+        tok, model = raw.load(str(model_dir), precision.dtype, device)
         for c in levels:
             res = raw.run_batch(tok, model, c, args.max_tokens, repeats=args.raw_repeats)
             out["raw"].append(asdict(res))

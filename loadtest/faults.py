@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     scenarios = args.scenarios.split(",")
     server = RedisServer(appendonly=True)
-    procs = Procs(server.url, workers=2)
+    procs = Procs(server.url, workers=2, extra_env={"INFERSTACK_DTYPE": "float32"})  # batch-invariant: see test_faults
     result = {"machine": bench.machine(), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
               "load_average": os.getloadavg()}
     try:

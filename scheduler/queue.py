@@ -15,6 +15,7 @@ import orjson
 
 from broker import keys, messages
 from broker.messages import GenerateRequest, Tier, TokenEvent
+from scheduler.claimed import Claimed
 from scheduler.policy import Batch
 from scheduler.settings import SchedulerSettings
 
@@ -37,25 +38,6 @@ class Admission:
     retry_after_s: int = 0
     detail: str = ""
     queued: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    request: GenerateRequest
-    attempt: int
-    """1 on the first claim; more after a lease lapsed or a preemption (resume from the output log)."""
-    weight: float = 1.0
-    """The user's weight under fair queueing (preemption compares shares with it)."""
-    preemptions: int = 0
-    """Times it was preempted before this claim."""
-    preempted_s: float = 0.0
-    """Time it spent back in the queue after preemptions, in all."""
-    preempted_at: float = 0.0
-    """Unix time of its last preemption (0: none): this claim resumes it."""
-    victims: tuple[str, ...] = ()
-    """Running requests of this worker it takes the rows of (a preempting claim)."""
-    reason: str = ""
-    """Why it may preempt them: ``tier`` or ``share``."""
 
 
 def _claimed(entry) -> Claimed:

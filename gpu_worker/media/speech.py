@@ -23,7 +23,7 @@ import torch
 from broker.messages import AudioChunk, ErrorEvent, SpeechRequest
 from gpu_worker.engine import Emit, Outgoing, handed_back
 from inferstack.registry import ModelSpec
-from scheduler.queue import Claimed
+from scheduler.claimed import Claimed
 
 log = logging.getLogger(__name__)
 

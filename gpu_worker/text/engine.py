@@ -38,8 +38,8 @@ from gpu_worker.text.runner import ModelRunner
 from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
+from scheduler.claimed import Claimed
 from scheduler.policy import Batch, Running
-from scheduler.queue import Claimed
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class TextEngine:
         self.planner = StepPlanner(self.runner.cache, max_seqs=max_seqs,
                                    max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static,
                                    on_admit=self._restore)
-        self.kv_store = KvStore(kv_dram_bytes, pin=device.type == "cuda") if kv_dram_bytes > 0 else None
+        self.kv_store = KvStore(kv_dram_bytes) if kv_dram_bytes > 0 else None
         """Session and prefix KV caches in host DRAM (None: reuse disabled)."""
         self.prefix_min_hits = prefix_min_hits
         self._prefix_seen: OrderedDict[str, set[str]] = OrderedDict()
@@ -528,8 +528,12 @@ class TextEngine:
 
     def _store(self, key: str, kind: str, seq: Sequence, length: int) -> None:
         started = time.perf_counter()
-        entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length],
-                                           self.runner.cache.to_layers(seq.slot, length), seq.request.cache_scope)
+        try:
+            entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length],
+                                               self.runner.cache.to_layers(seq.slot, length), seq.request.cache_scope)
+        except Exception:  # noqa: BLE001 - a cache not kept costs a later recompute, never this batch
+            log.exception("%s: keeping %s KV (%d tokens) in DRAM failed", self.model, kind, length)
+            return
         self.kv_store.stats.save_s += time.perf_counter() - started
         for old in evicted:
             if old.kind == "session":

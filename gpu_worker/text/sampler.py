@@ -186,7 +186,9 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    # Stable: tied logits (common in bf16, 8 bits of mantissa) keep index order, so the
+    # top rank is the token argmax picks and top_k=1 or a tiny top_p equal greedy.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     dev = logits.device
     ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev).unsqueeze(1)
     ranks = torch.arange(vocab, device=dev).unsqueeze(0)

@@ -26,7 +26,7 @@ from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
-from scheduler.queue import Claimed
+from scheduler.claimed import Claimed
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,13 @@ def redis_aof():
 def faults(redis_aof, tmp_path_factory):
     chdb = tmp_path_factory.mktemp("chdb")
     # Two workers from the start (they load side by side; the kill test needs a standby).
-    stack = ProcStack(redis_aof.url, {"INFERSTACK_HEARTBEAT_S": "0.5", "INFERSTACK_LEASE_S": "30",
+    # fp32 pinned: a resumed worker prefills prompt + tokens already sent, where the
+    # reference decoded them one by one, in another batch. bf16 (the `auto` dtype on
+    # CPUs with native bf16) is not batch-invariant, so there a resumed stream may
+    # legitimately take another path after the seam; fp32 keeps "identical to an
+    # uninterrupted run" a sharp check that no token was duplicated or lost.
+    stack = ProcStack(redis_aof.url, {"INFERSTACK_DTYPE": "float32",
+                                      "INFERSTACK_HEARTBEAT_S": "0.5", "INFERSTACK_LEASE_S": "30",
                                       "INFERSTACK_STREAM_GRACE_S": "30", "INFERSTACK_CHDB_PATH": str(chdb)},
                       workers=2)
     stack.chdb = chdb

@@ -16,7 +16,7 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.inference_mode():
         for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 

@@ -1,6 +1,7 @@
 """Preemption in the text engine (tiny model, float64: a resume must not change a
 single token) and through the whole stack (real API, worker and redis-server)."""
 
+import functools
 import json
 import re
 import threading
@@ -65,12 +66,18 @@ def steps_until(engine, emit, cond, limit=400):
     raise AssertionError("engine never got there")
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
 @pytest.mark.parametrize("seed", [None, 7], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("resume_on", ["same", "other"])
-def test_a_preempted_sequence_resumes_with_identical_tokens(engine_factory, resume_on, seed):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_a_preempted_sequence_resumes_with_identical_tokens(engine_factory, device, resume_on, seed):
     """A newcomer takes a running request's row; the victim's KV waits in DRAM; it
     resumes from its output log on the same engine (restoring the copy) or on another
-    one (recomputing prompt + tokens sent), and its tokens equal an uninterrupted run."""
+    one (recomputing prompt + tokens sent), and its tokens equal an uninterrupted run.
+    On CUDA the DRAM copy is pinned host memory, filled and read back asynchronously."""
+    engine_factory = functools.partial(engine_factory, device)
     engine = engine_factory(max_seqs=2, max_prefill_tokens=64, kv_dram_bytes=64 << 20)
     a1, a2 = greq("a1", "a", prompt(1), 30, seed=seed), greq("a2", "a", prompt(2), 30, seed=seed)
     b = greq("b", "b", prompt(3, 20), 6, seed=seed)
@@ -86,6 +93,8 @@ def test_a_preempted_sequence_resumes_with_identical_tokens(engine_factory, resu
     engine.step(out)
     assert out.requeued == [("a1", "preempted", "share")]
     assert out.events["b"][0].start == 0  # b got a1's row at once
+    saved = engine.kv_store.entries["preempted:a1:0"].layers
+    assert all(t.device.type == "cpu" and t.is_pinned() == (device == "cuda") for kv in saved for t in kv)
     sent = list(out.events["a1"])
     steps_until(engine, out, lambda: "b" in out.done)
     target = engine if resume_on == "same" else engine_factory(max_seqs=2, kv_dram_bytes=64 << 20)
