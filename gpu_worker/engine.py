@@ -26,6 +26,12 @@ class Outgoing:
 Emit = Callable[[list[Outgoing]], None]
 
 
+class FatalEngineError(RuntimeError):
+    """An engine step failed in a way the engine cannot recover from in this process
+    (a tensor-parallel peer died or hung): the worker hands every request it holds back
+    to the queue and exits, and its supervisor starts it again."""
+
+
 class Engine(Protocol):
     model: str
 

@@ -23,7 +23,7 @@ def _script(name: str) -> str:
 
 
 SCRIPTS = {name: _script(f"{name}.lua")
-           for name in ("enqueue", "claim", "cancel", "extend", "complete", "reap", "kv_index")}
+           for name in ("enqueue", "claim", "cancel", "extend", "complete", "release", "reap", "kv_index")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +113,13 @@ class FairQueue:
 
     def complete(self, model: str, worker_id: str, request_id: str) -> bool:
         return bool(self._scripts["complete"](args=[keys.tag(model), worker_id, request_id, self.s.output_log_ttl_s]))
+
+    def release_leases(self, model: str, worker_id: str, request_ids: list[str]) -> int:
+        """Give up running requests this worker holds: their leases lapse now, so the
+        next reaper pass requeues them (see lua/release.lua). Returns how many."""
+        if not request_ids:
+            return 0
+        return int(self._scripts["release"](args=[keys.tag(model), worker_id, *request_ids]))
 
     def reap(self, model: str, *, now: float | None = None) -> tuple[list[str], list[GenerateRequest]]:
         """Requeue lapsed leases; returns (requeued ids, requests out of attempts)."""

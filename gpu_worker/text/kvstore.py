@@ -58,9 +58,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class KvStore:
-    def __init__(self, budget_bytes: int, *, pin: bool = False):
+    def __init__(self, budget_bytes: int, *, pin: bool = False, scale: tuple[int, int] = (1, 1)):
+        """``scale``: under tensor parallelism each rank stores its shard of an entry and
+        this store (rank 0's) accounts for the whole group: an entry costs its own bytes
+        times ``scale[0] / scale[1]`` (the group's bytes per token over rank 0's)."""
         self.budget_bytes = budget_bytes
         self.pin = pin
+        self.scale = scale
         self.entries: OrderedDict[str, KvEntry] = OrderedDict()  # LRU order: oldest first
         self.prefix_index: dict[str, tuple[str, int]] = {}  # block hash -> (entry key, tokens covered)
         self.bytes_used = 0
@@ -105,6 +109,7 @@ class KvStore:
         """Store (replacing ``key``); returns the new entry (None if it cannot fit) and
         the entries evicted to make room."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        nbytes = nbytes * self.scale[0] // self.scale[1]
         evicted: list[KvEntry] = []
         old = self.entries.get(key)
         if old is not None and old.in_use == 0:

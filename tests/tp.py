@@ -1,0 +1,79 @@
+"""Running the text engine as a two-rank tensor-parallel group in a test: this process
+leads as rank 0; rank 1 is a real ``inferstack worker`` follower process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from broker.messages import GenerateRequest, SamplingParams
+from gpu_worker.text.engine import TextEngine
+from gpu_worker.text.tp import TpGroup, TpRank
+from inferstack.registry import ModelSpec
+from scheduler.queue import Claimed
+
+CPU = torch.device("cpu")
+
+
+def start_follower(tmp_path: Path, name: str, model_dir: Path | None, port: int, **env) -> subprocess.Popen:
+    """Rank 1 as the host supervisor starts it: ``inferstack worker`` with the TP variables."""
+    registry = tmp_path / "models.toml"
+    if model_dir is not None:
+        registry.write_text(f'[models."{name}"]\nmodality = "text"\npath = "{model_dir}"\nmax_batch = 3\n')
+    else:
+        registry = Path(__file__).resolve().parents[1] / "models.toml"
+    return subprocess.Popen([sys.executable, "-m", "inferstack.cli", "worker"], env={
+        **os.environ, "INFERSTACK_MODELS_FILE": str(registry), "INFERSTACK_WORKER_MODELS": name,
+        "INFERSTACK_TP_SIZE": "2", "INFERSTACK_TP_RANK": "1", "INFERSTACK_TP_MASTER": f"127.0.0.1:{port}",
+        "INFERSTACK_DEVICE": "cpu", "INFERSTACK_TORCH_THREADS": "1", "INFERSTACK_LOG_LEVEL": "WARNING",
+        **{f"INFERSTACK_{k.upper()}": str(v) for k, v in env.items()}})
+
+
+def text_request(i: int, prompt: list[int], max_tokens: int, session: str | None = None, **kw) -> GenerateRequest:
+    params = dict(temperature=0.0, ignore_eos=True) | kw
+    return GenerateRequest(id=f"r{i}", model="m", prompt_token_ids=prompt, reply_to="x", session_key=session,
+                           params=SamplingParams(max_tokens=max_tokens, **params))
+
+
+def run(engine: TextEngine, schedule: dict[int, list[GenerateRequest]], max_steps: int = 2000) -> dict:
+    """schedule: step -> requests arriving before it. Returns request id -> its events
+    as comparable tuples (choice, start, tokens, text, finish reason, cached tokens)."""
+    events: dict[str, list[tuple]] = {}
+    done: set[str] = set()
+
+    def emit(batch):
+        for o in batch:
+            if o.event is not None:
+                e = o.event
+                events.setdefault(o.request_id, []).append(
+                    (e.choice, e.start, tuple(e.token_ids), e.text, e.finish_reason, e.cached_tokens))
+            if o.request_done:
+                done.add(o.request_id)
+
+    total = sum(len(v) for v in schedule.values())
+    for step in range(max_steps):
+        for req in schedule.get(step, []):
+            engine.add(Claimed(req, 1), [])
+        if engine.has_work():
+            engine.step(emit)
+        if len(done) == total:
+            return events
+    raise AssertionError("engine did not finish")
+
+
+def tp1_engine(spec: ModelSpec, model_dir: Path, dtype, **kw) -> TextEngine:
+    return TextEngine(spec, model_dir, device=CPU, dtype=dtype, **kw)
+
+
+def tp2_engine(spec, model_dir, dtype, follower: subprocess.Popen, port: int, **kw) -> TextEngine:
+    group = TpGroup(TpRank(0, 2), f"127.0.0.1:{port}", CPU, timeout_s=60)
+    try:
+        return TextEngine(spec, model_dir, device=CPU, dtype=dtype, tp_group=group, **kw)
+    except BaseException:
+        follower.kill()
+        group.close()
+        raise
