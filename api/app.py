@@ -6,14 +6,18 @@ import logging
 import os
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api import errors
 from api.auth import KeyStore
+from api.body import BodyLimit, install_schemas
 from api.catalog import Catalog
 from api.relay import TokenRelay
 from api.jobs import JobService
+from api.offload import Offload
 from api.routes import audio, chat, completions, images, jobs, observability, system, videos
+from api.routes._text import key_gate
+from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.settings import ApiSettings
 from api.state import AppState
 from broker.connection import async_client
@@ -41,11 +45,11 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
         if not tracing.enabled():
             tracing.setup("inferstack-api", settings.otlp_endpoint)
         registry = Registry.load(settings.models_file)
-        catalog = Catalog(registry, settings.cache_dir)
+        offload = Offload(settings.tokenize_threads)
+        catalog = Catalog(registry, settings.cache_dir, offload)
         app.state.inferstack = AppState(
             settings=settings, sched=sched, redis=redis, relay=relay, queue=AsyncFairQueue(redis, sched),
-            catalog=catalog, keys=KeyStore.load(settings.keys_file), events=events,
-            jobs=JobService(settings, relay),
+            catalog=catalog, keys=keys, offload=offload, events=events, jobs=JobService(settings, relay),
         )
         for spec in registry:  # warm the tokenizers of the text models this host has
             if spec.modality is Modality.TEXT:
@@ -56,14 +60,21 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
         log.info("API %s ready (reply channel %s)", settings.instance_id, relay.channel)
         yield
         app.state.inferstack.jobs.close()
+        offload.close()
         await relay.stop()
         await events.stop()
         if app.state.inferstack.stats_store is not None:
             app.state.inferstack.stats_store.close()
         await redis.aclose()
 
-    app = FastAPI(title="Inference Stack", version=__version__, lifespan=lifespan)
-    errors.install(app)
+    keys = KeyStore.load(settings.keys_file)
+    # With keys, the schema needs one too (key_gate) and there is no docs UI (it could
+    # not send the key).
+    docs = {} if keys.open else {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(title="Inference Stack", version=__version__, lifespan=lifespan,
+                  dependencies=[Depends(key_gate)], **docs)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    errors.install(app, settings.max_body_bytes)
     app.include_router(system.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
@@ -72,6 +83,11 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
     app.include_router(audio.router)
     app.include_router(videos.router)
     app.include_router(jobs.router)
+    install_schemas(app, ChatCompletionRequest, CompletionRequest)
+    if not keys.open:
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi():
+            return app.openapi()  # behind key_gate
     return app
 
 

@@ -2,7 +2,7 @@
 
 With ``INFERSTACK_KEYS_FILE`` set, every request needs ``Authorization: Bearer <key>``;
 the file maps keys (preferably stored as ``sha256:<hex>``, see ``inferstack hash-key``)
-to a user, a tier and an optional weight and queue cap. Plain keys in the file are
+to a user, a tier and an optional weight, queue cap and prefix-cache scope. Plain keys in the file are
 hashed at load, so only hashes stay in memory. Without the file the API is open:
 the OpenAI ``user`` field names the user, at tier ``normal``.
 
@@ -35,6 +35,13 @@ class Identity:
     weight: float = 1.0
     max_queued: int | None = None
     admin: bool = False
+    cache_scope: str | None = None
+    """Keys with the same scope may reuse each other's prompt-prefix KV caches (and so
+    see each other's prefixes in ``cached_tokens``); unset = the key's user alone."""
+
+    @property
+    def scope(self) -> str:
+        return self.cache_scope or self.user
 
     def with_priority(self, priority: str | None) -> Tier:
         if priority is None:
@@ -62,6 +69,7 @@ class KeyStore:
             entries[digest] = Identity(
                 user=raw["user"], tier=Tier(raw.get("tier", "normal")), weight=float(raw.get("weight", 1.0)),
                 max_queued=raw.get("max_queued"), admin=bool(raw.get("admin", False)),
+                cache_scope=raw.get("cache_scope"),
             )
         return cls(entries)
 

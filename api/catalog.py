@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.errors import OpenAIError, model_not_found
+from api.offload import Offload
 from inferstack import modelstore
 from inferstack.registry import Modality, ModelSpec, Registry
 
@@ -22,22 +23,28 @@ class TextModel:
     spec: ModelSpec
     tokenizer: object
     context_length: int
+    offload: Offload
+    """Templating and tokenizing run here, never on the event loop."""
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    async def render_chat(self, messages: list[dict]) -> list[int]:
+        return await self.offload(self._render_chat, messages)
+
+    async def encode(self, texts: list[str]) -> list[list[int]]:
+        return await self.offload(lambda: [self.tokenizer(t)["input_ids"] for t in texts])
+
+    def _render_chat(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class Catalog:
-    def __init__(self, registry: Registry, cache_dir: Path):
+    def __init__(self, registry: Registry, cache_dir: Path, offload: Offload):
         self.registry = registry
         self.cache_dir = cache_dir
+        self.offload = offload
         self._text: dict[str, TextModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -75,4 +82,4 @@ class Catalog:
             config = config.get("text_config", config)
             context = int(config.get("max_position_embeddings", 4096))
         log.info("tokenizer for %s loaded (context %d)", spec.name, context)
-        return TextModel(spec, tokenizer, context)
+        return TextModel(spec, tokenizer, context, self.offload)

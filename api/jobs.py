@@ -125,7 +125,7 @@ class JobService:
         it did not exist: other users' job ids are not confirmed)."""
         try:
             job = await asyncio.to_thread(Job.fetch, job_id, self.conn, JSONSerializer)
-        except NoSuchJobError:
+        except (NoSuchJobError, ValueError):  # ValueError: not even a job id's shape
             raise job_not_found(job_id) from None
         owner = identity is not None and job.meta.get("user") == identity.user
         if not owner and not (token and secrets.compare_digest(token, job.meta.get("token", ""))):

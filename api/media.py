@@ -1,6 +1,7 @@
 """Images in chat messages: ``data:`` URLs decoded, http(s) URLs fetched by the API
-with a time and size limit, every image checked by decoding it (and against a pixel
-limit, so a decompression bomb is refused), then re-encoded as PNG for the worker."""
+(public addresses only, within a time and size limit: ``api.fetch``), every image
+checked by decoding it (and against a pixel limit, so a decompression bomb is
+refused), then re-encoded as PNG for the worker."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import asyncio
 import base64
 import binascii
 import io
+import logging
 
-import httpx
-
+from api import fetch
 from api.errors import OpenAIError
+from api.fetch import FetchPolicy
+
+log = logging.getLogger(__name__)
 
 MAX_PIXELS = 40_000_000
 
@@ -20,8 +24,9 @@ def _bad(message: str) -> OpenAIError:
     return OpenAIError(400, message, param="messages", code="invalid_image")
 
 
-async def fetch_image(url: str, *, timeout_s: float, max_bytes: int) -> bytes:
+async def fetch_image(url: str, policy: FetchPolicy) -> bytes:
     """The image behind ``url`` as PNG bytes, or a 400 saying what is wrong."""
+    max_bytes = policy.max_bytes
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header or not header[5:].startswith("image/"):
@@ -33,32 +38,23 @@ async def fetch_image(url: str, *, timeout_s: float, max_bytes: int) -> bytes:
         except (binascii.Error, ValueError):
             raise _bad("the image data URL is not valid base64") from None
     elif url.startswith(("http://", "https://")):
-        raw = await _download(url, timeout_s, max_bytes)
+        raw = await _download(url, policy)
     else:
         raise _bad("image_url must be a data: URL or an http(s) URL")
     return await asyncio.to_thread(_normalize, raw)
 
 
-async def _download(url: str, timeout_s: float, max_bytes: int) -> bytes:
+async def _download(url: str, policy: FetchPolicy) -> bytes:
     try:
-        async with asyncio.timeout(timeout_s):
-            async with httpx.AsyncClient(follow_redirects=True, timeout=timeout_s) as client:
-                async with client.stream("GET", url) as r:
-                    if r.status_code != 200:
-                        raise _bad(f"fetching the image at {url} answered HTTP {r.status_code}")
-                    if int(r.headers.get("content-length") or 0) > max_bytes:
-                        raise _bad(f"the image at {url} is larger than {max_bytes} bytes")
-                    chunks, size = [], 0
-                    async for chunk in r.aiter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise _bad(f"the image at {url} is larger than {max_bytes} bytes")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+        return await fetch.download(url, policy)
     except TimeoutError:
-        raise _bad(f"fetching the image at {url} took longer than {timeout_s:g} s") from None
-    except httpx.HTTPError as exc:
-        raise _bad(f"could not fetch the image at {url}: {type(exc).__name__}") from None
+        raise _bad(f"fetching an image URL took longer than {policy.timeout_s:g} s") from None
+    except fetch.TooLarge:
+        raise _bad(f"an image is larger than {policy.max_bytes} bytes") from None
+    except fetch.Refused as exc:  # what the remote side said stays in the log
+        log.info("image URL refused: %s", exc)
+        raise _bad("an image URL could not be fetched: it must be a public http(s) URL that answers 200 "
+                   "with the image") from None
 
 
 def _normalize(raw: bytes) -> bytes:

@@ -10,40 +10,57 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Tier = Literal["high", "normal", "low"]
 
+INT64_MAX = 2**63 - 1
+Int64 = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
+"""Integers travel to the workers as JSON; anything wider than 64 bits is refused here."""
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+"""Checked against the model's vocabulary once the model is known."""
 
-class StreamOptions(BaseModel):
+
+class _Body(BaseModel):
+    # NaN and Infinity (which Python's JSON accepts) are no number a request may carry.
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Parameters shared by chat and completions."""
+class _Sampling(_Body):
+    """Parameters shared by chat and completions. Counts and lengths that operators
+    configure (stop sequences, stop_token_ids, logit_bias, messages, prompt size) are
+    checked by ``api.limits`` before any work."""
 
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="Validated and capped; not applied by the sampler yet.")
+    seed: Int64 | None = None
     user: str | None = Field(None, max_length=256)
     # extensions (vLLM names)
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=INT64_MAX)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    min_tokens: Count = 0
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     # ours
     priority: Tier | None = None
     session_id: str | None = Field(None, max_length=256)
-    deadline_s: float | None = Field(None, gt=0.0, description="Fail if not started within this many seconds.")
+    deadline_s: float | None = Field(None, gt=0.0, description="Fail if not started within this many seconds "
+                                                                "(at most the server's default).")
 
     @field_validator("stop")
     @classmethod
@@ -51,10 +68,6 @@ class _Sampling(BaseModel):
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(len(s) > 256 for s in stops):
-            raise ValueError("stop sequences are at most 256 characters")
         return [s for s in stops if s]
 
     @model_validator(mode="after")
@@ -64,19 +77,19 @@ class _Sampling(BaseModel):
         return self
 
 
-class ImageURL(BaseModel):
+class ImageURL(_Body):
     url: str
     detail: str | None = None
 
 
-class ContentPart(BaseModel):
+class ContentPart(_Body):
     model_config = ConfigDict(extra="allow")
     type: Literal["text", "image_url", "input_audio"]
     text: str | None = None
     image_url: ImageURL | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
@@ -92,7 +105,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -108,8 +121,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
@@ -140,7 +153,7 @@ class ErrorBody(BaseModel):
     code: str | None = None
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(_Body):
     """OpenAI's image generation body, plus ``seed``, ``steps``, ``guidance_scale``,
     ``negative_prompt`` and ``async`` (answer 202 with a job at once)."""
 
@@ -160,7 +173,7 @@ class ImageGenerationRequest(BaseModel):
     async_: bool = Field(False, alias="async")
 
 
-class SpeechRequestBody(BaseModel):
+class SpeechRequestBody(_Body):
     """OpenAI's /v1/audio/speech body (``instructions`` is accepted and ignored: Kokoro
     has no style prompt), plus ``priority``."""
 
@@ -176,7 +189,7 @@ class SpeechRequestBody(BaseModel):
     priority: Tier | None = None
 
 
-class VideoGenerationRequest(BaseModel):
+class VideoGenerationRequest(_Body):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None

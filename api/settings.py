@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import uuid
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from metrics.settings import StoreSettings
 
@@ -33,7 +34,35 @@ class ApiSettings(StoreSettings):
         60.0, description="POST /v1/images/generations waits this long for the result, then answers 202 with the job.")
     fetch_timeout_s: float = Field(10.0, description="Time limit for fetching an http(s) image URL of a chat message.")
     fetch_max_bytes: int = Field(20 * 1024 * 1024, description="Size limit of one image in a chat message.")
-    admin_key: str | None = Field(None, description="Bearer key for admin endpoints (/v1/stats); unset = open.")
+    fetch_allow_hosts: str = Field(
+        "", description="Comma-separated hosts image URLs may name (`img.example.com`, or `.example.com` for its "
+                        "subdomains); empty = any public host.")
+    fetch_allow_networks: str = Field(
+        "", description="Comma-separated CIDRs image URLs may reach besides public addresses (an internal image "
+                        "store); loopback, private, link-local and reserved ranges are refused otherwise.")
+    admin_key: str | None = Field(None, description="Bearer key for admin endpoints (/v1/stats, /metrics); unset = "
+                                                    "open unless a keys file is set.")
+    # -- limits checked before any work (docs/SECURITY.md) --
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Largest request body (413 beyond, before it "
+                                                                    "is read to the end).")
+    max_messages: int = Field(2048, ge=1, description="Most messages in one chat request.")
+    max_prompt_chars: int = Field(1_000_000, ge=1, description="Most characters of text in one request's "
+                                                               "messages or prompts, counted before tokenizing.")
+    max_images: int = Field(16, ge=0, description="Most image parts in one chat request (vision models).")
+    max_prompts: int = Field(64, ge=1, description="Most prompts in one /v1/completions call.")
+    max_stop: int = Field(4, ge=0, description="Most `stop` sequences.")
+    max_stop_chars: int = Field(256, ge=1, description="Longest `stop` sequence.")
+    max_stop_token_ids: int = Field(256, ge=0, description="Most `stop_token_ids`.")
+    max_logit_bias: int = Field(300, ge=0, description="Most `logit_bias` entries.")
+    tokenize_threads: int = Field(4, ge=1, description="Threads that parse, template and tokenize request bodies "
+                                                       "off the event loop.")
     api_workers: int = Field(
         1, ge=1, description="API processes sharing the port (uvicorn workers); >1 uses Prometheus multiprocess mode."
     )
+
+    @field_validator("fetch_allow_networks")
+    @classmethod
+    def _networks(cls, v: str) -> str:
+        for net in filter(None, (n.strip() for n in v.split(","))):
+            ipaddress.ip_network(net, strict=False)  # a typo fails at start, not on every request
+        return v

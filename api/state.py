@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from api.auth import KeyStore
 from api.catalog import Catalog
 from api.jobs import JobService
+from api.offload import Offload
 from api.relay import TokenRelay
 from api.settings import ApiSettings
 from metrics.events import EventSink
@@ -23,6 +24,8 @@ class AppState:
     queue: AsyncFairQueue
     catalog: Catalog
     keys: KeyStore
+    offload: Offload
+    """The bounded pool for parsing, templating and tokenizing (never on the event loop)."""
     events: EventSink | None = None
     """Lifecycle events for the metrics exporter."""
     stats_store: object = None

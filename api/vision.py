@@ -11,6 +11,7 @@ import io
 import threading
 
 from api.catalog import TextModel
+from api.fetch import FetchPolicy
 from api.media import fetch_image
 
 _processors: dict[str, object] = {}
@@ -42,8 +43,8 @@ def vision_tokens(processor, png: bytes) -> int:
     return patches // (processor.merge_size ** 2)
 
 
-async def vision_prompt(model: TextModel, messages, *, cache_dir, timeout_s: float,
-                        max_bytes: int) -> tuple[list[int], list[str]]:
+async def vision_prompt(model: TextModel, messages, *, cache_dir,
+                        policy: FetchPolicy) -> tuple[list[int], list[str]]:
     """(prompt ids with expanded image tokens, base64 PNG images in prompt order)."""
     rendered, urls = [], []
     for m in messages:
@@ -59,10 +60,10 @@ async def vision_prompt(model: TextModel, messages, *, cache_dir, timeout_s: flo
                 parts.append({"type": "image"})
                 urls.append(p.image_url.url)
         rendered.append({"role": role, "content": parts})
-    images = await asyncio.gather(*(fetch_image(u, timeout_s=timeout_s, max_bytes=max_bytes) for u in urls))
+    images = await asyncio.gather(*(fetch_image(u, policy) for u in urls))
     processor = await asyncio.to_thread(image_processor, model, cache_dir)
     counts = [vision_tokens(processor, png) for png in images]
-    ids = model.render_chat(rendered)
+    ids = await model.render_chat(rendered)
     pad = model.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     expanded, at = [], 0
     for token in ids:

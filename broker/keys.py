@@ -41,12 +41,21 @@ def tier_age(model: str, tier: str) -> str:
 
 
 def tier_state(model: str) -> str:
-    """Hash: virtual time per tier, last finish tag per user (``f:<tier>:<user>``), counters."""
+    """Hash: virtual time per tier (``v:<tier>``), queue lengths and costs, counters."""
     return f"{tag(model)}:state"
 
 
+def finish_tags(model: str, tier: str) -> str:
+    """Sorted set: user -> finish tag of the user's last request in a tier (fair
+    queueing). A tag at or below the tier's virtual time means the same as none, so
+    those are dropped as the virtual time passes them, and all of them when the tier
+    has nothing left waiting: the set holds only users with recent work."""
+    return f"{tag(model)}:fin:{tier}"
+
+
 def user_counts(model: str) -> str:
-    """Hash: user -> number of requests waiting (per-user cap)."""
+    """Hash: user -> number of requests waiting (per-user cap); a user's field goes
+    when the count reaches zero."""
     return f"{tag(model)}:ucount"
 
 
@@ -70,7 +79,8 @@ def reaper_lock(model: str) -> str:
 
 
 def worker_doorbell(model: str, worker_id: str) -> str:
-    """List: wakes one worker when a request reserved for it (KV affinity) arrives."""
+    """List: wakes one worker when a request reserved for it (KV affinity) arrives;
+    expires a minute after the last ring, so dead workers leave none behind."""
     return f"{tag(model)}:bell:{worker_id}"
 
 

@@ -81,8 +81,11 @@ class GenerateRequest:
     deadline: float = 0.0
     """Unix time by which the request must have started; after that it fails, never runs late."""
     session_key: str | None = None
-    """The user-scoped session key (a hash of user and session id): KV caches are only
-    ever reused within one user's session."""
+    """The user-scoped session key (a hash of user and session id): a session's KV cache
+    is only ever reused within that user's session."""
+    cache_scope: str = ""
+    """Who may share prompt-prefix KV caches with this request (the key's ``cache_scope``,
+    by default its user); ``prefix_hashes`` are computed within it."""
     prefix_hashes: list[str] = field(default_factory=list)
     """Chained hashes of the prompt's whole token blocks (broker.prefix)."""
     reasoning: bool = False
@@ -94,6 +97,11 @@ class GenerateRequest:
     def cost(self) -> int:
         """Scheduling cost in tokens: what the request can make the GPU do at most."""
         return len(self.prompt_token_ids) + self.params.max_tokens * self.params.n
+
+    @property
+    def seqs(self) -> int:
+        """Batch rows it takes (one per choice): what a worker's claim counts."""
+        return self.params.n
 
 
 @dataclass(slots=True)
@@ -160,6 +168,10 @@ class SpeechRequest:
     def cost(self) -> int:
         """Scheduling cost: characters to speak (synthesis time grows with them)."""
         return len(self.input)
+
+    @property
+    def seqs(self) -> int:
+        return 1
 
 
 @dataclass(slots=True)

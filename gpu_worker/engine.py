@@ -36,7 +36,8 @@ class Engine(Protocol):
     model: str
 
     def capacity(self) -> int:
-        """How many more requests this engine can take now (the claim size)."""
+        """How many more sequences (batch rows; a request with ``n`` choices takes n)
+        this engine can take now: the claim stops when the claimed requests bring that many."""
 
     def add(self, claimed: Claimed, log: list[TokenEvent]) -> None:
         """Take a claimed request; ``log`` holds events already published for it by

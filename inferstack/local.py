@@ -91,8 +91,14 @@ def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float =
                 say(f"{name} exited with code {p.returncode}; see its log above")
                 return False
         try:
-            r = httpx.get(f"{url}/ready", timeout=2)
+            # with a keys file /ready needs a key: the admin key passes
+            admin = os.environ.get("INFERSTACK_ADMIN_KEY")
+            r = httpx.get(f"{url}/ready", timeout=2, headers={"Authorization": f"Bearer {admin}"} if admin else {})
             if r.status_code == 200:
+                return True
+            if r.status_code == 401:
+                say("the API is up; /ready needs a key with INFERSTACK_KEYS_FILE set (set INFERSTACK_ADMIN_KEY too "
+                    "and this waits for a worker)")
                 return True
             reason = r.json().get("reason", "")
         except httpx.HTTPError:

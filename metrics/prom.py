@@ -224,8 +224,9 @@ def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
-def serve(port: int, host: str = "0.0.0.0"):
-    """Expose the default registry on ``host:port`` (workers, exporter); returns the server."""
+def serve(port: int, host: str = "127.0.0.1"):
+    """Expose the default registry on ``host:port`` (workers, exporter); returns the
+    server. Loopback unless configured: these metrics carry no authentication."""
     from prometheus_client import start_http_server
 
     server, _thread = start_http_server(port, addr=host)

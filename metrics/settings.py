@@ -28,7 +28,8 @@ class MetricsServerSettings(CommonSettings):
 
     metrics_port: int = Field(0, description="Port of this process's Prometheus /metrics (0 = off).")
     metrics_host: str = Field(
-        "0.0.0.0", description="Address that port binds to (127.0.0.1 keeps it to this host; a pod needs 0.0.0.0)."
+        "127.0.0.1", description="Address that port binds to: it has no authentication, so loopback unless "
+                                 "opened (0.0.0.0 for a pod or a compose network tenants cannot reach)."
     )
 
 

@@ -12,6 +12,11 @@ through both and require the same claim order.
   tag is ``max(V, F_user)``; the user's finish tag becomes ``start + cost/weight``;
   the head request with the smallest start tag goes first (ties: by user name, as
   Redis orders equal scores); V becomes the start tag of the request last claimed.
+  When a tier has nothing left waiting its busy period ends: V moves to the largest
+  finish tag. A finish tag at or below V means the same as none, so it is dropped:
+  the state holds only users with recent work.
+* A claim counts sequences (a request's ``n``): it stops at the first request in
+  order that would take the claim past its size, unless nothing was claimed yet.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class _Waiting:
     cost: float
     start: float
     enq: float
+    seqs: int = 1
 
 
 @dataclass
@@ -44,10 +50,11 @@ class FairQueueModel:
     by_age: dict[str, OrderedDict] = field(default_factory=lambda: {t: OrderedDict() for t in TIERS})
     last_overdue: bool = False
 
-    def enqueue(self, rid: str, user: str, tier: str, cost: float, weight: float, now: float) -> None:
+    def enqueue(self, rid: str, user: str, tier: str, cost: float, weight: float, now: float,
+                seqs: int = 1) -> None:
         start = max(self.virtual[tier], self.finish.get((tier, user), 0.0))
         self.finish[(tier, user)] = start + cost / weight
-        item = _Waiting(rid, user, tier, cost, start, now)
+        item = _Waiting(rid, user, tier, cost, start, now, seqs)
         self.queues.setdefault((tier, user), deque()).append(item)
         self.by_age[tier][rid] = item
 
@@ -57,8 +64,9 @@ class FairQueueModel:
         return min(heads, key=lambda w: (w.start, w.user))
 
     def claim(self, n: int, now: float) -> list[str]:
-        out = []
-        while len(out) < n:
+        """Request ids in claim order, until they bring ``n`` sequences."""
+        out, taken = [], 0
+        while taken < n:
             heads = {t: min(self.by_age[t].values(), key=lambda w: (w.enq, w.rid)) for t in TIERS if self.by_age[t]}
             if not heads:
                 break
@@ -68,13 +76,19 @@ class FairQueueModel:
                 # the longest wait; on a tie the tier that comes first in TIERS, as the Lua
                 tier = max(overdue, key=lambda x: (x[0], -TIERS.index(x[1])))[1]
                 item = heads[tier]
-                self.last_overdue = True
             else:
                 tier = next(t for t in TIERS if t in heads and RANK[t] == top)
                 item = self._fair_head(tier)
-                self.last_overdue = False
+            if taken and taken + item.seqs > n:
+                break
+            self.last_overdue = bool(overdue and not self.last_overdue)
             self.queues[(tier, item.user)].remove(item)
             del self.by_age[tier][item.rid]
+            if not self.by_age[tier]:  # the tier's busy period ends
+                tags = [f for (t, _), f in self.finish.items() if t == tier]
+                self.virtual[tier] = max([self.virtual[tier], *tags])
             self.virtual[tier] = max(self.virtual[tier], item.start)
+            self.finish = {k: f for k, f in self.finish.items() if k[0] != tier or f > self.virtual[tier]}
             out.append(item.rid)
+            taken += item.seqs
         return out

@@ -70,7 +70,7 @@ def _enqueue_args(req: GenerateRequest, s: SchedulerSettings, weight: float, tim
         keys.tag(req.model), req.id, messages.encode(req), req.user, str(req.tier), req.cost, weight,
         s.default_deadline_s if timeout_s is None else timeout_s, s.max_queue, s.tier_share(req.tier),
         s.max_queue_per_user if user_cap is None else user_cap, _now_arg(now), "1" if s.fairness else "0",
-        req.session_key or "", orjson.dumps(req.prefix_hashes), s.affinity_window_s,
+        req.session_key or "", orjson.dumps(req.prefix_hashes), s.affinity_window_s, req.seqs,
     ]
 
 
@@ -94,7 +94,8 @@ class FairQueue:
         return _admission(self._scripts["enqueue"](args=_enqueue_args(req, self.s, weight, timeout_s, user_cap, now)))
 
     def claim_batch(self, model: str, worker_id: str, n: int, *, now: float | None = None) -> ClaimResult:
-        """Atomically take up to ``n`` requests for ``model``, in policy order, leased to ``worker_id``."""
+        """Atomically take requests for ``model`` in policy order, leased to ``worker_id``,
+        until they bring ``n`` sequences (an engine's free rows; see lua/claim.lua)."""
         if n <= 0:
             return ClaimResult([], [])
         claimed, expired = self._scripts["claim"](

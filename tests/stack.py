@@ -23,7 +23,8 @@ from scheduler.settings import SchedulerSettings
 class ApiThread:
     def __init__(self, settings: ApiSettings, sched: SchedulerSettings):
         self.url = f"http://127.0.0.1:{settings.port}"
-        config = uvicorn.Config(create_app(settings, sched), host="127.0.0.1", port=settings.port,
+        self.app = create_app(settings, sched)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port,
                                 log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -62,7 +63,10 @@ class WorkerThread:
 
 class Stack:
     def __init__(self, redis_url: str, models_file: Path, cache_dir: Path, *, sched: SchedulerSettings | None = None,
-                 workers: int = 1, worker_kw: dict | None = None, api_kw: dict | None = None):
+                 workers: int = 1, worker_kw: dict | None = None, api_kw: dict | None = None, key: str | None = None):
+        """``key``: an API key of the keys file (``api_kw["keys_file"]``), for the
+        stack's own probes (/ready needs one then)."""
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.sched = sched or SchedulerSettings(redis_url=redis_url, lease_s=3)
         self.registry = Registry.load(models_file)
         self.api_settings = ApiSettings(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
@@ -101,7 +105,7 @@ class Stack:
 
     def wait_ready(self, timeout: float = 30):
         deadline = time.monotonic() + timeout
-        while httpx.get(f"{self.url}/ready").status_code != 200:
+        while httpx.get(f"{self.url}/ready", headers=self.headers).status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError("stack not ready")
             time.sleep(0.05)

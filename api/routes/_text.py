@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import orjson
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
 from api.auth import Identity
+from api.body import parse
 from api.catalog import TextModel
 from api.errors import OpenAIError
 from api.generation import Generation, merged, watch_disconnect
@@ -25,14 +28,42 @@ from broker.messages import GenerateRequest, SamplingParams, TokenEvent, VisionR
 from broker.prefix import prefix_hashes
 
 _background: set[asyncio.Task] = set()
+B = TypeVar("B", bound=_Sampling)
 
 
 def state_of(request: Request) -> AppState:
     return request.app.state.inferstack
 
 
-def identify(request: Request, body: _Sampling) -> Identity:
-    return state_of(request).keys.identify(request.headers.get("authorization"), body.user)
+async def key_gate(request: Request) -> None:
+    """App-wide dependency: with keys, every route needs a valid one, checked before
+    anything else (its body included), except liveness and a result file fetched
+    with its own token (a presigned URL)."""
+    route = request.scope.get("route")
+    name = getattr(route, "name", "")
+    if name == "health" or (name == "job_content" and request.query_params.get("token")):
+        return
+    state = state_of(request)
+    if not state.keys.open and not is_admin_key(request, state):
+        state.keys.identify(request.headers.get("authorization"), None)
+
+
+def bearer(request: Request) -> str:
+    auth = request.headers.get("authorization")
+    return auth[7:].strip() if auth and auth.lower().startswith("bearer ") else ""
+
+
+def is_admin_key(request: Request, state: AppState) -> bool:
+    """The request carries ``INFERSTACK_ADMIN_KEY``."""
+    admin_key = state.settings.admin_key
+    return bool(admin_key) and hmac.compare_digest(bearer(request).encode(), admin_key.encode())
+
+
+async def read(request: Request, model: type[B]) -> tuple[B, Identity]:
+    """The parsed body and the caller (the key was checked before: ``key_gate``; in
+    open mode the body's ``user`` names the caller)."""
+    body = await parse(request, model)
+    return body, state_of(request).keys.identify(request.headers.get("authorization"), body.user)
 
 
 def new_id(prefix: str) -> str:
@@ -62,13 +93,14 @@ def context_error(model: TextModel, prompt_len: int, completion: int, where: str
 
 
 def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
-                    max_n: int, vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
+                    vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
     """The request's sampling, with the model's recommended ``defaults`` (registry) for
-    whatever it leaves unset."""
-    if n > max_n:
-        raise OpenAIError(400, f"n must be at most {max_n}.", param="n", code="invalid_value")
-    if any(t < 0 or t >= vocab_size for t in body.stop_token_ids or ()):
+    whatever it leaves unset. Counts and ranges were checked by ``api.limits``."""
+    if any(t >= vocab_size for t in body.stop_token_ids or ()):
         raise OpenAIError(400, f"stop_token_ids must be in [0, {vocab_size}).", param="stop_token_ids",
+                          code="invalid_value")
+    if any(not (k.isascii() and k.isdigit() and len(k) < 20 and int(k) < vocab_size) for k in body.logit_bias or ()):
+        raise OpenAIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}).", param="logit_bias",
                           code="invalid_value")
 
     def pick(name: str, fallback):
@@ -77,11 +109,12 @@ def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool,
             return defaults[name]
         return fallback if value is None else value
 
+    top_k = pick("top_k", 0)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=pick("temperature", 1.0),
         top_p=pick("top_p", 1.0),
-        top_k=max(0, pick("top_k", 0)),
+        top_k=top_k if 0 < top_k < vocab_size else 0,  # k >= vocab keeps every token: the same as off
         min_p=pick("min_p", 0.0),
         seed=body.seed,
         stop=tuple(body.stop or ()),
@@ -99,10 +132,12 @@ def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool,
 
 
 def session_key(user: str, session_id: str | None) -> str | None:
-    """Sessions are scoped to their user: the same id from another user is another session."""
+    """Sessions are scoped to their user: the same id from another user is another
+    session. The user is length-prefixed, so no (user, session) pair can spell another."""
     if not session_id:
         return None
-    return hashlib.sha256(f"{user}\0{session_id}".encode()).hexdigest()[:32]
+    user_bytes = user.encode()
+    return hashlib.sha256(len(user_bytes).to_bytes(8, "big") + user_bytes + session_id.encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -124,7 +159,8 @@ class TextJob:
             id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
             reply_to=self.state.relay.channel, user=self.identity.user, tier=tier, created_at=time.time(),
             session_key=session_key(self.identity.user, self.session_id or self.body.session_id),
-            prefix_hashes=prefix_hashes(prompt_ids), reasoning=reasoning, **extra,
+            cache_scope=self.identity.scope, prefix_hashes=prefix_hashes(prompt_ids, self.identity.scope),
+            reasoning=reasoning, **extra,
         )
         self.gens.append(Generation(self.state, req, weight=self.identity.weight,
                                     deadline_s=self.body.deadline_s, user_cap=self.identity.max_queued))

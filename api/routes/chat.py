@@ -6,9 +6,12 @@ import time
 
 from fastapi import APIRouter, Request
 
+from api.body import request_body
 from api.errors import OpenAIError
+from api.fetch import FetchPolicy
+from api.limits import check_chat
 from api.routes._text import (
-    TextJob, collect, identify, max_tokens_for, new_id, sampling_params, state_of, stream, usage,
+    TextJob, collect, max_tokens_for, new_id, read, sampling_params, state_of, stream, usage,
 )
 from api.schemas import ChatCompletionRequest
 from api.vision import vision_prompt
@@ -29,10 +32,11 @@ def chat_logprobs(records: list[dict] | None) -> dict | None:
     ]}
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+@router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
+async def chat_completions(request: Request):
     state = state_of(request)
-    identity = identify(request, body)
+    body, identity = await read(request, ChatCompletionRequest)
+    check_chat(body, state.settings, state.sched.default_deadline_s)
     model = await state.catalog.text(body.model)
     if model.spec.modality is not Modality.VISION and any(
         not isinstance(m.content, str) and m.content and any(p.type != "text" for p in m.content)
@@ -42,18 +46,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                           param="messages", code="unsupported_content")
     images: list[str] = []
     if model.spec.modality is Modality.VISION:
-        prompt_ids, images = await vision_prompt(
-            model, body.messages, cache_dir=state.catalog.cache_dir, timeout_s=state.settings.fetch_timeout_s,
-            max_bytes=state.settings.fetch_max_bytes)
+        prompt_ids, images = await vision_prompt(model, body.messages, cache_dir=state.catalog.cache_dir,
+                                                 policy=FetchPolicy.of(state.settings))
     else:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        prompt_ids = model.render_chat(messages)
+        prompt_ids = await model.render_chat(messages)
     max_tokens = max_tokens_for(model, len(prompt_ids), body.requested_max_tokens,
                                 state.settings.default_max_tokens, "messages")
     params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs,
-                             top_logprobs=body.top_logprobs or 0, max_n=state.settings.max_n,
-                             vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
+                             top_logprobs=body.top_logprobs or 0, vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
     rid = new_id("chatcmpl")
     job = TextJob(state, identity, body, session_id=request.headers.get("x-session-id"))
     job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning, images=images)

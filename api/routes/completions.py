@@ -6,9 +6,11 @@ import time
 
 from fastapi import APIRouter, Request
 
+from api.body import request_body
 from api.errors import OpenAIError
+from api.limits import check_completion
 from api.routes._text import (
-    TextJob, collect, identify, max_tokens_for, new_id, sampling_params, state_of, stream, usage,
+    TextJob, collect, context_error, max_tokens_for, new_id, read, sampling_params, state_of, stream, usage,
 )
 from api.schemas import CompletionRequest
 from broker.messages import TokenEvent
@@ -16,12 +18,14 @@ from broker.messages import TokenEvent
 router = APIRouter()
 
 
-def _prompts(model, prompt) -> list[list[int]]:
+async def _prompts(model, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [model.encode(prompt)]
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return [model.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        prompt = [prompt]
+    elif all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    texts = [p for p in prompt if isinstance(p, str)]
+    encoded = iter(await model.encode(texts) if texts else ())
+    return [next(encoded) if isinstance(p, str) else list(p) for p in prompt]
 
 
 def completion_logprobs(records: list[dict], offset: int) -> dict:
@@ -35,16 +39,20 @@ def completion_logprobs(records: list[dict], offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
+@router.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
+async def completions(request: Request):
     state = state_of(request)
-    identity = identify(request, body)
+    body, identity = await read(request, CompletionRequest)
     if body.suffix:
         raise OpenAIError(400, "suffix is not supported.", param="suffix", code="unsupported_parameter")
+    check_completion(body, state.settings, state.sched.default_deadline_s)
     model = await state.catalog.text(body.model)
-    prompts = _prompts(model, body.prompt)
+    prompts = await _prompts(model, body.prompt)
     if any(not p for p in prompts):
         raise OpenAIError(400, "prompt must not be empty.", param="prompt", code="invalid_value")
+    for ids in prompts:  # before looking at every token id of a long one
+        if len(ids) >= model.context_length:
+            raise context_error(model, len(ids), 1, "prompt")
     vocab = len(model.tokenizer)
     if any(t < 0 or t >= vocab for p in prompts for t in p):
         raise OpenAIError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt", code="invalid_value")
@@ -54,8 +62,7 @@ async def completions(body: CompletionRequest, request: Request):
         max_tokens = max_tokens_for(model, len(ids), body.requested_max_tokens, state.settings.default_max_tokens,
                                     "prompt")
         params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
-                                 top_logprobs=body.logprobs or 0, max_n=state.settings.max_n,
-                                 vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
+                                 top_logprobs=body.logprobs or 0, vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
     await job.admit()
 
@@ -63,7 +70,7 @@ async def completions(body: CompletionRequest, request: Request):
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     n = body.n
     prompt_tokens = sum(len(p) for p in prompts)
-    echo = [model.decode(p) if body.echo else "" for p in prompts]
+    echo = await state.offload(lambda: [model.decode(p) for p in prompts]) if body.echo else [""] * len(prompts)
     counts = {"completion": 0, "cached": 0}
 
     if body.stream:

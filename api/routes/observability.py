@@ -1,15 +1,15 @@
-"""GET /metrics (Prometheus), GET /v1/stats (admin: per model and tenant, from the metrics store)."""
+"""GET /metrics (Prometheus) and GET /v1/stats (per model and tenant, from the metrics
+store): both admin only, since they show every tenant's traffic."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.errors import OpenAIError
-from api.routes._text import state_of
+from api.routes._text import is_admin_key, state_of
 from api.state import AppState
 from metrics import prom, stats
 from metrics.store import open_store
@@ -18,23 +18,22 @@ router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus_metrics():
+async def prometheus_metrics(request: Request):
     """This process's counters and histograms (all API processes' in multiprocess mode).
     The queue depth is not here: it is deployment-wide, and the exporter serves it once
-    (``metrics/prom.py``)."""
+    (``metrics/prom.py``). Admin only; Prometheus sends the key with
+    ``authorization: {credentials: ...}`` in its scrape config."""
+    _require_admin(request, state_of(request))
     return Response(prom.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def _require_admin(request: Request, state: AppState) -> None:
-    auth = request.headers.get("authorization")
-    token = auth[7:].strip() if auth and auth.lower().startswith("bearer ") else ""
-    admin_key = state.settings.admin_key
-    if admin_key and hmac.compare_digest(token.encode(), admin_key.encode()):
+    if is_admin_key(request, state):
         return
     if not state.keys.open:
-        if state.keys.identify(auth, None).admin:  # 401 for a missing or unknown key
+        if state.keys.identify(request.headers.get("authorization"), None).admin:  # 401 for an unknown key
             return
-    elif not admin_key:
+    elif not state.settings.admin_key:
         return  # open mode without an admin key: everything is open
     raise OpenAIError(403, "This endpoint needs an admin key (INFERSTACK_ADMIN_KEY, or `admin = true` in the "
                       "keys file).",

@@ -1,4 +1,4 @@
-"""/health, /ready, /v1/models"""
+"""/health, /ready, /v1/models. With keys, only /health answers without one (``key_gate``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ async def ready(request: Request):
     try:
         await state.redis.ping()
     except Exception as exc:  # noqa: BLE001
-        return JSONResponse({"status": "unavailable", "reason": f"redis: {exc}"}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": f"redis: {type(exc).__name__}"}, status_code=503)
     workers = await live_workers(state.redis)
     models = sorted({m for w in workers for m in w.get("models", [])})
     if not models:

@@ -314,7 +314,7 @@ class TextEngine:
         if self.kv_store is None or seq.output_ids:
             return
         req = seq.request
-        hit = self.kv_store.match(seq.prompt_ids, req.session_key, req.prefix_hashes)
+        hit = self.kv_store.match(seq.prompt_ids, req.session_key, req.prefix_hashes, req.cache_scope)
         self.kv_store.stats.prompt_tokens += len(seq.prompt_ids)
         if hit:
             self.kv_store.acquire(hit[0])
@@ -342,7 +342,8 @@ class TextEngine:
 
     def _store(self, key: str, kind: str, seq: Sequence, length: int) -> None:
         started = time.perf_counter()
-        entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length], self.runner.save_kv(key, seq.slot, length))
+        entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length], self.runner.save_kv(key, seq.slot, length),
+                                           seq.request.cache_scope)
         self.kv_store.stats.save_s += time.perf_counter() - started
         dropped = {old.key for old in evicted}  # a replaced entry is evicted under the new one's key
         if entry is None:

@@ -32,6 +32,8 @@ class KvEntry:
     nbytes: int
     hashes: list[str] = field(default_factory=list)
     """Prefix entries: the block hashes they cover (index keys)."""
+    scope: str = ""
+    """Prefix entries: the cache scope that may reuse them (broker.prefix)."""
     in_use: int = 0
     last_use: float = field(default_factory=time.time)
 
@@ -72,21 +74,27 @@ class KvStore:
 
     # -- lookup -----------------------------------------------------------------
 
-    def match(self, prompt: list[int], session_key: str | None, hashes: list[str]) -> tuple[KvEntry, int] | None:
+    def match(self, prompt: list[int], session_key: str | None, hashes: list[str],
+              scope: str = "") -> tuple[KvEntry, int] | None:
         """The stored entry that covers the longest prefix of ``prompt``, and how many
-        of its tokens to reuse (always leaving the last prompt token to prefill)."""
+        of its tokens to reuse (always leaving the last prompt token to prefill). A
+        prefix entry counts only for its own cache scope and only when its token ids
+        are the prompt's: a 64-bit hash says where to look, never what is there."""
         best: tuple[KvEntry, int] | None = None
         if session_key and session_key in self.entries:
             entry = self.entries[session_key]
             n = common_prefix(entry.token_ids, prompt)
             best = (entry, n)
         for j in range(len(hashes) - 1, -1, -1):
+            n = (j + 1) * BLOCK
+            if best is not None and n <= best[1]:
+                break
             hit = self.prefix_index.get(hashes[j])
             if hit:
-                n = (j + 1) * BLOCK
-                if best is None or n > best[1]:
-                    best = (self.entries[hit[0]], n)
-                break
+                entry = self.entries[hit[0]]
+                if entry.scope == scope and entry.token_ids[:n] == prompt[:n]:
+                    best = (entry, n)
+                    break
         if best is not None:
             best = (best[0], min(best[1], len(prompt) - 1))
         if best is None or best[1] <= 0:
@@ -105,9 +113,10 @@ class KvStore:
 
     # -- insertion and eviction ---------------------------------------------------
 
-    def put(self, key: str, kind: str, token_ids: list[int], layers: Layers) -> tuple[KvEntry | None, list[KvEntry]]:
+    def put(self, key: str, kind: str, token_ids: list[int], layers: Layers,
+            scope: str = "") -> tuple[KvEntry | None, list[KvEntry]]:
         """Store (replacing ``key``); returns the new entry (None if it cannot fit) and
-        the entries evicted to make room."""
+        the entries evicted to make room. ``scope``: a prefix entry's cache scope."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         nbytes = nbytes * self.scale[0] // self.scale[1]
         evicted: list[KvEntry] = []
@@ -128,9 +137,9 @@ class KvStore:
             return None, evicted
         if self.pin:
             layers = [(k.pin_memory(), v.pin_memory()) for k, v in layers]
-        entry = KvEntry(key, kind, list(token_ids), layers, nbytes)
+        entry = KvEntry(key, kind, list(token_ids), layers, nbytes, scope=scope)
         if kind == "prefix":
-            entry.hashes = prefix_hashes(entry.token_ids)
+            entry.hashes = prefix_hashes(entry.token_ids, scope)
             for j, h in enumerate(entry.hashes):
                 self.prefix_index[h] = (key, (j + 1) * BLOCK)
         self.entries[key] = entry

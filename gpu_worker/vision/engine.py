@@ -72,7 +72,7 @@ class VisionEngine:
 
     def capacity(self) -> int:
         with self._lock:
-            held = len(self._requests) + len(self._inbox)
+            held = sum(len(seqs) for seqs in self._requests.values()) + sum(c.request.seqs for c in self._inbox)
         return max(0, self.max_batch - held)
 
     def add(self, claimed: Claimed, log_events: list[TokenEvent]) -> None:

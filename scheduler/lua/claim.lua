@@ -1,5 +1,8 @@
--- Claim up to n requests for one worker: pick across tiers (with aging) and users
--- (start-time fair queueing), move each to in-flight with a lease.
+-- Claim requests for one worker until they bring n sequences (batch rows: a request
+-- with n choices brings n): pick across tiers (with aging) and users (start-time fair
+-- queueing), move each to in-flight with a lease. The next request in policy order
+-- that would overshoot n ends the claim, unless nothing was claimed yet (so a request
+-- wider than the free room still runs once it is first in line).
 -- ARGV: prefix, worker, n, lease_s, aging_max_wait_s, now(optional)
 -- Returns {claimed, expired}: claimed = flat {rid, payload, attempts, ...},
 -- expired = flat {rid, payload, ...} (deadline passed before start: never run late).
@@ -10,6 +13,7 @@ local blocked = {}  -- tiers whose candidates are all reserved for other workers
 local SCAN_USERS, SCAN_DEPTH = 16, 4
 local backlogged = false
 local claimed_cost = 0
+local taken = 0  -- sequences claimed
 
 -- Reserved for another worker (KV affinity) within its window?
 local function eligible(rid)
@@ -18,20 +22,22 @@ local function eligible(rid)
 end
 
 -- Move one waiting request to in-flight for this worker (or expire it: a request
--- whose start deadline has passed never runs late).
-local function take(rid, tier)
+-- whose start deadline has passed never runs late). Returns the sequences it claimed.
+local function take(rid, tier, seqs)
   local rk = k_req(rid)
   local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
   remove_waiting(rid, tier, f[2])
   local start = num(f[3], 0)
   if start > num(redis.call("HGET", K_STATE, "v:" .. tier), 0) then
     redis.call("HSET", K_STATE, "v:" .. tier, tostring(start))
+    -- finish tags the virtual time has passed mean the same as none
+    redis.call("ZREMRANGEBYSCORE", k_fin(tier), "-inf", start)
   end
   if f[7] ~= "1" and num(f[4], now + 1) < now then
     table.insert(expired, rid)
     table.insert(expired, f[1])
     redis.call("DEL", rk)
-    return
+    return 0
   end
   local attempts = redis.call("HINCRBY", rk, "attempts", 1)
   redis.call("HSET", rk, "state", "running", "worker", worker, "started", "1", "claimed", tostring(now))
@@ -40,9 +46,10 @@ local function take(rid, tier)
   table.insert(claimed, f[1])
   table.insert(claimed, attempts)
   claimed_cost = claimed_cost + num(f[6], 0)
+  return seqs
 end
 
-while #claimed < 3 * n do
+while taken < n do
   -- Strict priority by tier (high 2 > normal 1 > low 0), with aging: a request of a
   -- lower tier than the top waiting one that has waited `max_wait` seconds is overdue,
   -- and overdue requests (oldest first) take every other claim while they last. So
@@ -65,10 +72,9 @@ while #claimed < 3 * n do
     local h = heads[t]
     if h and RANK[t] < top_rank and h[2] >= max_wait and h[2] > od_wait then od_tier, od_wait = t, h[2] end
   end
-  local rid, best_tier = nil, nil
+  local rid, best_tier, overdue = nil, nil, false
   if od_tier and redis.call("HGET", K_STATE, "last_overdue") ~= "1" and eligible(heads[od_tier][1]) then
-    best_tier, rid = od_tier, heads[od_tier][1]
-    redis.call("HSET", K_STATE, "last_overdue", "1")
+    best_tier, rid, overdue = od_tier, heads[od_tier][1], true
   else
     for _, t in ipairs(TIERS) do
       if heads[t] and RANK[t] == top_rank then best_tier = t end
@@ -81,10 +87,19 @@ while #claimed < 3 * n do
       end
       if rid then break end
     end
-    if rid then redis.call("HSET", K_STATE, "last_overdue", "0") end
   end
-  if rid then take(rid, best_tier) else blocked[best_tier] = true end
-  if #claimed >= 3 * n then
+  local full = false
+  if rid then
+    local seqs = num(redis.call("HGET", k_req(rid), "seqs"), 1)
+    full = taken > 0 and taken + seqs > n
+    if not full then
+      redis.call("HSET", K_STATE, "last_overdue", overdue and "1" or "0")
+      taken = taken + take(rid, best_tier, seqs)
+    end
+  else
+    blocked[best_tier] = true
+  end
+  if full or taken >= n then
     backlogged = num(redis.call("HGET", K_STATE, "len"), 0) > 0
     break
   end

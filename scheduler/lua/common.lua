@@ -14,6 +14,7 @@ local function k_req(rid) return P .. ":req:" .. rid end
 local function k_uq(tier, user) return P .. ":uq:" .. tier .. ":" .. user end
 local function k_tu(tier) return P .. ":tu:" .. tier end
 local function k_age(tier) return P .. ":age:" .. tier end
+local function k_fin(tier) return P .. ":fin:" .. tier end
 local K_STATE = P .. ":state"
 local K_UCOUNT = P .. ":ucount"
 local K_LEASES = P .. ":leases"
@@ -52,7 +53,15 @@ local function remove_waiting(rid, tier, user)
   end
   redis.call("ZREM", k_age(tier), rid)
   redis.call("HINCRBY", K_STATE, "len", -1)
-  redis.call("HINCRBY", K_STATE, "len:" .. tier, -1)
+  if redis.call("HINCRBY", K_STATE, "len:" .. tier, -1) <= 0 then
+    -- The tier's busy period ends (start-time fair queueing): the virtual time moves to
+    -- the largest finish tag, so every user's tag means the same as none: drop them all.
+    local last = redis.call("ZRANGE", k_fin(tier), -1, -1, "WITHSCORES")
+    if last[2] and tonumber(last[2]) > num(redis.call("HGET", K_STATE, "v:" .. tier), 0) then
+      redis.call("HSET", K_STATE, "v:" .. tier, last[2])
+    end
+    redis.call("DEL", k_fin(tier))
+  end
   redis.call("HINCRBYFLOAT", K_STATE, "cost:" .. tier, -num(redis.call("HGET", k_req(rid), "cost"), 0))
   if redis.call("HINCRBY", K_UCOUNT, user, -1) <= 0 then redis.call("HDEL", K_UCOUNT, user) end
 end

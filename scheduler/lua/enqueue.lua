@@ -1,7 +1,8 @@
 -- Admit one request, or refuse it with a reason and a Retry-After.
 -- ARGV: prefix, rid, payload, user, tier, cost, weight, timeout_s, max_queue,
 --       tier_share, user_cap, now(optional), fair ("1", or "0" = FIFO within a tier),
---       session_key (or ""), prefix hashes (JSON list, shortest first), affinity_window_s
+--       session_key (or ""), prefix hashes (JSON list, shortest first), affinity_window_s,
+--       seqs (batch rows the request takes: its n)
 -- Returns {"ok", queued_len} or {reason, retry_after_s, detail}.
 local rid, payload, user, tier = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local cost, weight, timeout = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -9,6 +10,7 @@ local max_queue, share, user_cap = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumb
 local now = now_s(ARGV[12])
 local fair = ARGV[13] ~= "0"
 local session_key, hashes_json, window = ARGV[14] or "", ARGV[15] or "[]", tonumber(ARGV[16] or "0")
+local seqs = tonumber(ARGV[17] or "1")
 
 local len = num(redis.call("HGET", K_STATE, "len"), 0)
 local rate = num(redis.call("HGET", K_DRAIN, "rate"), 0)
@@ -45,14 +47,14 @@ end
 local start = now
 if fair then
   local v = num(redis.call("HGET", K_STATE, "v:" .. tier), 0)
-  local f_user = num(redis.call("HGET", K_STATE, "f:" .. tier .. ":" .. user), 0)
+  local f_user = num(redis.call("ZSCORE", k_fin(tier), user), 0)
   start = math.max(v, f_user)
-  redis.call("HSET", K_STATE, "f:" .. tier .. ":" .. user, tostring(start + cost / weight))
+  redis.call("ZADD", k_fin(tier), start + cost / weight, user)
 end
 
 redis.call("HSET", k_req(rid),
   "payload", payload, "user", user, "tier", tier, "cost", cost, "start", tostring(start),
-  "enq", tostring(now), "deadline", tostring(now + timeout), "state", "queued", "attempts", 0)
+  "enq", tostring(now), "deadline", tostring(now + timeout), "state", "queued", "attempts", 0, "seqs", seqs)
 
 -- KV affinity: offer the request first to the live worker that holds the most of its
 -- prompt's KV cache (its session, else the longest shared prefix).
@@ -77,6 +79,7 @@ if window > 0 then
     redis.call("HSET", k_req(rid), "aff", aff, "aff_until", tostring(now + window))
     redis.call("LPUSH", P .. ":bell:" .. aff, "1")
     redis.call("LTRIM", P .. ":bell:" .. aff, 0, 63)
+    redis.call("EXPIRE", P .. ":bell:" .. aff, 60)
   end
 end
 insert_waiting(rid, tier, user, start, now, false)

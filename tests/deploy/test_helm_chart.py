@@ -190,6 +190,7 @@ def test_values_files_follow_the_schema(values_file):
     ({"clickhouse": {"bundled": {"enabled": True}}}, "clickhouse.bundled.password is required"),
     ({"clickhouse": {"url": "http://ch:8123", "existingSecret": "ch"}}, "at most one of clickhouse"),
     ({"metrics": {"serviceMonitor": {"enabled": True, "apiBearerToken": True}}}, "needs an admin key"),
+    ({"auth": {"keys": '[keys."sha256:00"]\nuser = "a"\n'}}, "keyed mode) needs an admin key"),
     ({"api": {"resources": {"requests": {"cpu": None}}}}, "api.resources.requests.cpu"),  # null deletes a default
     ({"models": {"registry": "[models.x\nmodality = "}}, "not valid TOML"),
 ])
@@ -259,7 +260,12 @@ def test_api_probes_ports_and_service(values_file):
     env = env_of(api)
     assert ports["http"] == int(env["INFERSTACK_PORT"]["value"]) and env["INFERSTACK_HOST"]["value"] == "0.0.0.0"
     assert api["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert api["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    if env.get("INFERSTACK_KEYS_FILE"):  # /ready needs a key: the probe sends the admin key from the env
+        (command,) = [c for c in api["readinessProbe"]["exec"]["command"] if "/ready" in c]
+        assert f"127.0.0.1:{ports['http']}/ready" in command and "INFERSTACK_ADMIN_KEY" in command
+        assert "INFERSTACK_ADMIN_KEY" in env
+    else:
+        assert api["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     service = one(objects, "Service", f"{RELEASE}-api")
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     pod_labels = api_deployment(objects)["spec"]["template"]["metadata"]["labels"]

@@ -49,7 +49,8 @@ tier = "low"
 
 def make_stack(redis_url, tiny_registry, tmp_path, workers=0, api_kw=None, **sched):
     settings = SchedulerSettings(redis_url=redis_url, lease_s=3, **sched)
-    return Stack(redis_url, tiny_registry, tmp_path / "cache", sched=settings, workers=workers, api_kw=api_kw)
+    return Stack(redis_url, tiny_registry, tmp_path / "cache", sched=settings, workers=workers, api_kw=api_kw,
+                 key="sk-normal")
 
 
 class OpenRequest:

@@ -38,7 +38,7 @@ def keys_file(tmp_path):
 
 def make_stack(redis_url, registry, tmp_path, workers=1, **api_kw):
     return Stack(redis_url, registry, tmp_path / "cache", workers=workers, worker_kw={"worker_models": "tiny-sd"},
-                 api_kw=api_kw)
+                 api_kw=api_kw, key="alice-key")
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from scheduler.settings import SchedulerSettings
 MODEL = "m"
 
 
-def req(i, user="a", tier="normal", prompt=10, max_tokens=10):
+def req(i, user="a", tier="normal", prompt=10, max_tokens=10, n=1):
     return GenerateRequest(id=f"r{i}", model=MODEL, prompt_token_ids=[1] * prompt,
-                           params=SamplingParams(max_tokens=max_tokens), reply_to="is:reply:t", user=user,
+                           params=SamplingParams(max_tokens=max_tokens, n=n), reply_to="is:reply:t", user=user,
                            tier=Tier(tier))
 
 
@@ -157,12 +157,81 @@ def test_lua_claim_order_matches_python_twin(rclient):
             now += rng.uniform(0, 0.8)
             if rng.random() < 0.6:
                 user, tier = rng.choice("abcde"), rng.choice(["high", "normal", "low"])
-                r = req(n, user=user, tier=tier, prompt=rng.randint(1, 50), max_tokens=rng.randint(1, 50))
+                r = req(n, user=user, tier=tier, prompt=rng.randint(1, 50), max_tokens=rng.randint(1, 50),
+                        n=rng.choice([1, 1, 1, 2, 4]))
                 n += 1
                 assert fq.enqueue(r, weight=weights[user], now=now).admitted
-                model.enqueue(r.id, user, tier, r.cost, weights[user], now)
+                model.enqueue(r.id, user, tier, r.cost, weights[user], now, seqs=r.seqs)
             else:
-                k = rng.randint(1, 4)
+                k = rng.randint(1, 6)
                 got += ids(fq.claim_batch(MODEL, "w", k, now=now))
                 want += model.claim(k, now)
         assert got == want, f"trial {trial}"
+
+
+def test_a_claim_counts_the_sequences_each_request_brings(fq):
+    for i in range(3):
+        fq.enqueue(req(i, user=f"u{i}", n=4), now=100.0)
+    fq.enqueue(req(3, user="u3"), now=100.0)
+    assert ids(fq.claim_batch(MODEL, "w", 8, now=100.0)) == ["r0", "r1"]  # 4 + 4 rows fill 8
+    # the next in line (4 rows) does not fit in 3, and nothing jumps the line for the room
+    assert ids(fq.claim_batch(MODEL, "w", 3, now=100.0)) == ["r2"]  # first in line: it runs, wider or not
+    assert ids(fq.claim_batch(MODEL, "w", 3, now=100.0)) == ["r3"]
+
+
+def test_per_user_state_is_dropped_once_nothing_waits(fq, rclient):
+    """A user's finish tag, queue count and queues go when the tier drains; the fair
+    order of what comes next is the same as with a fresh queue."""
+    for i in range(300):  # 300 users seen once each, in bursts that are claimed in full
+        fq.enqueue(req(i, user=f"user{i}"), now=100.0 + i)
+        if i % 10 == 9:
+            assert len(ids(fq.claim_batch(MODEL, "w", 10, now=100.0 + i))) == 10
+    user_keys = [k for k in rclient.scan_iter(f"{keys.tag(MODEL)}:*") if "user" in k]
+    assert user_keys == []
+    state = rclient.hgetall(keys.tier_state(MODEL))
+    assert not [f for f in state if "user" in f], state
+    assert rclient.hlen(keys.user_counts(MODEL)) == 0
+    assert rclient.zcard(keys.finish_tags(MODEL, "normal")) == 0
+
+
+def test_finish_tags_the_virtual_time_passed_are_compacted_while_busy(fq, rclient):
+    # a user who stopped sending while others keep the tier busy: its tag goes once
+    # the virtual time passes it, well before the tier ever drains
+    fq.enqueue(req("once", user="gone", max_tokens=1), now=100.0)
+    for i in range(20):
+        fq.enqueue(req(i, user="busy"), now=100.0)
+    fq.claim_batch(MODEL, "w", 3, now=101.0)
+    assert rclient.zscore(keys.finish_tags(MODEL, "normal"), "gone") is None
+    assert rclient.zscore(keys.finish_tags(MODEL, "normal"), "busy") is not None
+
+
+def test_the_claimer_fills_an_engine_by_sequences_not_requests(fq):
+    """A worker with 8 free rows and requests of n=4 takes two of them, not eight."""
+    import threading
+
+    from gpu_worker.io import Claimer
+
+    class Engine:
+        def __init__(self):
+            self.held = []
+
+        def capacity(self):
+            return 8 - sum(c.request.seqs for c in self.held)
+
+        def add(self, claimed, log):
+            self.held.append(claimed)
+
+        def request_ids(self):
+            return [c.request.id for c in self.held]
+
+    class Publisher:
+        def submit(self, batch):
+            pass
+
+    for i in range(5):
+        fq.enqueue(req(i, user=f"u{i}", n=4))
+    engine = Engine()
+    claimer = Claimer(fq.r, fq, "w", {MODEL: engine}, threading.Event(), Publisher(), threading.Event())
+    assert claimer._claim_round() == (2, True)  # noqa: SLF001
+    assert claimer._claim_round() == (0, False)  # noqa: SLF001 - full: nothing more until rows free
+    assert sum(c.request.seqs for c in engine.held) == 8

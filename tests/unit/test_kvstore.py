@@ -60,3 +60,35 @@ def test_prefix_entries_serve_any_whole_block_prefix():
 
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
+
+
+def test_prefix_entries_serve_only_their_own_cache_scope():
+    store = KvStore(budget_bytes=1 << 24)
+    system = list(range(2 * BLOCK)) + [7]
+    store.put("prefix:a", "prefix", system[: 2 * BLOCK], layers(2 * BLOCK), scope="tenant-a")
+    assert store.match(system, None, prefix_hashes(system, "tenant-a"), "tenant-a")[1] == 2 * BLOCK
+    # another tenant's identical prompt hashes apart, so it finds nothing ...
+    assert prefix_hashes(system, "tenant-b") != prefix_hashes(system, "tenant-a")
+    assert store.match(system, None, prefix_hashes(system, "tenant-b"), "tenant-b") is None
+    # ... and even presenting tenant a's hashes does not make it tenant a's
+    assert store.match(system, None, prefix_hashes(system, "tenant-a"), "tenant-b") is None
+
+
+def test_a_prefix_hit_compares_token_ids_not_only_the_hash():
+    store = KvStore(budget_bytes=1 << 24)
+    stored = list(range(2 * BLOCK))
+    store.put("prefix:x", "prefix", stored, layers(2 * BLOCK))
+    # a prompt whose second block differs but that presents the stored hashes (a
+    # 64-bit collision, or a forged request): only the block that truly matches is reused
+    forged = stored[:BLOCK] + [999] * BLOCK + [1]
+    entry, n = store.match(forged, None, prefix_hashes(stored))
+    assert n == BLOCK and entry.token_ids[:n] == forged[:n]
+    assert store.match([5] * (2 * BLOCK + 1), None, prefix_hashes(stored)) is None
+
+
+def test_session_keys_are_unambiguous():
+    from api.routes._text import session_key
+
+    assert session_key("p\0x", "y") != session_key("p", "x\0y")
+    assert session_key("ab", "c") != session_key("a", "bc")
+    assert session_key("u", "s") == session_key("u", "s") and session_key("u", None) is None

@@ -14,8 +14,21 @@ MSG = [{"role": "user", "content": "hi"}]
     {"messages": MSG, "temperature": -0.1},
     {"messages": MSG, "top_p": 0},
     {"messages": MSG, "n": 0},
-    {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]},
     {"messages": MSG, "top_logprobs": 3},
+    # beyond 64 bits (JSON integers are unbounded; the wire to the workers is not)
+    {"messages": MSG, "seed": 2**64},
+    {"messages": MSG, "seed": -(2**63) - 1},
+    {"messages": MSG, "top_k": 2**63},
+    {"messages": MSG, "stop_token_ids": [2**64]},
+    {"messages": MSG, "stop_token_ids": [-1]},
+    {"messages": MSG, "max_tokens": 2**64},
+    {"messages": MSG, "min_tokens": 2**70},
+    # no NaN or Infinity anywhere
+    {"messages": MSG, "deadline_s": float("inf")},
+    {"messages": MSG, "deadline_s": float("nan")},
+    {"messages": MSG, "temperature": float("nan")},
+    {"messages": MSG, "logit_bias": {"5": float("inf")}},
+    {"messages": MSG, "logit_bias": {"5": 101}},
     {"messages": MSG, "presence_penalty": 3},
     {"messages": MSG, "priority": "urgent"},
     {"messages": [{"role": "wizard", "content": "x"}]},
@@ -31,6 +44,25 @@ def test_chat_defaults_and_extensions():
     assert r.stop == ["END"] and r.requested_max_tokens == 5 and r.ignore_eos and r.n == 1
 
 
+def test_json_spellings_of_infinity_and_nan_are_refused():
+    for raw in ('{"model": "m", "messages": [{"role": "user", "content": "x"}], "deadline_s": Infinity}',
+                '{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": NaN}',
+                '{"model": "m", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": -1e999}'):
+        with pytest.raises(ValidationError, match="finite"):
+            ChatCompletionRequest.model_validate_json(raw)
+
+
+def test_64_bit_integers_are_accepted_at_their_bounds():
+    r = ChatCompletionRequest(model="m", messages=MSG, seed=2**63 - 1, top_k=2**63 - 1, stop_token_ids=[2**63 - 1])
+    assert r.seed == 2**63 - 1
+    assert ChatCompletionRequest(model="m", messages=MSG, seed=-(2**63)).seed == -(2**63)
+
+
+def test_top_k_at_or_beyond_the_vocabulary_means_off():
+    assert _params(ChatCompletionRequest(model="m", messages=MSG, top_k=2**63 - 1), {}).top_k == 0
+    assert _params(ChatCompletionRequest(model="m", messages=MSG, top_k=99), {}).top_k == 99
+
+
 def test_completion_prompt_forms():
     assert CompletionRequest(model="m", prompt="x").max_tokens == 16
     assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompt == [1, 2, 3]
@@ -42,8 +74,7 @@ def test_completion_prompt_forms():
 def _params(body, defaults):
     from api.routes._text import sampling_params
 
-    return sampling_params(body, 8, n=1, logprobs=False, top_logprobs=0, max_n=4, vocab_size=100,
-                           defaults=defaults)
+    return sampling_params(body, 8, n=1, logprobs=False, top_logprobs=0, vocab_size=100, defaults=defaults)
 
 
 def test_model_sampling_defaults_fill_only_what_the_request_leaves_unset():

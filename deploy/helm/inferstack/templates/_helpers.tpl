@@ -111,6 +111,9 @@ key: {{ ternary .Values.clickhouse.existingSecretKey "clickhouse-url" (ne .Value
 {{- if and .Values.api.autoscaling.enabled (not (dig "requests" "cpu" "" .Values.api.resources)) -}}
 {{- fail "api.autoscaling scales on CPU utilization: set api.resources.requests.cpu" -}}
 {{- end -}}
+{{- if and (include "inferstack.keysFileKey" .) (not (include "inferstack.adminKeyKey" .)) -}}
+{{- fail "auth.keys (keyed mode) needs an admin key (auth.adminKey, or auth.existingSecret with existingSecretKeys.adminKey): /ready needs a key, and the readiness probe sends that one" -}}
+{{- end -}}
 {{- if and .Values.metrics.serviceMonitor.apiBearerToken (not (include "inferstack.adminKeyKey" .)) -}}
 {{- fail "metrics.serviceMonitor.apiBearerToken needs an admin key (auth.adminKey, or auth.existingSecret with existingSecretKeys.adminKey)" -}}
 {{- end -}}
