@@ -94,7 +94,11 @@ def layout(devices: list[str], mode: HostMode, model: str | None = None, size: i
 
 
 class ModeError(ValueError):
-    """A mode change this host cannot make; the message says why."""
+    """A mode change this host cannot make; the message says why, ``param`` what."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 def check_mode(registry: Registry, devices: list[str], mode: HostMode, model: str | None,
@@ -103,20 +107,21 @@ def check_mode(registry: Registry, devices: list[str], mode: HostMode, model: st
     API runs the same check against the host's advertised devices before queueing."""
     if mode is HostMode.INDIVIDUAL:
         if model or size:
-            raise ModeError("mode individual takes no model or size")
+            raise ModeError("mode individual takes no model or size", "model" if model else "size")
         return None, 0
     if not model:
-        raise ModeError("mode tp needs a model")
+        raise ModeError("mode tp needs a model", "model")
     spec = registry.get(model)
     if spec is None:
-        raise ModeError(f"unknown model {model!r}")
+        raise ModeError(f"unknown model {model!r}", "model")
     if spec.modality is not Modality.TEXT:
-        raise ModeError(f"{model} is a {spec.modality} model; tensor parallelism runs text models")
+        raise ModeError(f"{model} is a {spec.modality} model; tensor parallelism runs text models", "model")
     size = size or max(2, spec.tensor_parallel)
     if size < max(2, spec.tensor_parallel):
-        raise ModeError(f"size {size}: a group has at least 2 devices, and {model} needs {spec.tensor_parallel}")
+        raise ModeError(f"size {size}: a group has at least 2 devices, and {model} needs {spec.tensor_parallel}",
+                        "size")
     if size > len(devices):
-        raise ModeError(f"size {size} exceeds this host's {len(devices)} devices")
+        raise ModeError(f"size {size} exceeds this host's {len(devices)} devices", "size")
     return model, size
 
 
@@ -404,7 +409,9 @@ class HostSupervisor:
             "devices": self.devices, "mode": str(self.mode), "model": self.model or "", "size": self.size,
             "state": self.state, "units": [u.describe() for u in self.units.values()],
             "command": cmd.id if cmd else "", "command_state": self.command_state,
-            "command_mode": str(cmd.mode) if cmd else "", "error": self.error, "updated_at": time.time(),
+            "command_mode": str(cmd.mode) if cmd else "",
+            "command_model": (cmd.model or "") if cmd and self.command_state == "running" else "",
+            "error": self.error, "updated_at": time.time(),
         }
 
     def publish(self) -> None:

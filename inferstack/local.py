@@ -1,6 +1,7 @@
 """``inferstack up``: the whole stack on one machine — a private Redis (unless
-REDIS_URL is set), the API, one worker and the metrics exporter (on chDB in the
-cache directory unless INFERSTACK_CLICKHOUSE_URL is set) — with Ctrl-C stopping all of it."""
+REDIS_URL is set), the API, the host supervisor with one worker per device
+(``inferstack.host``) and the metrics exporter (on chDB in the cache directory unless
+INFERSTACK_CLICKHOUSE_URL is set) — with Ctrl-C stopping all of it."""
 
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def report_registry() -> list[str]:
                 modelstore.resolve(spec, settings.cache_dir, convert=False)
             except modelstore.ModelUnavailable as exc:
                 say(f"skipping {spec.modality} model {exc}")
+            continue
+        if spec.tensor_parallel > 1:
+            say(f"{spec.name} ({spec.modality}): available as a tensor-parallel group of {spec.tensor_parallel} "
+                f"devices: `inferstack mode {settings.host_id} tp --model {spec.name}` switches this host to it")
             continue
         when = "loaded at start" if spec.name in settings.model_names else "loaded on first request"
         say(f"{spec.name} ({spec.modality}): available, {when}")
@@ -148,7 +153,9 @@ def run_local(port: int | None = None) -> int:
     code = 0
     try:
         procs["api"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "api"], env=env)
-        procs["worker"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "worker"],
+        # the host supervisor: one worker per device (INFERSTACK_HOST_DEVICES), switchable to a
+        # tensor-parallel group through the admin API (inferstack.host)
+        procs["host"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "host"],
                                       env={**env, "INFERSTACK_METRICS_PORT": str(worker_metrics_port)})
         procs["exporter"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "exporter"],
                                         env={**env, "INFERSTACK_METRICS_PORT": str(exporter_metrics_port)})
