@@ -40,6 +40,7 @@ class Generation:
         self._finished: set[int] = set()
         self._closed = False
         self.rec = RequestRecorder(state.events, req)  # lifecycle events, Prometheus, trace span
+        self._queued_again_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -80,6 +81,8 @@ class Generation:
                 if self.first_event_at is None:
                     await self._deadline_passed()
                     continue
+                if await self._waiting_again():
+                    continue
                 self.rec.failed("stalled")
                 raise OpenAIError(504, "The worker stopped sending tokens for this request.",
                                   type="server_error", code="stalled") from None
@@ -111,6 +114,16 @@ class Generation:
             if self.done:
                 self.rec.finished()
         return [ev]
+
+    async def _waiting_again(self) -> bool:
+        """No token for a while because the request went back to the queue (its worker
+        drained for a mode switch, or its tensor-parallel group broke): it waits for a
+        worker like a new request, up to its deadline again, resuming from its log."""
+        if await self.state.queue.state(self.req.model, self.req.id) != "queued":
+            return False
+        now = time.monotonic()
+        self._queued_again_at = self._queued_again_at or now
+        return now - self._queued_again_at < self.deadline_s
 
     async def _from_log(self, since: int) -> list[TokenEvent]:
         raw = await self.state.redis.lrange(keys.output_log(self.req.model, self.req.id), since, -1)

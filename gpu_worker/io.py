@@ -44,6 +44,11 @@ class Publisher(threading.Thread):
     def stop(self) -> None:
         self.q.put(None)
 
+    def ship_now(self, batch: list[Outgoing]) -> None:
+        """Write a batch from the calling thread (the publisher has stopped)."""
+        if batch:
+            self._ship(batch)
+
     def run(self) -> None:
         while True:
             batch = self.q.get()

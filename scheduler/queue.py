@@ -115,12 +115,16 @@ class FairQueue:
     def complete(self, model: str, worker_id: str, request_id: str) -> bool:
         return bool(self._scripts["complete"](args=[keys.tag(model), worker_id, request_id, self.s.output_log_ttl_s]))
 
-    def release_leases(self, model: str, worker_id: str, request_ids: list[str]) -> int:
-        """Give up running requests this worker holds: their leases lapse now, so the
-        next reaper pass requeues them (see lua/release.lua). Returns how many."""
+    def hand_back(self, model: str, worker_id: str, request_ids: list[str], kind: str = "drained"
+                  ) -> tuple[list[str], list[GenerateRequest]]:
+        """Put running requests of this worker back at the head of their users' queues
+        (``kind``: ``drained``, or ``failed`` to count an attempt); returns (requeued ids,
+        requests out of attempts). See lua/release.lua."""
         if not request_ids:
-            return 0
-        return int(self._scripts["release"](args=[keys.tag(model), worker_id, *request_ids]))
+            return [], []
+        requeued, failed = self._scripts["release"](
+            args=[keys.tag(model), worker_id, kind, self.s.max_attempts, *request_ids])
+        return list(requeued), [messages.decode(failed[i + 1]) for i in range(0, len(failed), 2)]
 
     def reap(self, model: str, *, now: float | None = None) -> tuple[list[str], list[GenerateRequest]]:
         """Requeue lapsed leases; returns (requeued ids, requests out of attempts)."""
@@ -161,3 +165,7 @@ class AsyncFairQueue:
 
     async def cancel(self, model: str, request_id: str) -> str:
         return await self._scripts["cancel"](args=[keys.tag(model), request_id])
+
+    async def state(self, model: str, request_id: str) -> str | None:
+        """``queued`` or ``running``; None once it is done (or unknown)."""
+        return await self.r.hget(keys.request(model, request_id), "state")
