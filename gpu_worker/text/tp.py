@@ -173,8 +173,11 @@ class TpGroup:
     def loaded(self) -> None:
         """This rank holds its shard: wait until every rank does (loads take different
         times; the collectives' timeout starts counting only after this)."""
-        self.store.set(f"loaded/{self.rank}", "1")
-        self.store.wait([f"loaded/{r}" for r in range(self.tp.world)], timedelta(seconds=LOAD_TIMEOUT_S))
+        try:
+            self.store.set(f"loaded/{self.rank}", "1")
+            self.store.wait([f"loaded/{r}" for r in range(self.tp.world)], timedelta(seconds=LOAD_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - rank 0 (which holds the store) died, or a rank never loaded
+            raise GroupLost(f"the group did not finish loading: {exc}") from exc
 
     def send(self, ops: list) -> None:
         """Rank 0: one broadcast of the ops recorded since the last one."""
@@ -208,6 +211,8 @@ class _Recorder:
         self.group = group
         self.ops: list[tuple] = []
         self.lock = threading.Lock()
+        self.lost: GroupLost | None = None
+        """Set when a keepalive failed: the next forward raises at once instead of waiting."""
 
     def record(self, op: tuple) -> None:
         with self.lock:
@@ -215,6 +220,8 @@ class _Recorder:
 
     def flush(self) -> None:
         with self.lock:
+            if self.lost is not None:
+                raise self.lost
             ops, self.ops = self.ops, []
             self.group.send(ops)  # under the lock: the keepalive thread sends nothing in between
 
@@ -281,8 +288,9 @@ class LeaderRunner:
             try:
                 with self._recorder.lock:  # pending ops wait for the next forward; this says "alive"
                     self.group.send([(KEEPALIVE,)])
-            except GroupLost:
-                log.error("tensor-parallel group lost while idle; the next step stops this worker")
+            except GroupLost as exc:
+                log.error("%s (while idle); the next step stops this worker", exc)
+                self._recorder.lost = exc
                 return
 
     def close(self) -> None:

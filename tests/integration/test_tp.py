@@ -15,7 +15,7 @@ from gpu_worker.text.tp import TpRank, shard_model, split
 from inferstack.redis_server import free_port
 from inferstack.registry import Modality, ModelSpec
 from tests.tiny import build_tiny_llama
-from tests.tp import run, start_follower, text_request, tp1_engine, tp2_engine
+from tests.tp import CPU, run, start_follower, text_request, tp1_engine, tp2_engine
 
 
 def test_split_is_contiguous_and_uneven():
@@ -97,3 +97,57 @@ def test_two_ranks_equal_one(model, request, tmp_path, one_thread):
     # the shards really are shards: rank 0 holds its share of the heads
     assert engine.runner.cache.shape_tail[0] == split(cfg.num_key_value_heads, 2)[0]
 
+
+
+class LoopbackGroup:
+    """Stands in for the process group: what rank 0 broadcasts is replayed at once on
+    a follower runner in this process (unsharded: a group of one)."""
+
+    timeout_s = 3600.0
+
+    def __init__(self, follower_runner):
+        from gpu_worker.text.tp import FollowerRunner
+
+        self.follower = FollowerRunner(follower_runner)
+        self.targets = {"runner": self.follower, "cache": follower_runner.cache}
+        self.last_send = 0.0
+        self.sent: list[str] = []
+
+    def loaded(self) -> None:
+        pass
+
+    def send(self, ops) -> None:
+        for op in ops:
+            if op[0] in ("runner", "cache"):
+                self.sent.append(op[1])
+                getattr(self.targets[op[0]], op[1])(*op[2])
+
+    def close(self) -> None:
+        pass
+
+
+def test_every_cache_change_reaches_the_followers(tiny_model_dir):
+    """The mirrored surface is complete: after a workload with joins, row moves,
+    chunked prefill, session saves, evictions and restores, a follower that saw only
+    the broadcast ops holds exactly rank 0's cache and store keys. (A new way to change
+    the cache that is not in MIRRORED_*_OPS makes them differ here.)"""
+    from gpu_worker.text.engine import make_runner
+    from gpu_worker.text.tp import LeaderRunner
+
+    spec = ModelSpec(name="m", modality=Modality.TEXT, path=str(tiny_model_dir), max_batch=3)
+    cfg = AutoConfig.from_pretrained(str(tiny_model_dir))
+    token_bytes = SlotKVCache.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float64)
+    engine = tp1_engine(spec, tiny_model_dir, torch.float64, max_seqs=3, max_prefill_tokens=16,
+                        kv_dram_bytes=64 * token_bytes)
+    group = LoopbackGroup(make_runner(spec, tiny_model_dir, device=CPU, dtype=torch.float64, max_seqs=3))
+    engine.runner = LeaderRunner(engine.runner, group)
+    engine.planner.rows = engine.runner.cache
+    workload(lambda s: run(engine, s))
+    engine.runner.cache.shrink(0, 0)  # recorded; shipped with the next forward, or here:
+    engine.runner._recorder.flush()
+    mine, theirs = engine.runner._runner.cache, group.follower.cache
+    assert (mine.rows, mine.capacity) == (theirs.rows, theirs.capacity)
+    assert all(torch.equal(a, b) for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values))
+    assert set(group.follower.shards) == set(engine.kv_store.entries)
+    assert {"forward", "ensure", "move_row", "save_kv", "restore_kv", "drop_kv"} <= set(group.sent)
+    engine.close()
