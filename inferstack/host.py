@@ -137,7 +137,8 @@ class Unit:
     restart_at: float | None = None
     crashes: deque = field(default_factory=deque)
     restarts: int = 0
-    last_exit: int | None = None
+    last_exits: list[int | None] = field(default_factory=list)
+    """Exit codes of the processes when the unit last went down (None: still running then)."""
 
     def alive(self) -> list[subprocess.Popen]:
         return [p for p in self.procs if p.poll() is None]
@@ -146,7 +147,7 @@ class Unit:
         return {"name": self.spec.name, "kind": "tp" if self.spec.model else "worker", "model": self.spec.model,
                 "devices": list(self.spec.devices), "worker_id": self.worker_id, "state": self.state,
                 "pids": [p.pid for p in self.procs if p.poll() is None], "restarts": self.restarts,
-                "last_exit": self.last_exit}
+                "last_exits": self.last_exits}
 
 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -226,8 +227,7 @@ class HostSupervisor:
             self.publish()
 
     def _unit_died(self, unit: Unit, now: float) -> None:
-        codes = [p.returncode for p in unit.procs if p.poll() is not None]
-        unit.last_exit = codes[0] if codes else None
+        unit.last_exits = [p.poll() for p in unit.procs]
         # The rest of a group cannot go on without the dead rank: rank 0 notices it
         # (its collectives fail), hands its requests back and exits; stop them all.
         self._terminate(unit)
@@ -236,8 +236,9 @@ class HostSupervisor:
             unit.crashes.popleft()
         delay = BACKOFF_S[min(len(unit.crashes), len(BACKOFF_S)) - 1]
         unit.restart_at = now + delay
-        self.error = (f"{unit.spec.name} ({', '.join(unit.spec.devices)}) exited with code {unit.last_exit}; "
-                      f"restarting in {delay:.0f} s")
+        codes = ", ".join("running" if c is None else str(c) for c in unit.last_exits)
+        self.error = f"{unit.spec.name} ({', '.join(unit.spec.devices)}) went down (exit codes: {codes}); " \
+                     f"restarting in {delay:.0f} s"
         log.error("host %s: %s", self.s.host_id, self.error)
 
     # -- mode changes ------------------------------------------------------------------

@@ -151,3 +151,24 @@ def test_every_cache_change_reaches_the_followers(tiny_model_dir):
     assert set(group.follower.shards) == set(engine.kv_store.entries)
     assert {"forward", "ensure", "move_row", "save_kv", "restore_kv", "drop_kv"} <= set(group.sent)
     engine.close()
+
+
+def test_a_follower_whose_rank_0_dies_exits(tiny_model_dir, tmp_path):
+    """Rank 0 dies (here a stand-in that joins, sends one plan and crashes): the
+    follower's wait for the next plan fails at once, and it exits with an error
+    for its supervisor to see, rather than waiting forever."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    follower = start_follower(tmp_path, "m", tiny_model_dir, port, tp_timeout_s=600)
+    leader = subprocess.Popen([sys.executable, "-c", f"""
+import os, torch
+from gpu_worker.text.tp import TpGroup, TpRank
+group = TpGroup(TpRank(0, 2), "127.0.0.1:{port}", torch.device("cpu"), timeout_s=600)
+group.loaded()
+group.send([("keepalive",)])
+os._exit(3)
+"""])
+    assert leader.wait(120) == 3
+    assert follower.wait(60) == 1  # long before the 600 s timeout
