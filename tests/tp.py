@@ -14,7 +14,6 @@ from broker.messages import GenerateRequest, SamplingParams
 from gpu_worker.text.engine import TextEngine
 from gpu_worker.text.tp import TpGroup, TpRank
 from inferstack.registry import ModelSpec
-from scheduler.queue import Claimed
 
 CPU = torch.device("cpu")
 
@@ -37,32 +36,6 @@ def text_request(i: int, prompt: list[int], max_tokens: int, session: str | None
     params = dict(temperature=0.0, ignore_eos=True) | kw
     return GenerateRequest(id=f"r{i}", model="m", prompt_token_ids=prompt, reply_to="x", session_key=session,
                            params=SamplingParams(max_tokens=max_tokens, **params))
-
-
-def run(engine: TextEngine, schedule: dict[int, list[GenerateRequest]], max_steps: int = 2000) -> dict:
-    """schedule: step -> requests arriving before it. Returns request id -> its events
-    as comparable tuples (choice, start, tokens, text, finish reason, cached tokens)."""
-    events: dict[str, list[tuple]] = {}
-    done: set[str] = set()
-
-    def emit(batch):
-        for o in batch:
-            if o.event is not None:
-                e = o.event
-                events.setdefault(o.request_id, []).append(
-                    (e.choice, e.start, tuple(e.token_ids), e.text, e.finish_reason, e.cached_tokens))
-            if o.request_done:
-                done.add(o.request_id)
-
-    total = sum(len(v) for v in schedule.values())
-    for step in range(max_steps):
-        for req in schedule.get(step, []):
-            engine.add(Claimed(req, 1), [])
-        if engine.has_work():
-            engine.step(emit)
-        if len(done) == total:
-            return events
-    raise AssertionError("engine did not finish")
 
 
 def tp1_engine(spec: ModelSpec, model_dir: Path, dtype, **kw) -> TextEngine:

@@ -65,3 +65,33 @@ local function remove_waiting(rid, tier, user)
   redis.call("HINCRBYFLOAT", K_STATE, "cost:" .. tier, -num(redis.call("HGET", k_req(rid), "cost"), 0))
   if redis.call("HINCRBY", K_UCOUNT, user, -1) <= 0 then redis.call("HDEL", K_UCOUNT, user) end
 end
+
+-- A running request leaves its worker (lapsed lease, or handed back): back to the head
+-- of its user's queue with its original tags and its output log, so whoever claims it
+-- next resumes it; dropped if it was cancelled; failed if `count_attempt` and it is out
+-- of attempts. Appends to `requeued` (rid) or `failed` (rid, payload).
+local function leave_worker(rid, max_attempts, count_attempt, now, requeued, failed)
+  local rk = k_req(rid)
+  local f = redis.call("HMGET", rk, "payload", "user", "tier", "start", "enq", "attempts", "cancelled")
+  redis.call("ZREM", K_LEASES, rid)
+  if not f[1] then
+    -- already completed
+  elseif f[7] == "1" then
+    redis.call("DEL", rk, P .. ":out:" .. rid)
+  elseif count_attempt and num(f[6], 0) >= max_attempts then
+    table.insert(failed, rid)
+    table.insert(failed, f[1])
+    redis.call("DEL", rk)
+    redis.call("EXPIRE", P .. ":out:" .. rid, 60)
+  else
+    redis.call("HSET", rk, "state", "queued")
+    redis.call("HDEL", rk, "worker")
+    insert_waiting(rid, f[3], f[2], num(f[4], 0), num(f[5], now), true)
+    table.insert(requeued, rid)
+  end
+end
+
+local function ring_bell()
+  redis.call("LPUSH", K_BELL, "1")
+  redis.call("LTRIM", K_BELL, 0, 63)
+end

@@ -10,28 +10,10 @@ local now = now_s("")
 local requeued, failed = {}, {}
 for i = 5, #ARGV do
   local rid = ARGV[i]
-  local rk = k_req(rid)
-  local f = redis.call("HMGET", rk, "worker", "state", "payload", "user", "tier", "start", "enq", "attempts",
-                       "cancelled")
+  local f = redis.call("HMGET", k_req(rid), "worker", "state")
   if f[1] == worker and f[2] == "running" then
-    redis.call("ZREM", K_LEASES, rid)
-    if f[9] == "1" then
-      redis.call("DEL", rk, P .. ":out:" .. rid)
-    elseif kind == "failed" and num(f[8], 0) >= max_attempts then
-      table.insert(failed, rid)
-      table.insert(failed, f[3])
-      redis.call("DEL", rk)
-      redis.call("EXPIRE", P .. ":out:" .. rid, 60)
-    else
-      redis.call("HSET", rk, "state", "queued")
-      redis.call("HDEL", rk, "worker")
-      insert_waiting(rid, f[5], f[4], num(f[6], 0), num(f[7], now), true)
-      table.insert(requeued, rid)
-    end
+    leave_worker(rid, max_attempts, kind == "failed", now, requeued, failed)
   end
 end
-if #requeued > 0 then
-  redis.call("LPUSH", K_BELL, "1")
-  redis.call("LTRIM", K_BELL, 0, 63)
-end
+if #requeued > 0 then ring_bell() end
 return {requeued, failed}

@@ -9,7 +9,8 @@ from gpu_worker.settings import WorkerSettings
 from inferstack import modelstore
 from inferstack.redis_server import free_port
 from inferstack.registry import Registry
-from tests.tp import run, start_follower, text_request, tp1_engine, tp2_engine
+from tests.engines import run_schedule
+from tests.tp import start_follower, text_request, tp1_engine, tp2_engine
 
 MODEL = "smollm2-135m"
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -26,14 +27,14 @@ def test_smollm2_two_ranks_give_the_same_greedy_text(tmp_path, one_thread):
                                            tokenize=False), add_special_tokens=False)["input_ids"] for p in PROMPTS]
     reqs = [text_request(i, p, 48, ignore_eos=False) for i, p in enumerate(prompts)]
     schedule = {0: reqs[:2], 3: reqs[2:]}  # the second pair joins mid-flight
-    want = run(reference, schedule)
+    want = run_schedule(reference, schedule)
     del reference
 
     port = free_port()
     follower = start_follower(tmp_path, MODEL, None, port, max_batch=4)
     engine = tp2_engine(spec, model_dir, torch.float32, follower, port, max_seqs=4)
     try:
-        got = run(engine, schedule)
+        got = run_schedule(engine, schedule)
     finally:
         engine.close()
     assert follower.wait(60) == 0

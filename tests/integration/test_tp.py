@@ -14,8 +14,9 @@ from gpu_worker.text.kvcache import SlotKVCache
 from gpu_worker.text.tp import TpRank, shard_model, split
 from inferstack.redis_server import free_port
 from inferstack.registry import Modality, ModelSpec
+from tests.engines import run_schedule
 from tests.tiny import build_tiny_llama
-from tests.tp import CPU, run, start_follower, text_request, tp1_engine, tp2_engine
+from tests.tp import CPU, start_follower, text_request, tp1_engine, tp2_engine
 
 
 def test_split_is_contiguous_and_uneven():
@@ -80,13 +81,13 @@ def test_two_ranks_equal_one(model, request, tmp_path, one_thread):
     # A DRAM store of 64 tokens, less than the sessions need: saves, evictions and restores all happen.
     kw = dict(max_seqs=3, max_prefill_tokens=16, kv_dram_bytes=64 * token_bytes)
     reference = tp1_engine(spec, model_dir, torch.float64, **kw)
-    want = workload(lambda s: run(reference, s))
+    want = workload(lambda s: run_schedule(reference, s))
 
     port = free_port()
     follower = start_follower(tmp_path, "m", model_dir, port, dtype="float64", max_batch=3)
     engine = tp2_engine(spec, model_dir, torch.float64, follower, port, **kw)
     try:
-        got = workload(lambda s: run(engine, s))
+        got = workload(lambda s: run_schedule(engine, s))
         stats = engine.kv_stats()
     finally:
         engine.close()
@@ -142,7 +143,7 @@ def test_every_cache_change_reaches_the_followers(tiny_model_dir):
     group = LoopbackGroup(make_runner(spec, tiny_model_dir, device=CPU, dtype=torch.float64, max_seqs=3))
     engine.runner = LeaderRunner(engine.runner, group)
     engine.planner.rows = engine.runner.cache
-    workload(lambda s: run(engine, s))
+    workload(lambda s: run_schedule(engine, s))
     engine.runner.cache.shrink(0, 0)  # recorded; shipped with the next forward, or here:
     engine.runner._recorder.flush()
     mine, theirs = engine.runner._runner.cache, group.follower.cache
