@@ -18,7 +18,6 @@ import torch
 
 from broker import keys
 from broker.connection import sync_client
-from broker.messages import ErrorEvent
 from gpu_worker.demand import JOB_MODALITIES, DemandWatcher
 from gpu_worker.engine import Engine, FatalEngineError, Outgoing
 from gpu_worker.io import CancelListener, Claimer, Heartbeat, Publisher
@@ -190,6 +189,7 @@ class Worker:
             "model_capacity_bytes": self.models.capacity_bytes(),
             "running": {m: len(e.request_ids()) for m, e in self.engines.items()},
             "tokens_generated": sum(getattr(e, "tokens_generated", 0) for e in self.engines.values()),
+            "preemptions": sum(getattr(e, "preemptions", 0) for e in self.engines.values()),
             "publish_busy_s": round(self.publisher.busy_s, 6),
             "publish_round_trips": self.publisher.round_trips,
             "events_published": self.publisher.published,
@@ -233,9 +233,10 @@ class Worker:
                             self.exit_code = 1
                             self.halt.set()
                             break
-                        except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker
-                            log.exception("%s: engine step failed; failing its requests", model)
-                            engine.fail_all(f"{type(exc).__name__}: {exc}", self.publisher.submit)
+                        except Exception as exc:  # noqa: BLE001 - hand the batch back, keep the worker
+                            log.exception("%s: engine step failed; handing its requests back to the queue", model)
+                            engine.requeue_all(f"{type(exc).__name__}: {exc}", self.publisher.submit)
+                            self.claimer.back_off(self.s.heartbeat_s)
                         self.claimer.capacity_freed.set()
                         busy = True
                 if busy:
@@ -261,19 +262,18 @@ class Worker:
         out, or the engine failed for good): each resumes on the next worker that claims
         it, from its output log. Runs once nothing steps, the publisher has written every
         event and the heartbeat renews no lease."""
-        kind = "failed" if self.exit_code else "drained"
+        kind, why = (("failed", "its tensor-parallel group broke") if self.exit_code
+                     else ("drained", "it stopped before the request finished"))
+        out: list[Outgoing] = []
         for model, engine in self.engines.items():
-            rids = engine.request_ids()
-            if not rids:
-                continue
+            if engine.request_ids():
+                engine.requeue_all(f"the worker handed it back: {why}", out.extend, kind)
+        if out:
             try:
-                requeued, failed = self.fq.hand_back(model, self.id, rids, kind)
-                log.warning("%s: handed %d unfinished requests back to the queue", model, len(requeued))
-                self.publisher.ship_now([Outgoing(model, req.reply_to, req.id, ErrorEvent(
-                    req.id, f"request failed on {self.fq.s.max_attempts} workers in a row", type="server_error",
-                    code="worker_failed", status=500)) for req in failed])
+                self.publisher.ship_now(out)
+                log.warning("handed %d unfinished requests back to the queue (%s)", len(out), kind)
             except Exception:  # noqa: BLE001 - their leases lapse and the reaper requeues them
-                log.exception("%s: could not hand back %d requests; their leases will lapse", model, len(rids))
+                log.exception("could not hand back %d requests; their leases will lapse", len(out))
 
     def request_stop(self) -> None:
         """First call: stop claiming and let running requests finish (up to the drain

@@ -1,4 +1,5 @@
-"""What the API and the workers call: admit, claim, extend, complete, reap, cancel.
+"""What the API and the workers call: admit, claim (also to preempt), extend, complete,
+requeue, reap, cancel.
 
 Each operation is one Lua script (``lua/``), so every state change is atomic and
 every key it touches shares the model's hash tag. ``FairQueue`` wraps a sync client
@@ -14,6 +15,7 @@ import orjson
 
 from broker import keys, messages
 from broker.messages import GenerateRequest, Tier
+from scheduler.policy import Batch
 from scheduler.settings import SchedulerSettings
 
 
@@ -23,7 +25,8 @@ def _script(name: str) -> str:
 
 
 SCRIPTS = {name: _script(f"{name}.lua")
-           for name in ("enqueue", "claim", "cancel", "extend", "complete", "release", "reap", "kv_index")}
+           for name in ("enqueue", "claim", "claim_preempting", "cancel", "extend", "complete", "requeue", "reap",
+                        "kv_index")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,25 @@ class Admission:
 class Claimed:
     request: GenerateRequest
     attempt: int
-    """1 on the first claim; more after a lease lapsed (resume from the output log)."""
+    """1 on the first claim; more after a lease lapsed or a preemption (resume from the output log)."""
+    weight: float = 1.0
+    """The user's weight under fair queueing (preemption compares shares with it)."""
+    preemptions: int = 0
+    """Times it was preempted before this claim."""
+    preempted_s: float = 0.0
+    """Time it spent back in the queue after preemptions, in all."""
+    preempted_at: float = 0.0
+    """Unix time of its last preemption (0: none): this claim resumes it."""
+    victims: tuple[str, ...] = ()
+    """Running requests of this worker it takes the rows of (a preempting claim)."""
+    reason: str = ""
+    """Why it may preempt them: ``tier`` or ``share``."""
+
+
+def _claimed(entry) -> Claimed:
+    rid, payload, attempts, weight, preemptions, preempted_ms, preempted_at, *rest = entry
+    return Claimed(messages.decode(payload), int(attempts), float(weight), int(preemptions),
+                   int(preempted_ms) / 1000, float(preempted_at), tuple(rest[1:]), rest[0] if rest else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +122,23 @@ class FairQueue:
         claimed, expired = self._scripts["claim"](
             args=[keys.tag(model), worker_id, n, self.s.lease_s, self.s.aging_max_wait_s, _now_arg(now)]
         )
-        return ClaimResult(
-            [Claimed(messages.decode(claimed[i + 1]), int(claimed[i + 2])) for i in range(0, len(claimed), 3)],
-            [messages.decode(expired[i + 1]) for i in range(0, len(expired), 2)],
+        return ClaimResult([_claimed(c) for c in claimed], [messages.decode(p) for p in expired])
+
+    def claim_preempting(self, model: str, worker_id: str, batch: Batch, *, now: float | None = None) -> ClaimResult:
+        """The worker's batch is full: atomically take the waiting requests that may
+        preempt part of it (``scheduler.policy``), each with its victims."""
+        claimed, expired = self._scripts["claim_preempting"](
+            args=[keys.tag(model), worker_id, self.s.lease_s, orjson.dumps(batch.to_json()),
+                  self.s.preempt_min_run_steps, _now_arg(now)]
         )
+        return ClaimResult([_claimed(c) for c in claimed], [messages.decode(p) for p in expired])
+
+    def requeue(self, model: str, worker_id: str, request_id: str, kind: str, *, client=None,
+                now: float | None = None) -> str:
+        """Hand a running request back to the head of its user's queue (``kind``:
+        ``preempted``, ``drained`` or ``failed``); see lua/requeue.lua for the answers."""
+        return self._scripts["requeue"](args=[keys.tag(model), worker_id, request_id, kind, self.s.max_attempts,
+                                              _now_arg(now)], client=client)
 
     def extend_leases(self, model: str, worker_id: str, request_ids: list[str], *, now: float | None = None) -> list[str]:
         """Renew this worker's leases; returns ids it must drop (cancelled or taken over)."""
@@ -114,17 +148,6 @@ class FairQueue:
 
     def complete(self, model: str, worker_id: str, request_id: str) -> bool:
         return bool(self._scripts["complete"](args=[keys.tag(model), worker_id, request_id, self.s.output_log_ttl_s]))
-
-    def hand_back(self, model: str, worker_id: str, request_ids: list[str], kind: str = "drained"
-                  ) -> tuple[list[str], list[GenerateRequest]]:
-        """Put running requests of this worker back at the head of their users' queues
-        (``kind``: ``drained``, or ``failed`` to count an attempt); returns (requeued ids,
-        requests out of attempts). See lua/release.lua."""
-        if not request_ids:
-            return [], []
-        requeued, failed = self._scripts["release"](
-            args=[keys.tag(model), worker_id, kind, self.s.max_attempts, *request_ids])
-        return list(requeued), [messages.decode(failed[i + 1]) for i in range(0, len(failed), 2)]
 
     def reap(self, model: str, *, now: float | None = None) -> tuple[list[str], list[GenerateRequest]]:
         """Requeue lapsed leases; returns (requeued ids, requests out of attempts)."""

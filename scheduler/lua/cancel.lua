@@ -6,7 +6,7 @@ local rk = k_req(rid)
 local f = redis.call("HMGET", rk, "state", "tier", "user")
 if f[1] == "queued" then
   remove_waiting(rid, f[2], f[3])
-  redis.call("DEL", rk, P .. ":out:" .. rid)
+  redis.call("DEL", rk, k_out(rid))
   return "dequeued"
 elseif f[1] == "running" then
   redis.call("HSET", rk, "cancelled", "1")

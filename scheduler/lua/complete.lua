@@ -5,5 +5,5 @@ local rk = k_req(rid)
 if redis.call("HGET", rk, "worker") ~= worker then return 0 end
 redis.call("ZREM", K_LEASES, rid)
 redis.call("DEL", rk)
-redis.call("EXPIRE", P .. ":out:" .. rid, ttl)
+redis.call("EXPIRE", k_out(rid), ttl)
 return 1
