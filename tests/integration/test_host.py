@@ -22,6 +22,10 @@ from inferstack.host import HostSettings, HostSupervisor
 from tests.stack import ApiThread
 from tests.tiny import registry_toml
 
+# Five sets of worker processes start in turn (each imports torch and transformers:
+# ~10 s on a quiet 2-core host, a minute at load 12).
+pytestmark = pytest.mark.timeout(900)
+
 HOST = "test-host"
 PROMPTS = [f"Hello world number {i}" for i in range(4)]
 
