@@ -194,8 +194,11 @@ class HostSupervisor:
             self.state = "stopping"
             self.publish()
             self._stop(list(self.units.values()))
-            self.r.zrem(keys.HOSTS, self.s.host_id)
-            self.r.delete(keys.host(self.s.host_id))
+            try:
+                self.r.zrem(keys.HOSTS, self.s.host_id)
+                self.r.delete(keys.host(self.s.host_id))
+            except Exception:  # noqa: BLE001 - Redis gone first: the status key expires
+                pass
             log.info("host %s stopped", self.s.host_id)
 
     def stop(self) -> None:

@@ -96,6 +96,8 @@ def host_stack(redis_url, tiny_model_dir, tmp_path):
     from scheduler.settings import SchedulerSettings
 
     models = registry_toml(tmp_path / "models.toml", tiny_model_dir)
+    with open(models, "a") as f:  # the same weights, registered as needing a two-device group
+        f.write(f'\n[models.wide]\nmodality = "text"\npath = "{tiny_model_dir}"\ntensor_parallel = 2\n')
     sched = SchedulerSettings(redis_url=redis_url, lease_s=3)
     api = ApiThread(ApiSettings(redis_url=redis_url, models_file=models, cache_dir=tmp_path / "cache",
                                 port=free_port()), sched)
@@ -194,3 +196,13 @@ def test_switches_and_a_dead_rank_under_closed_loop_load_lose_nothing(host_stack
     assert load.failures == []
     assert all(len(texts) == 1 for texts in load.answers.values()), load.answers  # resumed streams are exact
     assert resumed_claims(redis_url) >= 1, "no request was running at a switch or the rank's death"
+
+    # A model that needs two devices: refused by individual workers, served once a group runs it.
+    chat = {"model": "wide", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    assert "wide" not in [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]]
+    r = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_capable_worker"
+    switch(url, {"mode": "tp", "model": "wide"})
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]] == ["wide"]
+    r = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
