@@ -15,7 +15,7 @@ from api.catalog import Catalog
 from api.relay import TokenRelay
 from api.jobs import JobService
 from api.offload import Offload
-from api.routes import audio, chat, completions, images, jobs, observability, system, videos
+from api.routes import admin, audio, chat, completions, images, jobs, observability, system, videos
 from api.routes._text import key_gate
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.settings import ApiSettings
@@ -81,6 +81,7 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(observability.router)
+    app.include_router(admin.router)
     app.include_router(images.router)
     app.include_router(audio.router)
     app.include_router(videos.router)

@@ -78,6 +78,7 @@ class Generation:
         self._down_failures = 0
         self._progress_at = 0.0
         self.rec = RequestRecorder(state.events, req, resumed=resumed)  # lifecycle events, Prometheus, trace span
+        self._queued_again_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -158,6 +159,7 @@ class Generation:
             raise OpenAIError(item.status, item.message, type=item.type, code=item.code)
         out = self._accept(item)
         if out:
+            self._queued_again_at = None
             self._progress_at = time.monotonic()
             self.first_event_at = self.first_event_at or self._progress_at
         return out
@@ -273,9 +275,26 @@ class Generation:
                     self._unavailable()
             return
         if now - self._progress_at >= self._stall_s:
+            try:
+                if await self._waiting_again():
+                    self._progress_at = now  # look again after another stall period
+                    return
+            except UNAVAILABLE:
+                self._unavailable()
+                return
             self.rec.failed("stalled")
             raise OpenAIError(504, "The worker stopped sending tokens for this request.", type="server_error",
                               code="stalled")
+
+    async def _waiting_again(self) -> bool:
+        """No token for a while because the request went back to the queue (preempted, its
+        worker drained for a mode switch, or its tensor-parallel group broke): it waits
+        for a worker like a new request, up to its deadline again, resuming from its log."""
+        if await self.state.queue.state(self.req.model, self.req.id) != "queued":
+            return False
+        now = time.monotonic()
+        self._queued_again_at = self._queued_again_at or now
+        return now - self._queued_again_at < self.deadline_s
 
     async def _deadline_passed(self) -> None:
         result = await self.state.queue.cancel(self.req.model, self.req.id)

@@ -444,3 +444,14 @@ class VideoGenerationRequest(_Body):
     negative_prompt: str | None = Field(None, max_length=4000)
     user: str | None = Field(None, max_length=256)
     priority: Tier | None = None
+
+
+class ModeChangeRequest(_Body):
+    """``POST /v1/admin/hosts/{host}/mode``: run the host's devices as independent workers,
+    or as one tensor-parallel group of ``size`` devices serving ``model``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["individual", "tp"]
+    model: str | None = Field(None, max_length=256)
+    size: int | None = Field(None, ge=2, le=64)

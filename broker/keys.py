@@ -138,6 +138,21 @@ EVENTS_GROUP = "exporter"
 """Consumer group of :data:`EVENTS` that the metrics exporters share."""
 
 
+HOSTS = f"{PREFIX}:hosts"
+"""Sorted set: host id -> unix time of its supervisor's last status (``inferstack host``)."""
+
+
+def host(host_id: str) -> str:
+    """Hash with a TTL: a host supervisor's status (devices, mode, its workers, the
+    mode change it is applying and how that went)."""
+    return f"{PREFIX}:host:{host_id}"
+
+
+def host_commands(host_id: str) -> str:
+    """List: mode changes for one host's supervisor (the admin API pushes, it pops)."""
+    return f"{PREFIX}:host:{host_id}:commands"
+
+
 def load_claim(model: str) -> str:
     """String with a TTL: the worker that took on loading a model nobody serves (SET NX),
     so two workers seeing the same demand do not both load it."""

@@ -10,6 +10,7 @@ Grouped by who receives them:
 * API -> worker (fair queue) :class:`SpeechRequest`; worker -> API: :class:`AudioChunk`.
 * API -> workers (rq job argument): :class:`MediaRequest`; worker -> API (reply
   channel) when the job ends: :class:`JobEvent`.
+* admin API -> a host supervisor (its command list): :class:`ModeChange`.
 
 JSON keeps the wire readable with ``redis-cli MONITOR``; each message is a pair
 ``[tag, fields]``, the tag naming its type.
@@ -242,6 +243,28 @@ class JobEvent:
     status: str
 
 
+# -- admin -> host supervisor --------------------------------------------------------
+
+
+class HostMode(StrEnum):
+    INDIVIDUAL = "individual"
+    """One worker per device."""
+    TP = "tp"
+    """One tensor-parallel group over ``size`` devices serving one model (the rest individual)."""
+
+
+@dataclass(slots=True)
+class ModeChange:
+    """Switch a host between independent workers and a tensor-parallel group
+    (``POST /v1/admin/hosts/{host}/mode`` -> the host's command list)."""
+
+    id: str
+    mode: HostMode
+    model: str | None = None
+    size: int | None = None
+    at: float = 0.0
+
+
 _TYPES: dict[str, type] = {
     "req": GenerateRequest,
     "tok": TokenEvent,
@@ -251,6 +274,7 @@ _TYPES: dict[str, type] = {
     "speech": SpeechRequest,
     "vision": VisionRequest,
     "audio": AudioChunk,
+    "mode": ModeChange,
 }
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 
@@ -267,6 +291,8 @@ def _build(tag: str, d: dict[str, Any]) -> Any:
         d["params"] = SamplingParams(**p)
     if "tier" in d:
         d["tier"] = Tier(d["tier"])
+    if cls is ModeChange:
+        d["mode"] = HostMode(d["mode"])
     return cls(**d)
 
 

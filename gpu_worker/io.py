@@ -126,6 +126,11 @@ class Publisher(threading.Thread):
     def stop(self) -> None:
         self.q.put(None)
 
+    def ship_now(self, batch: list[Outgoing]) -> None:
+        """Write a batch from the calling thread (the publisher has stopped)."""
+        if batch:
+            self._ship(batch)
+
     def run(self) -> None:
         stopping = False
         pause = 0.0

@@ -43,6 +43,16 @@ class WorkerSettings(MetricsServerSettings):
         50_000, description="Events a worker keeps while Redis is unreachable; at the cap it pauses generating.")
     drain_timeout_s: float = Field(10.0, description="On SIGTERM, how long running requests may finish.")
     torch_threads: int | None = Field(None, description="torch intra-op threads (default: torch's choice).")
+    host_id: str = Field(default_factory=socket.gethostname,
+                         description="The host (supervisor) this worker belongs to, as the admin API names it.")
+    tp_size: int = Field(1, description="Ranks of this worker's tensor-parallel group (1: no group; the host "
+                         "supervisor sets these for the ranks it starts).")
+    tp_rank: int = Field(0, description="This process's rank: 0 claims, plans and publishes; the others follow.")
+    tp_master: str = Field("127.0.0.1:29500", description="host:port where the group's ranks meet (rank 0 listens).")
+    tp_devices: str = Field("", description="Every rank's device, comma-separated (what the heartbeat shows).")
+    tp_timeout_s: float = Field(
+        60.0, description="A collective, or an idle follower's wait for rank 0, failing or lasting longer takes the "
+        "group down (its requests go back to the queue).")
 
     @property
     def model_names(self) -> list[str]:

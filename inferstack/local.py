@@ -1,8 +1,8 @@
 """``inferstack up``: the whole stack on one machine — a private Redis (unless
-REDIS_URL is set; append-only, so a restart keeps its data), the API, one worker and
-the metrics exporter (on chDB in the cache directory unless INFERSTACK_CLICKHOUSE_URL
-is set) — each restarted when it dies (``inferstack.supervisor``), with Ctrl-C stopping
-all of it."""
+REDIS_URL is set; append-only, so a restart keeps its data), the API, the host
+supervisor with one worker per device (``inferstack.host``) and the metrics exporter
+(on chDB in the cache directory unless INFERSTACK_CLICKHOUSE_URL is set) — each
+restarted when it dies (``inferstack.supervisor``), with Ctrl-C stopping all of it."""
 
 from __future__ import annotations
 
@@ -71,6 +71,10 @@ def report_registry() -> list[str]:
                 modelstore.resolve(spec, settings.cache_dir, convert=False)
             except modelstore.ModelUnavailable as exc:
                 say(f"skipping {spec.modality} model {exc}")
+            continue
+        if spec.tensor_parallel > 1:
+            say(f"{spec.name} ({spec.modality}): available as a tensor-parallel group of {spec.tensor_parallel} "
+                f"devices: `inferstack mode {settings.host_id} tp --model {spec.name}` switches this host to it")
             continue
         when = "loaded at start" if spec.name in settings.model_names else "loaded on first request"
         say(f"{spec.name} ({spec.modality}): available, {when}")
@@ -161,7 +165,9 @@ def run_local(port: int | None = None) -> int:
         if redis_server:
             supervisor.children["redis"] = Child("redis", start_redis, proc=redis_server.proc)
         supervisor.add("api", command("api"))
-        supervisor.add("worker", command("worker", INFERSTACK_METRICS_PORT=str(worker_metrics_port)))
+        # the host supervisor: one worker per device (INFERSTACK_HOST_DEVICES), switchable to a
+        # tensor-parallel group through the admin API (inferstack.host); it restarts its own workers
+        supervisor.add("host", command("host", INFERSTACK_METRICS_PORT=str(worker_metrics_port)))
         supervisor.add("exporter", command("exporter", INFERSTACK_METRICS_PORT=str(exporter_metrics_port)))
         url = f"http://{env['INFERSTACK_HOST']}:{port}"
         if not _wait_ready(url, supervisor):
@@ -191,7 +197,7 @@ Inference Stack is up at {url}  (Ctrl-C stops everything)
     finally:
         # The children run in process groups of their own (a terminal's Ctrl-C reaches
         # only this launcher): stop them here, then Redis, which they all talk to.
-        supervisor.stop(["api", "worker", "exporter", "redis"],
+        supervisor.stop(["api", "host", "exporter", "redis"],
                         stop={"redis": redis_server.stop} if redis_server else None)
         if redis_server and "redis" not in supervisor.children:
             redis_server.stop()

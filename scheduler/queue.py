@@ -118,7 +118,7 @@ class FairQueue:
     def requeue(self, model: str, worker_id: str, request_id: str, kind: str, *, client=None,
                 now: float | None = None) -> str:
         """Hand a running request back to the head of its user's queue (``kind``:
-        ``preempted`` or ``failed``); see lua/requeue.lua for the answers."""
+        ``preempted``, ``drained`` or ``failed``); see lua/requeue.lua for the answers."""
         return self._scripts["requeue"](args=[keys.tag(model), worker_id, request_id, kind, self.s.max_attempts,
                                               _now_arg(now)], client=client)
 
@@ -183,3 +183,7 @@ class AsyncFairQueue:
 
     async def cancel(self, model: str, request_id: str) -> str:
         return await self._scripts["cancel"](args=[keys.tag(model), request_id])
+
+    async def state(self, model: str, request_id: str) -> str | None:
+        """``queued`` or ``running``; None once it is done (or unknown)."""
+        return await self.r.hget(keys.request(model, request_id), "state")

@@ -63,6 +63,21 @@ def is_admin_key(request: Request, state: AppState) -> bool:
     return bool(admin_key) and hmac.compare_digest(bearer(request).encode(), admin_key.encode())
 
 
+def require_admin(request: Request, state: AppState) -> None:
+    """Admin routes (stats, metrics, hosts and workers): the admin key, or a key with
+    ``admin = true``; open only in open mode without an admin key."""
+    if is_admin_key(request, state):
+        return
+    if not state.keys.open:
+        if state.keys.identify(request.headers.get("authorization"), None).admin:  # 401 for an unknown key
+            return
+    elif not state.settings.admin_key:
+        return  # open mode without an admin key: everything is open
+    raise OpenAIError(403, "This endpoint needs an admin key (INFERSTACK_ADMIN_KEY, or `admin = true` in the "
+                      "keys file).",
+                      type="permission_error", code="admin_required")
+
+
 async def read(request: Request, model: type[B]) -> tuple[B, Identity]:
     """The parsed body and the caller (the key was checked before: ``key_gate``; in
     open mode the body's ``user`` names the caller)."""

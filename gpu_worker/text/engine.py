@@ -44,6 +44,15 @@ from scheduler.policy import Batch, Running
 log = logging.getLogger(__name__)
 
 
+def make_runner(spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype, max_seqs: int | None = None,
+                kv_cache_bytes: int | None = None, tp=None) -> ModelRunner:
+    """The engine's runner for ``spec``; tensor-parallel followers build theirs here too,
+    so every rank's cache has the same rows, length and budget."""
+    return ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs or spec.max_batch,
+                       context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes,
+                       memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None, tp=tp)
+
+
 def _output_error(request_id: str) -> ErrorEvent:
     return ErrorEvent(request_id, "Turning this request's tokens into text failed on the worker.",
                       type="server_error", code="output_error", status=500)
@@ -96,7 +105,10 @@ def _ends(events: list[TokenEvent]) -> list[int]:
 class TextEngine:
     def __init__(self, spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype,
                  max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False,
-                 kv_cache_bytes: int | None = None, kv_dram_bytes: int = 0, prefix_min_hits: int = 2):
+                 kv_cache_bytes: int | None = None, kv_dram_bytes: int = 0, prefix_min_hits: int = 2,
+                 tp_group=None):
+        """``tp_group`` (a joined ``tp.TpGroup`` of which this process is rank 0): run the
+        model sharded over the group, the other ranks following (``gpu_worker.text.tp``)."""
         from transformers import AutoTokenizer
 
         self.model = spec.name
@@ -104,9 +116,12 @@ class TextEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
         max_seqs = max_seqs or spec.max_batch
-        self.runner = ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs,
-                                  context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes,
-                                  memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None)
+        self.runner = make_runner(spec, model_dir, device=device, dtype=dtype, max_seqs=max_seqs,
+                                  kv_cache_bytes=kv_cache_bytes, tp=tp_group.tp if tp_group else None)
+        if tp_group is not None:
+            from gpu_worker.text.tp import LeaderRunner
+
+            self.runner = LeaderRunner(self.runner, tp_group)
         self.sampler = Sampler(self._eos_ids(), self._token_text)
         self.grammars = GrammarCache(self.tokenizer, self.runner.model.get_output_embeddings().weight.shape[0],
                                      self.sampler.eos, name=spec.name)
@@ -115,7 +130,8 @@ class TextEngine:
         self.planner = StepPlanner(self.runner.cache, max_seqs=max_seqs,
                                    max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static,
                                    on_admit=self._restore)
-        self.kv_store = KvStore(kv_dram_bytes) if kv_dram_bytes > 0 else None
+        self.kv_store = KvStore(kv_dram_bytes, scale=(self.runner.group_token_bytes, self.runner.cache.bytes_per_token)
+                                ) if kv_dram_bytes > 0 else None
         """Session and prefix KV caches in host DRAM (None: reuse disabled)."""
         self.prefix_min_hits = prefix_min_hits
         self._prefix_seen: OrderedDict[str, set[str]] = OrderedDict()
@@ -221,8 +237,12 @@ class TextEngine:
             emit(out)
 
     def close(self) -> None:
-        """Unloading: stop the grammar compile thread (the weights go with the engine)."""
+        """Unloading: stop the grammar compile thread and, leading a tensor-parallel group,
+        the followers (the weights go with the engine)."""
         self.grammars.close()
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def gauges(self) -> dict[str, float]:
         out = {"batch_size": self.planner.num_admitted, "kv_cache_bytes": self.runner.cache.nbytes}
@@ -232,7 +252,7 @@ class TextEngine:
                        kv_store_tokens_saved=st.tokens_saved)
         return out
 
-    def requeue_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit, kind: str = "failed") -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             self._aborts.clear()
@@ -249,7 +269,7 @@ class TextEngine:
         self.planner.slots.clear()
         self.planner.n_running = 0
         self.runner.cache.shrink(0, 0)
-        emit(handed_back(self.model, held, message))
+        emit(handed_back(self.model, held, message, kind))
 
     # -- internals --------------------------------------------------------------
 
@@ -510,7 +530,7 @@ class TextEngine:
         entry, n = seq.restore
         started = time.perf_counter()
         self.runner.cache.ensure(seq.slot + 1, max(n, 1), seq.slot, self.planner.used_len())
-        self.runner.cache.from_layers(seq.slot, entry.layers, n)
+        self.runner.restore_kv(entry.key, seq.slot, entry.layers, n)
         seq.num_computed = n
         seq.num_cached = 0 if entry.kind == "preempted" else n  # usage reports prompt reuse only
         stats = self.kv_store.stats
@@ -520,6 +540,7 @@ class TextEngine:
         self._release_restore(seq)
         if entry.kind == "preempted":
             self.kv_store.discard(entry)  # used up: the row holds it now
+            self.runner.drop_kv(entry.key)
 
     def _release_restore(self, seq: Sequence) -> None:
         if seq.restore is not None:
@@ -530,11 +551,19 @@ class TextEngine:
         started = time.perf_counter()
         try:
             entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length],
-                                               self.runner.cache.to_layers(seq.slot, length), seq.request.cache_scope)
+                                               self.runner.save_kv(key, seq.slot, length), seq.request.cache_scope)
         except Exception:  # noqa: BLE001 - a cache not kept costs a later recompute, never this batch
             log.exception("%s: keeping %s KV (%d tokens) in DRAM failed", self.model, kind, length)
+            self.runner.drop_kv(key)
             return
         self.kv_store.stats.save_s += time.perf_counter() - started
+        dropped = {old.key for old in evicted}  # a replaced entry is evicted under the new one's key
+        if entry is None:
+            dropped.add(key)
+        else:
+            dropped.discard(key)
+        for gone in dropped:
+            self.runner.drop_kv(gone)
         for old in evicted:
             if old.kind == "session":
                 self._index_ops.append(("del", "s", old.key, 0))
@@ -575,7 +604,7 @@ class TextEngine:
             "hits": st.hits, "misses": st.misses, "tokens_saved": st.tokens_saved, "prompt_tokens": st.prompt_tokens,
             "evictions": st.evictions, "save_ms": round(1000 * st.save_s, 3), "saves": st.saves,
             "restore_ms": round(1000 * st.restore_s, 3), "restores": st.restores,
-            "bytes_per_token": self.runner.cache.bytes_per_token,
+            "bytes_per_token": self.runner.group_token_bytes,
         }
 
     def index_refresh_ops(self) -> list[tuple[str, str, str, int]]:

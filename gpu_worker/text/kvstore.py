@@ -96,8 +96,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class KvStore:
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, *, scale: tuple[int, int] = (1, 1)):
+        """``scale``: under tensor parallelism each rank stores its shard of an entry and
+        this store (rank 0's) accounts for the whole group: an entry costs its own bytes
+        times ``scale[0] / scale[1]`` (the group's bytes per token over rank 0's)."""
         self.budget_bytes = budget_bytes
+        self.scale = scale
         self.entries: OrderedDict[str, KvEntry] = OrderedDict()  # LRU order: oldest first
         self.prefix_index: dict[str, tuple[str, int]] = {}  # block hash -> (entry key, tokens covered)
         self.bytes_used = 0
@@ -151,6 +155,7 @@ class KvStore:
         ``layers`` may live on the model's device; the store takes them to host memory
         (before changing anything, so a failed copy leaves the store as it was)."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        nbytes = nbytes * self.scale[0] // self.scale[1]
         ready = None
         if nbytes <= self.budget_bytes:
             layers, ready = to_host(layers)

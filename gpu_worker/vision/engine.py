@@ -107,7 +107,7 @@ class VisionEngine:
         if out:
             emit(out)
 
-    def requeue_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit, kind: str = "failed") -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             self._aborts.clear()
@@ -116,7 +116,7 @@ class VisionEngine:
         self._errors.clear()
         self._waiting.clear()
         self._wave = None
-        emit(handed_back(self.model, held, message))
+        emit(handed_back(self.model, held, message, kind))
 
     def close(self) -> None:
         self.net = None

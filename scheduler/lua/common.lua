@@ -105,10 +105,10 @@ local function take(rid, tier, worker, lease_s, now)
   return {rid, f[1], attempts, f[8] or "1", num(f[9], 0), preempted_ms, f[11] or "0"}, num(f[6], 0)
 end
 
--- Claims that failed: every claim except those that ended in a preemption.
+-- Claims that failed: every claim except those that ended in a preemption or a drain.
 local function failed_attempts(rk)
-  local f = redis.call("HMGET", rk, "attempts", "preemptions")
-  return num(f[1], 0) - num(f[2], 0)
+  local f = redis.call("HMGET", rk, "attempts", "preemptions", "drains")
+  return num(f[1], 0) - num(f[2], 0) - num(f[3], 0)
 end
 
 -- A running request goes back to the head of its user's queue with its original start
