@@ -37,14 +37,14 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        redis = async_client(settings.redis_url)
-        relay = TokenRelay(settings.redis_url, settings.instance_id)
+        redis = async_client(settings.redis)
+        registry = Registry.load(settings.models_file)
+        relay = TokenRelay(settings.redis, settings.instance_id, registry.names())
         await relay.start()
         events = EventSink(redis, settings.events_maxlen)
         await events.start()
         if not tracing.enabled():
             tracing.setup("inferstack-api", settings.otlp_endpoint)
-        registry = Registry.load(settings.models_file)
         offload = Offload(settings.tokenize_threads)
         catalog = Catalog(registry, settings.cache_dir, offload)
         app.state.inferstack = AppState(
@@ -57,7 +57,8 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
                     await catalog.text(spec.name)
                 except errors.OpenAIError:
                     log.info("%s: weights not on this host; requests for it will get 404", spec.name)
-        log.info("API %s ready (reply channel %s)", settings.instance_id, relay.channel)
+        log.info("API %s ready (Redis %s, %d reply channels)", settings.instance_id, settings.redis_mode,
+                 len(relay.channels))
         yield
         app.state.inferstack.jobs.close()
         offload.close()

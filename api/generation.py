@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 
 from api.errors import OpenAIError
 from api.state import AppState
-from broker import keys, messages
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from metrics.lifecycle import RequestRecorder
 
@@ -113,8 +112,7 @@ class Generation:
         return [ev]
 
     async def _from_log(self, since: int) -> list[TokenEvent]:
-        raw = await self.state.redis.lrange(keys.output_log(self.req.model, self.req.id), since, -1)
-        return [messages.decode(x) for x in raw]
+        return await self.state.queue.output_log(self.req.model, self.req.id, since)
 
     async def _deadline_passed(self) -> None:
         result = await self.state.queue.cancel(self.req.model, self.req.id)
@@ -132,9 +130,7 @@ class Generation:
             return
         self.rec.cancelled()
         try:
-            result = await self.state.queue.cancel(self.req.model, self.req.id)
-            if result == "running":
-                await self.state.redis.publish(keys.CANCEL_CHANNEL, self.req.id)
+            await self.state.queue.cancel(self.req.model, self.req.id)  # a running one: its worker is told
         except Exception:  # noqa: BLE001 - best effort; the lease reaper covers the rest
             log.exception("cancel of %s failed", self.req.id)
 

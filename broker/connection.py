@@ -1,15 +1,166 @@
-"""Redis connections. One URL (``INFERSTACK_REDIS_URL``), sync clients for workers
-and tools, asyncio clients for the API."""
+"""Redis connections: sync clients for workers and tools, asyncio clients for the API,
+to one of three deployments, chosen by ``INFERSTACK_REDIS_MODE``:
+
+* ``standalone``: one Redis (``redis://host:6379/0``, as before);
+* ``sentinel``: a primary that Sentinel watches and replaces. The URL names the
+  sentinels (``redis://[:password@]s1:26379,s2:26379/0``; the password is the
+  primary's), ``INFERSTACK_REDIS_SENTINEL_MASTER`` the service;
+* ``cluster``: a Redis Cluster. The URL names some of its nodes
+  (``redis://[:password@]n1:6379,n2:6379``); the client learns the rest and follows
+  slots as they move (failovers, resharding).
+
+Everything the stack does works in all three: each queue script touches one model's
+hash slot (``scheduler.keys``), nothing blocks on keys of two slots, and pub/sub uses
+sharded channels (``SPUBLISH``/``SSUBSCRIBE``), which a Cluster keeps on the shard that
+owns the channel's slot instead of broadcasting to every node. rq (media jobs) cannot
+use a Cluster: it gets its own URL (``INFERSTACK_RQ_REDIS_URL``), standalone or sentinel.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import unquote
+
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.cluster import ClusterNode, RedisCluster, key_slot
+from redis.sentinel import Sentinel
+
+_OPTIONS = dict(decode_responses=True, health_check_interval=30)
+_SENTINEL_OPTIONS = dict(socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True)
+"""Sentinels answer a question or are skipped for the next one: never wait long on one."""
 
 
-def sync_client(url: str, **kw) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **kw)
+class RedisMode(StrEnum):
+    STANDALONE = "standalone"
+    SENTINEL = "sentinel"
+    CLUSTER = "cluster"
 
 
-def async_client(url: str, **kw) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **kw)
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where a component's Redis is and what kind it is (``CommonSettings.redis``)."""
+
+    url: str
+    mode: RedisMode = RedisMode.STANDALONE
+    sentinel_master: str = "mymaster"
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    hosts: list[tuple[str, int]]
+    options: dict
+
+
+def _parse(url: str, default_port: int) -> _Parsed:
+    """``redis[s]://[user:password@]h1[:p1],h2[:p2][/db]``: several hosts, which
+    ``redis.from_url`` does not take."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss"):
+        raise ValueError(f"not a redis:// or rediss:// URL: {url!r}")
+    if "?" in rest:
+        raise ValueError(f"options (?...) are taken in standalone mode only: {url!r}")
+    userinfo, _, rest = rest.rpartition("@")
+    netloc, _, path = rest.partition("/")
+    options: dict = {}
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        if user:
+            options["username"] = unquote(user)
+        if password:
+            options["password"] = unquote(password)
+    if path.strip("/"):
+        options["db"] = int(path.strip("/"))
+    if scheme == "rediss":
+        options["ssl"] = True
+    hosts = []
+    for part in netloc.split(","):
+        host, _, port = part.rpartition(":") if ":" in part else (part, "", "")
+        hosts.append((host or part, int(port) if port else default_port))
+    return _Parsed(hosts, options)
+
+
+def _as_target(target: RedisTarget | str) -> RedisTarget:
+    return RedisTarget(target) if isinstance(target, str) else target
+
+
+def sync_client(target: RedisTarget | str, **kw) -> redis.Redis | RedisCluster:
+    """A client for ``target`` (a bare URL means standalone). ``decode_responses=False``
+    for bytes (rq)."""
+    target = _as_target(target)
+    kw = {**_OPTIONS, **kw}
+    if target.mode is RedisMode.STANDALONE:
+        return redis.Redis.from_url(target.url, **kw)
+    if target.mode is RedisMode.SENTINEL:
+        p = _parse(target.url, 26379)
+        sentinel = Sentinel(p.hosts, sentinel_kwargs=_SENTINEL_OPTIONS)
+        return sentinel.master_for(target.sentinel_master, **{**p.options, **kw})
+    p = _parse(target.url, 6379)
+    p.options.pop("db", None)  # a Cluster has database 0 only
+    return RedisCluster(startup_nodes=[ClusterNode(h, port) for h, port in p.hosts], **{**p.options, **kw})
+
+
+def async_client(target: RedisTarget | str, **kw) -> aioredis.Redis | AsyncRedisCluster:
+    target = _as_target(target)
+    kw = {**_OPTIONS, **kw}
+    if target.mode is RedisMode.STANDALONE:
+        return aioredis.Redis.from_url(target.url, **kw)
+    if target.mode is RedisMode.SENTINEL:
+        p = _parse(target.url, 26379)
+        sentinel = AsyncSentinel(p.hosts, sentinel_kwargs=_SENTINEL_OPTIONS)
+        return sentinel.master_for(target.sentinel_master, **{**p.options, **kw})
+    p = _parse(target.url, 6379)
+    p.options.pop("db", None)
+    return AsyncRedisCluster(startup_nodes=[AsyncClusterNode(h, port) for h, port in p.hosts],
+                             **{**p.options, **kw})
+
+
+def is_cluster(client) -> bool:
+    return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+# -- sharded pub/sub --------------------------------------------------------------
+
+def subscription_groups(client, channels) -> list[list[str]]:
+    """Channels to read promptly, grouped so that each group can be one subscription
+    read by one loop: all of them on one Redis; one group per hash slot on a Cluster
+    (its client reads each node's subscriptions on a connection of their own and, with
+    several, polls them in turn, a timeout each)."""
+    channels = list(channels)
+    if not is_cluster(client):
+        return [channels] if channels else []
+    groups: dict[int, list[str]] = {}
+    for channel in channels:
+        groups.setdefault(key_slot(channel.encode()), []).append(channel)
+    return list(groups.values())
+
+
+def refresh_topology(client) -> None:
+    """After a subscription lost its node: make a Cluster client read the slot map
+    again (its commands do that by themselves when a node fails; a subscription does
+    not), so the next SSUBSCRIBE goes to whoever serves the slot now."""
+    if isinstance(client, RedisCluster):
+        client.nodes_manager.initialize()
+
+
+async def arefresh_topology(client) -> None:
+    if isinstance(client, AsyncRedisCluster):
+        await client.nodes_manager.initialize()
+
+
+def next_message(pubsub, timeout: float):
+    """The next sharded message (``type == "smessage"``) or None, on any client kind."""
+    if hasattr(pubsub, "get_sharded_message"):
+        return pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=timeout)
+    return pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+
+
+async def anext_message(pubsub, timeout: float):
+    """:func:`next_message` for asyncio clients."""
+    if hasattr(pubsub, "get_sharded_message"):
+        return await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=timeout)
+    return await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)

@@ -2,7 +2,8 @@
 
 Grouped by who receives them:
 
-* API -> worker (through the scheduler's queue): :class:`GenerateRequest`.
+* API -> worker (through the scheduler's queue): :class:`GenerateRequest`; a worker's
+  claim hands each to an engine as :class:`Claimed`.
 * worker -> API (through the API process's reply channel): :class:`TokenEvent`,
   :class:`ErrorEvent`; a worker publishes one JSON list of events per API process
   per engine step.
@@ -33,8 +34,8 @@ class Tier(StrEnum):
 
     @property
     def rank(self) -> int:
-        """Higher is more important."""
-        return {"high": 2, "normal": 1, "low": 0}[self.value]
+        """Higher is more important: members are declared most important first."""
+        return len(Tier) - 1 - list(Tier).index(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,15 @@ class GenerateRequest:
     def seqs(self) -> int:
         """Batch rows it takes (one per choice): what a worker's claim counts."""
         return self.params.n
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A request as a worker's claim hands it to an engine (the queue -> the engines)."""
+
+    request: GenerateRequest
+    attempt: int
+    """1 on the first claim; more after a lease lapsed (resume from the output log)."""
 
 
 @dataclass(slots=True)

@@ -11,9 +11,11 @@ import time
 from collections import defaultdict
 
 from broker import keys, messages
+from broker.connection import next_message, refresh_topology
 from broker.messages import ErrorEvent, TokenEvent, encode_heartbeat
 from gpu_worker.engine import Engine, Outgoing
 from metrics.lifecycle import Claim, WorkerRecorder
+from scheduler import keys as qkeys
 from scheduler.queue import FairQueue
 
 log = logging.getLogger(__name__)
@@ -21,9 +23,11 @@ log = logging.getLogger(__name__)
 
 class Publisher(threading.Thread):
     """Ships each step's events in one pipelined round trip: append to each request's
-    output log (for resume after a crash), then one PUBLISH per API process, then
-    release finished requests' leases; the lifecycle events of claims and releases
-    (``metrics.lifecycle``) ride along in the same round trip."""
+    output log (for resume after a crash), then one SPUBLISH per API process and model
+    (its reply channel is in the model's slot: on a Cluster the events go to the node
+    that holds the log, after it), then release finished requests' leases; the
+    lifecycle events of claims and releases (``metrics.lifecycle``) ride along in the
+    same round trip."""
 
     def __init__(self, client, fq: FairQueue, worker_id: str, on_error, index_ttl_s: float = 5.0,
                  events_maxlen: int = 100_000):
@@ -32,7 +36,6 @@ class Publisher(threading.Thread):
         self.index_ttl_s = index_ttl_s
         self.recorder = WorkerRecorder(worker_id, events_maxlen)
         self.q: queue.Queue[list[Outgoing | Claim] | None] = queue.Queue()
-        self._complete = fq._scripts["complete"]  # noqa: SLF001 - same script, pipelined
         self._on_error = on_error
         self.published = 0
         self.round_trips = 0
@@ -75,23 +78,22 @@ class Publisher(threading.Thread):
         done = []
         for o in batch:  # the KV index first: a follow-up turn must find it once the answer is out
             if isinstance(o, Outgoing) and o.index_ops:
-                self.fq.kv_index(o.model, self.worker_id, o.index_ops, self.index_ttl_s, client=pipe)
+                self.fq.kv_index(o.model, self.worker_id, o.index_ops, self.index_ttl_s, pipe=pipe)
         for o in batch:
             if isinstance(o, Claim):
                 self.recorder.claim(pipe, o)
                 continue
             if isinstance(o.event, TokenEvent):
                 self.recorder.token(o.model, o.event, now)
-                pipe.rpush(keys.output_log(o.model, o.event.request_id), messages.encode(o.event))
+                self.fq.append_log(pipe, o.model, o.event.request_id, messages.encode(o.event))
             if o.event is not None:
                 channels[o.reply_to].append(o.event)
             if o.request_done:
                 done.append(o)
         for channel, events in channels.items():
-            pipe.publish(channel, messages.encode_batch(events))
+            pipe.spublish(channel, messages.encode_batch(events))
         for o in done:
-            self._complete(args=[keys.tag(o.model), self.worker_id, o.request_id,
-                                 self.fq.s.output_log_ttl_s], client=pipe)
+            self.fq.complete(o.model, self.worker_id, o.request_id, pipe=pipe)
             self.recorder.release(pipe, o.model, o.request_id, o.event, now)
         pipe.execute()
         self.published += len(batch)
@@ -101,9 +103,55 @@ class Publisher(threading.Thread):
         self.recorder.round_trip(now, now + elapsed)
 
 
+class Doorbells:
+    """Wakes an idle claimer when work for one of its models arrives.
+
+    One thread per model blocks on that model's doorbells: a BLPOP of the model's bell
+    and of this worker's own (rung for requests reserved for it), which share the
+    model's slot, where one BLPOP over several models' bells would span slots (refused
+    on a Redis Cluster). The threads take rings only while the claimer waits, so a
+    busy worker leaves them to idle ones, and one ring wakes one claim round."""
+
+    BLPOP_S = 0.25
+
+    def __init__(self, fq: FairQueue, worker_id: str, stopping: threading.Event):
+        self.fq, self.worker_id, self.stopping = fq, worker_id, stopping
+        self._rang = threading.Event()
+        self._listening = threading.Event()
+        self._models: set[str] = set()
+        self._threads: dict[str, threading.Thread] = {}
+
+    def wait(self, models, timeout: float) -> bool:
+        """Block until a doorbell of ``models`` rings (True) or ``timeout`` passes. A ring
+        taken while the claimer was busy returns at once."""
+        self._models = set(models)
+        for model in self._models:
+            if model not in self._threads or not self._threads[model].is_alive():
+                self._threads[model] = threading.Thread(target=self._listen, args=(model,), daemon=True,
+                                                        name=f"doorbell-{model}")
+                self._threads[model].start()
+        self._listening.set()
+        try:
+            return self._rang.wait(timeout)
+        finally:
+            self._listening.clear()
+            self._rang.clear()
+
+    def _listen(self, model: str) -> None:
+        while model in self._models and not self.stopping.is_set():
+            if not self._listening.wait(0.5):
+                continue
+            try:
+                if self.fq.wait_for_work(model, self.worker_id, self.BLPOP_S):
+                    self._rang.set()
+            except Exception:  # noqa: BLE001 - Redis blips must not end the thread; the claimer polls too
+                log.debug("doorbell wait for %s failed", model, exc_info=True)
+                self.stopping.wait(0.5)
+
+
 class Claimer(threading.Thread):
     """Claims work whenever an engine has free capacity; sleeps on the models'
-    doorbells (BLPOP) when the queues are empty, so idle workers cost nothing."""
+    doorbells (``Doorbells``) when the queues are empty, so idle workers cost nothing."""
 
     def __init__(self, client, fq: FairQueue, worker_id: str, engines: dict[str, Engine],
                  wake: threading.Event, publisher: Publisher, stopping: threading.Event):
@@ -113,6 +161,7 @@ class Claimer(threading.Thread):
         self.capacity_freed = threading.Event()
         self.paused = threading.Event()
         self.claimed = 0
+        self.bells = Doorbells(fq, worker_id, stopping)
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -124,11 +173,9 @@ class Claimer(threading.Thread):
                 if got:
                     continue
                 if had_room:
-                    # Each ready model's doorbell, and this worker's own (rung for requests
-                    # reserved for it). Models come and go (the model manager loads and
-                    # evicts them), so the list is taken afresh each time.
-                    bells = [b for m in self.engines for b in (keys.doorbell(m), keys.worker_doorbell(m, self.worker_id))]
-                    self.r.blpop(bells, timeout=0.25)
+                    # Models come and go (the model manager loads and evicts them), so the
+                    # list is taken afresh each time.
+                    self.bells.wait(list(self.engines), timeout=0.25)
                 else:
                     self.capacity_freed.wait(0.05)
                     self.capacity_freed.clear()
@@ -197,7 +244,7 @@ class Heartbeat(threading.Thread):
             refresh = getattr(engine, "index_refresh_ops", None)
             if refresh:
                 self.fq.kv_index(model, self.worker_id, refresh(), self.ttl_s)
-            if self.r.set(keys.reaper_lock(model), self.worker_id, nx=True, px=int(self.period_s * 1000)):
+            if self.fq.reap_lock(model, self.worker_id, self.period_s):
                 requeued, failed = self.fq.reap(model)
                 if requeued:
                     log.warning("requeued %d requests of %s from lapsed leases", len(requeued), model)
@@ -211,22 +258,38 @@ class Heartbeat(threading.Thread):
 
 
 class CancelListener(threading.Thread):
+    """Drops cancelled requests at the next step: subscribed (sharded) to the cancel
+    channel of each model this worker holds, which ``lua/cancel.lua`` announces on."""
+
     def __init__(self, client, engines: dict[str, Engine], stopping: threading.Event):
         super().__init__(name="cancels", daemon=True)
         self.r, self.engines, self.stopping = client, engines, stopping
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.r.pubsub()
+            subscribed: set[str] = set()
             try:
-                pubsub.subscribe(keys.CANCEL_CHANNEL)
                 while not self.stopping.is_set():
-                    msg = pubsub.get_message(timeout=0.5)
-                    if msg and msg["type"] == "message":
+                    wanted = {qkeys.cancel_channel(m) for m in list(self.engines)}
+                    if wanted - subscribed:
+                        pubsub.ssubscribe(*(wanted - subscribed))
+                    if subscribed - wanted:
+                        pubsub.sunsubscribe(*(subscribed - wanted))
+                    subscribed = wanted
+                    if not subscribed:
+                        self.stopping.wait(0.5)
+                        continue
+                    msg = next_message(pubsub, timeout=0.5)
+                    if msg and msg["type"] == "smessage":
                         for engine in self.engines.values():
                             engine.abort(msg["data"])
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - lease renewals drop cancelled requests meanwhile
                 log.exception("cancel listener lost its connection; resubscribing")
                 time.sleep(0.5)
+                try:
+                    refresh_topology(self.r)
+                except Exception:  # noqa: BLE001 - still failing over; next round
+                    pass
             finally:
                 pubsub.close()

@@ -115,27 +115,32 @@ class Worker:
         self.device = device
         self._servable: list[str] = []
         self._servable_at = 0.0
-        self.r = sync_client(settings.redis_url)
+        redis = settings.redis  # standalone, sentinel or cluster (broker.connection)
+        self.r = sync_client(redis)
         self.fq = FairQueue(self.r, sched)
         self.stopping = threading.Event()   # stop claiming
         self.halt = threading.Event()       # stop stepping
         self.wake = threading.Event()
         self.started_at = time.time()
-        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_error=lambda e: None,
+        self.publisher = Publisher(sync_client(redis), self.fq, self.id, on_error=lambda e: None,
                                    index_ttl_s=settings.heartbeat_ttl_s, events_maxlen=settings.events_maxlen)
         self.metrics_server = None
-        self.claimer = Claimer(sync_client(settings.redis_url), FairQueue(sync_client(settings.redis_url), sched),
+        self.claimer = Claimer(sync_client(redis), FairQueue(sync_client(redis), sched),
                                self.id, self.engines, self.wake, self.publisher, self.stopping)
-        self.heartbeat = Heartbeat(sync_client(settings.redis_url), self.fq, self.id, self.engines, self.info,
+        self.heartbeat = Heartbeat(sync_client(redis), self.fq, self.id, self.engines, self.info,
                                    settings.heartbeat_s, settings.heartbeat_ttl_s, self.publisher, self.halt)
-        self.cancels = CancelListener(sync_client(settings.redis_url), self.engines, self.halt)
-        self.demand = DemandWatcher(sync_client(settings.redis_url), self.id, self.models, self.servable,
-                                    settings.heartbeat_s, settings.heartbeat_ttl_s, self.stopping)
+        self.cancels = CancelListener(sync_client(redis), self.engines, self.halt)
         self.jobs = None
         if any(self.models.registry[n].modality in JOB_MODALITIES for n in self.servable()):
             from gpu_worker.media.jobs import JobConsumer
 
-            self.jobs = JobConsumer(settings.redis_url, self.id, self.models, self.stopping)
+            if settings.rq_redis is None:
+                log.warning("media jobs are off: rq cannot use the Redis Cluster; set INFERSTACK_RQ_REDIS_URL")
+            else:
+                self.jobs = JobConsumer(settings.rq_redis, sync_client(redis), self.id, self.models, self.stopping)
+        self.demand = DemandWatcher(sync_client(redis), self.id, self.models, self.servable,
+                                    settings.heartbeat_s, settings.heartbeat_ttl_s, self.stopping,
+                                    rq_client=self.jobs.conn if self.jobs else None)
 
     def servable(self) -> list[str]:
         """Models this worker could load (weights and packages here, fits its memory);

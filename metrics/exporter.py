@@ -262,7 +262,7 @@ def main(settings: ExporterSettings | None = None) -> None:
             stop.wait(2.0)
     if store is None:
         return
-    client = sync_client(settings.redis_url)
+    client = sync_client(settings.redis)
     if settings.metrics_port:
         models = Registry.load(settings.models_file).names()
         # The one place the queue depth is exported (see metrics/prom.py).

@@ -24,8 +24,10 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-RANK = {"high": 2, "normal": 1, "low": 0}
-TIERS = ("high", "normal", "low")
+from broker.messages import Tier
+
+TIERS = tuple(t.value for t in Tier)
+RANK = {t.value: t.rank for t in Tier}
 
 
 @dataclass

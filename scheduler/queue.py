@@ -1,8 +1,11 @@
 """What the API and the workers call: admit, claim, extend, complete, reap, cancel.
 
-Each operation is one Lua script (``lua/``), so every state change is atomic and
-every key it touches shares the model's hash tag. ``FairQueue`` wraps a sync client
-(workers, tools, tests); ``AsyncFairQueue`` an asyncio client (the API).
+Each operation is one Lua script (``lua/``), so every state change is atomic. A script
+gets the model's fixed keys as ``KEYS`` (``scheduler.keys``), so it runs on the node
+that holds the model's hash slot, and touches nothing outside it. ``FairQueue`` wraps
+a sync client (workers, tools, tests); ``AsyncFairQueue`` an asyncio client (the API).
+Either client may be a plain Redis, a Sentinel-managed primary or a Redis Cluster
+(``broker.connection``).
 """
 
 from __future__ import annotations
@@ -12,18 +15,22 @@ from importlib import resources
 
 import orjson
 
-from broker import keys, messages
-from broker.messages import GenerateRequest, Tier
+from broker import messages
+from broker.messages import Claimed, GenerateRequest, Tier
+from scheduler import keys
 from scheduler.settings import SchedulerSettings
 
+SCRIPT_NAMES = ("enqueue", "claim", "cancel", "extend", "complete", "reap", "kv_index")
 
-def _script(name: str) -> str:
+
+def _source(name: str) -> str:
     lua = resources.files("scheduler") / "lua"
-    return (lua / "common.lua").read_text() + "\n" + (lua / name).read_text()
+    # "#!lua": Redis 7 then refuses any key outside the slot of the declared KEYS, so a
+    # script that strayed would fail on a single Redis as it would on a Cluster.
+    return "#!lua\n" + keys.lua_prelude() + (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
-SCRIPTS = {name: _script(f"{name}.lua")
-           for name in ("enqueue", "claim", "cancel", "extend", "complete", "reap", "kv_index")}
+SCRIPTS = {name: _source(name) for name in SCRIPT_NAMES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +44,6 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True)
-class Claimed:
-    request: GenerateRequest
-    attempt: int
-    """1 on the first claim; more after a lease lapsed (resume from the output log)."""
-
-
-@dataclass(frozen=True, slots=True)
 class ClaimResult:
     claimed: list[Claimed]
     expired: list[GenerateRequest]
@@ -53,11 +53,11 @@ class ClaimResult:
 def depths(client, models: list[str]) -> dict[str, dict[str, int]]:
     """Requests waiting per model and tier, for several models in one round trip
     (a sync client). The counters are kept by ``lua/common.lua``."""
-    tiers = [t.value for t in Tier]
+    fields = [keys.state_field("waiting_tier", t) for t in Tier]
     pipe = client.pipeline(transaction=False)
     for model in models:
-        pipe.hmget(keys.tier_state(model), [f"len:{t}" for t in tiers])
-    return {model: {t: int(n or 0) for t, n in zip(tiers, lens)} for model, lens in zip(models, pipe.execute())}
+        pipe.hmget(keys.state(model), fields)
+    return {model: {t.value: int(n or 0) for t, n in zip(Tier, lens)} for model, lens in zip(models, pipe.execute())}
 
 
 def _now_arg(now: float | None) -> str:
@@ -67,7 +67,7 @@ def _now_arg(now: float | None) -> str:
 def _enqueue_args(req: GenerateRequest, s: SchedulerSettings, weight: float, timeout_s: float | None,
                   user_cap: int | None, now: float | None):
     return [
-        keys.tag(req.model), req.id, messages.encode(req), req.user, str(req.tier), req.cost, weight,
+        req.id, messages.encode(req), req.user, str(req.tier), req.cost, weight,
         s.default_deadline_s if timeout_s is None else timeout_s, s.max_queue, s.tier_share(req.tier),
         s.max_queue_per_user if user_cap is None else user_cap, _now_arg(now), "1" if s.fairness else "0",
         req.session_key or "", orjson.dumps(req.prefix_hashes), s.affinity_window_s, req.seqs,
@@ -80,77 +80,114 @@ def _admission(res) -> Admission:
     return Admission(False, reason=res[0], retry_after_s=int(res[1]), detail=str(res[2]))
 
 
+class _Scripts:
+    """The scripts registered on one client; ``call`` runs one for a model."""
+
+    def __init__(self, client, names=SCRIPT_NAMES):
+        self._scripts = {name: client.register_script(SCRIPTS[name]) for name in names}
+
+    def call(self, name: str, model: str, args: list, pipe=None):
+        if pipe is not None:
+            # EVAL, not EVALSHA: a node with an empty script cache (restarted, or a replica
+            # that just took over) answers EVALSHA with NOSCRIPT, which a pipeline cannot
+            # retry. Outside pipelines redis-py loads the script and retries by itself.
+            return pipe.eval(SCRIPTS[name], len(keys.FIXED), *keys.fixed(model), *args)
+        return self._scripts[name](keys=keys.fixed(model), args=args)
+
+
 class FairQueue:
     """Synchronous face of the queue (workers, tests, tools)."""
 
     def __init__(self, client, settings: SchedulerSettings):
         self.r = client
         self.s = settings
-        self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
+        self._scripts = _Scripts(client)
 
     def enqueue(self, req: GenerateRequest, *, weight: float = 1.0, timeout_s: float | None = None,
                 user_cap: int | None = None, now: float | None = None) -> Admission:
         """Admit ``req`` (it must start within ``timeout_s``) or say why not."""
-        return _admission(self._scripts["enqueue"](args=_enqueue_args(req, self.s, weight, timeout_s, user_cap, now)))
+        args = _enqueue_args(req, self.s, weight, timeout_s, user_cap, now)
+        return _admission(self._scripts.call("enqueue", req.model, args))
 
     def claim_batch(self, model: str, worker_id: str, n: int, *, now: float | None = None) -> ClaimResult:
         """Atomically take requests for ``model`` in policy order, leased to ``worker_id``,
         until they bring ``n`` sequences (an engine's free rows; see lua/claim.lua)."""
         if n <= 0:
             return ClaimResult([], [])
-        claimed, expired = self._scripts["claim"](
-            args=[keys.tag(model), worker_id, n, self.s.lease_s, self.s.aging_max_wait_s, _now_arg(now)]
-        )
+        claimed, expired = self._scripts.call(
+            "claim", model, [worker_id, n, self.s.lease_s, self.s.aging_max_wait_s, _now_arg(now)])
         return ClaimResult(
             [Claimed(messages.decode(claimed[i + 1]), int(claimed[i + 2])) for i in range(0, len(claimed), 3)],
             [messages.decode(expired[i + 1]) for i in range(0, len(expired), 2)],
         )
 
+    def wait_for_work(self, model: str, worker_id: str, timeout_s: float) -> bool:
+        """Block until the model's doorbell, or this worker's own (a request reserved for
+        it), rings, or ``timeout_s`` passes; True if one rang. Both lists share the
+        model's slot, so one BLPOP waits on them on a Cluster too."""
+        return self.r.blpop([keys.doorbell(model), keys.worker_doorbell(model, worker_id)], timeout=timeout_s) \
+            is not None
+
     def extend_leases(self, model: str, worker_id: str, request_ids: list[str], *, now: float | None = None) -> list[str]:
         """Renew this worker's leases; returns ids it must drop (cancelled or taken over)."""
         if not request_ids:
             return []
-        return list(self._scripts["extend"](args=[keys.tag(model), worker_id, self.s.lease_s, _now_arg(now), *request_ids]))
+        return list(self._scripts.call("extend", model, [worker_id, self.s.lease_s, _now_arg(now), *request_ids]))
 
-    def complete(self, model: str, worker_id: str, request_id: str) -> bool:
-        return bool(self._scripts["complete"](args=[keys.tag(model), worker_id, request_id, self.s.output_log_ttl_s]))
+    def complete(self, model: str, worker_id: str, request_id: str, *, pipe=None):
+        """Release a finished request (lease owner only); True if this worker owned it.
+        With ``pipe``, queued on that pipeline instead."""
+        res = self._scripts.call("complete", model, [worker_id, request_id, self.s.output_log_ttl_s], pipe)
+        return res if pipe is not None else bool(res)
+
+    def reap_lock(self, model: str, worker_id: str, period_s: float) -> bool:
+        """Take this period's turn to reap the model (one worker per period does)."""
+        return bool(self.r.set(keys.reaper_lock(model), worker_id, nx=True, px=int(period_s * 1000)))
 
     def reap(self, model: str, *, now: float | None = None) -> tuple[list[str], list[GenerateRequest]]:
         """Requeue lapsed leases; returns (requeued ids, requests out of attempts)."""
-        requeued, failed = self._scripts["reap"](args=[keys.tag(model), self.s.max_attempts, _now_arg(now)])
+        requeued, failed = self._scripts.call(
+            "reap", model, [self.s.max_attempts, _now_arg(now), self.s.output_log_ttl_s])
         return list(requeued), [messages.decode(failed[i + 1]) for i in range(0, len(failed), 2)]
 
     def cancel(self, model: str, request_id: str) -> str:
-        return self._scripts["cancel"](args=[keys.tag(model), request_id])
+        return self._scripts.call("cancel", model, [request_id])
 
     def kv_index(self, model: str, worker_id: str, ops: list[tuple[str, str, str, int]], ttl_s: float, *,
-                 client=None, now: float | None = None) -> None:
+                 pipe=None, now: float | None = None) -> None:
         """Apply KV-index ops ``(op, kind, key, tokens)`` for this worker (see lua/kv_index.lua)."""
         if ops:
-            args = [keys.tag(model), worker_id, ttl_s, _now_arg(now)] + [x for op in ops for x in op]
-            self._scripts["kv_index"](args=args, client=client)
+            args = [worker_id, ttl_s, _now_arg(now)] + [x for op in ops for x in op]
+            self._scripts.call("kv_index", model, args, pipe)
 
     def depth(self, model: str) -> dict[str, int]:
         return depths(self.r, [model])[model]
+
+    def append_log(self, pipe, model: str, request_id: str, encoded: bytes) -> None:
+        """Queue on ``pipe`` the append of one published event to the request's output log."""
+        pipe.rpush(keys.output_log(model, request_id), encoded)
 
     def output_log(self, model: str, request_id: str) -> list:
         return [messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1)]
 
 
-
-
 class AsyncFairQueue:
-    """asyncio face of the queue, for the API: admission and cancellation."""
+    """asyncio face of the queue, for the API: admission, cancellation, the output log."""
 
     def __init__(self, client, settings: SchedulerSettings):
         self.r = client
         self.s = settings
-        self._scripts = {name: client.register_script(SCRIPTS[name]) for name in ("enqueue", "cancel")}
+        self._scripts = _Scripts(client, ("enqueue", "cancel"))
 
     async def enqueue(self, req: GenerateRequest, *, weight: float = 1.0, timeout_s: float | None = None,
                       user_cap: int | None = None) -> Admission:
         args = _enqueue_args(req, self.s, weight, timeout_s, user_cap, None)
-        return _admission(await self._scripts["enqueue"](args=args))
+        return _admission(await self._scripts.call("enqueue", req.model, args))
 
     async def cancel(self, model: str, request_id: str) -> str:
-        return await self._scripts["cancel"](args=[keys.tag(model), request_id])
+        """Dequeue a waiting request, or flag a running one and announce it to the
+        model's workers (``lua/cancel.lua``)."""
+        return await self._scripts.call("cancel", model, [request_id])
+
+    async def output_log(self, model: str, request_id: str, since: int = 0) -> list:
+        return [messages.decode(x) for x in await self.r.lrange(keys.output_log(model, request_id), since, -1)]

@@ -157,7 +157,7 @@ class TextJob:
         kind, extra = (VisionRequest, {"images": images}) if images else (GenerateRequest, {})
         req = kind(
             id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
-            reply_to=self.state.relay.channel, user=self.identity.user, tier=tier, created_at=time.time(),
+            reply_to=self.state.relay.channel_for(model.spec.name), user=self.identity.user, tier=tier, created_at=time.time(),
             session_key=session_key(self.identity.user, self.session_id or self.body.session_id),
             cache_scope=self.identity.scope, prefix_hashes=prefix_hashes(prompt_ids, self.identity.scope),
             reasoning=reasoning, **extra,

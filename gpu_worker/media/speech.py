@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from broker.messages import AudioChunk, ErrorEvent, SpeechRequest
+from broker.messages import AudioChunk, Claimed, ErrorEvent, SpeechRequest
 from gpu_worker.engine import Emit, Outgoing
 from inferstack.registry import ModelSpec
-from scheduler.queue import Claimed
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
+from broker.messages import Claimed, ErrorEvent, GenerateRequest, TokenEvent
 from broker.prefix import BLOCK
 from gpu_worker.engine import Emit, Outgoing
 from gpu_worker.text.kvstore import KvStore
@@ -20,7 +20,6 @@ from gpu_worker.text.runner import ModelRunner
 from gpu_worker.text.sampler import Sampler
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
-from scheduler.queue import Claimed
 
 log = logging.getLogger(__name__)
 

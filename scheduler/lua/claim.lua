@@ -3,11 +3,11 @@
 -- queueing), move each to in-flight with a lease. The next request in policy order
 -- that would overshoot n ends the claim, unless nothing was claimed yet (so a request
 -- wider than the free room still runs once it is first in line).
--- ARGV: prefix, worker, n, lease_s, aging_max_wait_s, now(optional)
+-- ARGV: worker, n, lease_s, aging_max_wait_s, now(optional)
 -- Returns {claimed, expired}: claimed = flat {rid, payload, attempts, ...},
 -- expired = flat {rid, payload, ...} (deadline passed before start: never run late).
-local worker, n, lease_s, max_wait = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local now = now_s(ARGV[6])
+local worker, n, lease_s, max_wait = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = now_s(ARGV[5])
 local claimed, expired = {}, {}
 local blocked = {}  -- tiers whose candidates are all reserved for other workers
 local SCAN_USERS, SCAN_DEPTH = 16, 4
@@ -28,8 +28,8 @@ local function take(rid, tier, seqs)
   local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
   remove_waiting(rid, tier, f[2])
   local start = num(f[3], 0)
-  if start > num(redis.call("HGET", K_STATE, "v:" .. tier), 0) then
-    redis.call("HSET", K_STATE, "v:" .. tier, tostring(start))
+  if start > num(redis.call("HGET", K_STATE, f_vtime(tier)), 0) then
+    redis.call("HSET", K_STATE, f_vtime(tier), tostring(start))
     -- finish tags the virtual time has passed mean the same as none
     redis.call("ZREMRANGEBYSCORE", k_fin(tier), "-inf", start)
   end
@@ -73,7 +73,7 @@ while taken < n do
     if h and RANK[t] < top_rank and h[2] >= max_wait and h[2] > od_wait then od_tier, od_wait = t, h[2] end
   end
   local rid, best_tier, overdue = nil, nil, false
-  if od_tier and redis.call("HGET", K_STATE, "last_overdue") ~= "1" and eligible(heads[od_tier][1]) then
+  if od_tier and redis.call("HGET", K_STATE, F_LAST_OVERDUE) ~= "1" and eligible(heads[od_tier][1]) then
     best_tier, rid, overdue = od_tier, heads[od_tier][1], true
   else
     for _, t in ipairs(TIERS) do
@@ -93,14 +93,14 @@ while taken < n do
     local seqs = num(redis.call("HGET", k_req(rid), "seqs"), 1)
     full = taken > 0 and taken + seqs > n
     if not full then
-      redis.call("HSET", K_STATE, "last_overdue", overdue and "1" or "0")
+      redis.call("HSET", K_STATE, F_LAST_OVERDUE, overdue and "1" or "0")
       taken = taken + take(rid, best_tier, seqs)
     end
   else
     blocked[best_tier] = true
   end
   if full or taken >= n then
-    backlogged = num(redis.call("HGET", K_STATE, "len"), 0) > 0
+    backlogged = waiting() > 0
     break
   end
 end

@@ -1,9 +1,11 @@
 -- Requeue requests whose lease expired (their worker died or hung), at the head of
 -- their user's queue with their original start tag and enqueue time, so they go next.
--- ARGV: prefix, max_attempts, now(optional)
+-- ARGV: max_attempts, now(optional), log_ttl_s (how long the log of a request that
+-- failed stays readable)
 -- Returns {requeued_rids, failed = flat {rid, payload}} (out of attempts).
-local max_attempts = tonumber(ARGV[2])
-local now = now_s(ARGV[3])
+local max_attempts = tonumber(ARGV[1])
+local now = now_s(ARGV[2])
+local log_ttl = tonumber(ARGV[3])
 local requeued, failed = {}, {}
 local due = redis.call("ZRANGEBYSCORE", K_LEASES, "-inf", now, "LIMIT", 0, 256)
 for _, rid in ipairs(due) do
@@ -13,12 +15,12 @@ for _, rid in ipairs(due) do
   if not f[1] then
     -- already completed
   elseif f[7] == "1" then
-    redis.call("DEL", rk, P .. ":out:" .. rid)
+    redis.call("DEL", rk, k_out(rid))
   elseif num(f[6], 0) >= max_attempts then
     table.insert(failed, rid)
     table.insert(failed, f[1])
     redis.call("DEL", rk)
-    redis.call("EXPIRE", P .. ":out:" .. rid, 60)
+    redis.call("EXPIRE", k_out(rid), log_ttl)
   else
     redis.call("HSET", rk, "state", "queued")
     redis.call("HDEL", rk, "worker")
@@ -26,8 +28,5 @@ for _, rid in ipairs(due) do
     table.insert(requeued, rid)
   end
 end
-if #requeued > 0 then
-  redis.call("LPUSH", K_BELL, "1")
-  redis.call("LTRIM", K_BELL, 0, 63)
-end
+if #requeued > 0 then ring(K_BELL) end
 return {requeued, failed}

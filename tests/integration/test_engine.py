@@ -5,11 +5,10 @@ joining and leaving mid-flight, chunked prefill and row moves, on the tiny model
 import pytest
 import torch
 
-from broker.messages import GenerateRequest, SamplingParams
+from broker.messages import Claimed, GenerateRequest, SamplingParams
 from gpu_worker.text.engine import TextEngine
 from gpu_worker.text.kvcache import cache_kwarg
 from inferstack.registry import Modality, ModelSpec
-from scheduler.queue import Claimed
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from broker import keys
 from broker.messages import GenerateRequest, SamplingParams, Tier
+from scheduler import keys as qkeys
 from scheduler.policy import FairQueueModel
 from scheduler.queue import FairQueue
 from scheduler.settings import SchedulerSettings
@@ -32,8 +32,8 @@ def test_claim_moves_to_in_flight_with_lease(fq, rclient):
     fq.enqueue(req(1), now=100.0)
     res = fq.claim_batch(MODEL, "w1", 4, now=101.0)
     assert ids(res) == ["r1"] and res.claimed[0].attempt == 1
-    assert rclient.zscore(keys.leases(MODEL), "r1") == pytest.approx(106.0)
-    assert rclient.hget(keys.request(MODEL, "r1"), "worker") == "w1"
+    assert rclient.zscore(qkeys.leases(MODEL), "r1") == pytest.approx(106.0)
+    assert rclient.hget(qkeys.request(MODEL, "r1"), "worker") == "w1"
     assert fq.depth(MODEL) == {"high": 0, "normal": 0, "low": 0}
     assert ids(fq.claim_batch(MODEL, "w2", 4, now=101.0)) == []  # nobody claims it twice
 
@@ -72,7 +72,7 @@ def test_cancel_queued_and_running(fq, rclient):
     assert fq.cancel(MODEL, "r2") == "running"
     assert fq.extend_leases(MODEL, "w", ["r2"], now=101.0) == ["r2"]  # the worker learns to drop it
     assert fq.cancel(MODEL, "nope") == "gone"
-    assert rclient.hgetall(keys.user_counts(MODEL)) == {}
+    assert rclient.hgetall(qkeys.user_counts(MODEL)) == {}
 
 
 def test_lapsed_lease_is_requeued_first_and_resumable(fq, rclient):
@@ -96,7 +96,7 @@ def test_out_of_attempts_fails(rclient):
         assert ids(fq.claim_batch(MODEL, "w", 1, now=t)) == ["r1"]
         fq.reap(MODEL, now=t + 1.5)
     assert fq.depth(MODEL)["normal"] == 0
-    assert not rclient.exists(keys.request(MODEL, "r1"))
+    assert not rclient.exists(qkeys.request(MODEL, "r1"))
 
 
 def test_deadline_passed_in_queue_is_expired_not_run(fq):
@@ -121,7 +121,7 @@ def test_backpressure_sheds_lower_tiers_first(rclient):
     assert fq.enqueue(req(70, tier="high"), now=100.0).admitted
     assert fq.enqueue(req(71, tier="high"), now=100.0).admitted
     assert fq.enqueue(req(72, tier="high"), now=100.0).reason == "queue_full"
-    assert not rclient.exists(keys.request(MODEL, "r72"))  # nothing half-enqueued
+    assert not rclient.exists(qkeys.request(MODEL, "r72"))  # nothing half-enqueued
 
 
 def test_per_user_cap(rclient):
@@ -134,7 +134,7 @@ def test_per_user_cap(rclient):
 
 
 def test_estimated_wait_beyond_deadline_is_refused(fq, rclient):
-    rclient.hset(keys.drain(MODEL), mapping={"rate": "10", "t0": "0", "acc": "0"})  # 10 tokens/s
+    rclient.hset(qkeys.drain(MODEL), mapping={"rate": "10", "t0": "0", "acc": "0"})  # 10 tokens/s
     for i in range(5):
         assert fq.enqueue(req(i, user=f"u{i}"), timeout_s=100, now=1.0).admitted  # 20 tokens each
     refused = fq.enqueue(req(9, user="x"), timeout_s=5, now=1.0)  # 100 tokens ahead = 10 s > 5 s
@@ -186,12 +186,12 @@ def test_per_user_state_is_dropped_once_nothing_waits(fq, rclient):
         fq.enqueue(req(i, user=f"user{i}"), now=100.0 + i)
         if i % 10 == 9:
             assert len(ids(fq.claim_batch(MODEL, "w", 10, now=100.0 + i))) == 10
-    user_keys = [k for k in rclient.scan_iter(f"{keys.tag(MODEL)}:*") if "user" in k]
+    user_keys = [k for k in rclient.scan_iter(f"{qkeys.tag(MODEL)}:*") if "user" in k]
     assert user_keys == []
-    state = rclient.hgetall(keys.tier_state(MODEL))
+    state = rclient.hgetall(qkeys.state(MODEL))
     assert not [f for f in state if "user" in f], state
-    assert rclient.hlen(keys.user_counts(MODEL)) == 0
-    assert rclient.zcard(keys.finish_tags(MODEL, "normal")) == 0
+    assert rclient.hlen(qkeys.user_counts(MODEL)) == 0
+    assert rclient.zcard(qkeys.finish_tags(MODEL, "normal")) == 0
 
 
 def test_finish_tags_the_virtual_time_passed_are_compacted_while_busy(fq, rclient):
@@ -201,8 +201,8 @@ def test_finish_tags_the_virtual_time_passed_are_compacted_while_busy(fq, rclien
     for i in range(20):
         fq.enqueue(req(i, user="busy"), now=100.0)
     fq.claim_batch(MODEL, "w", 3, now=101.0)
-    assert rclient.zscore(keys.finish_tags(MODEL, "normal"), "gone") is None
-    assert rclient.zscore(keys.finish_tags(MODEL, "normal"), "busy") is not None
+    assert rclient.zscore(qkeys.finish_tags(MODEL, "normal"), "gone") is None
+    assert rclient.zscore(qkeys.finish_tags(MODEL, "normal"), "busy") is not None
 
 
 def test_the_claimer_fills_an_engine_by_sequences_not_requests(fq):

@@ -103,7 +103,7 @@ def _worker_process(url: str, wid: str, seed: int, out: mp.Queue):
         if not res.claimed:
             idle += 1
             fq.reap(MODEL)
-            client.blpop(["is:{m}:bell"], timeout=0.02)
+            fq.wait_for_work(MODEL, wid, 0.02)
             continue
         idle = 0
         for c in res.claimed:
