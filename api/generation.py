@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from api.errors import OpenAIError
 from api.state import AppState
+from broker.connection import UNAVAILABLE
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from metrics.lifecycle import RequestRecorder
 
@@ -83,7 +84,12 @@ class Generation:
                 raise OpenAIError(504, "The worker stopped sending tokens for this request.",
                                   type="server_error", code="stalled") from None
             if item is None:  # relay reconnected: whatever was missed is in the log
-                for ev in await self._from_log(0):
+                try:
+                    logged = await self._from_log(0)
+                except UNAVAILABLE:  # failing over: look again shortly
+                    asyncio.get_running_loop().call_later(0.5, self._queue.put_nowait, None)
+                    continue
+                for ev in logged:
                     for out in self._accept(ev):
                         yield out
                 continue
@@ -115,7 +121,11 @@ class Generation:
         return await self.state.queue.output_log(self.req.model, self.req.id, since)
 
     async def _deadline_passed(self) -> None:
-        result = await self.state.queue.cancel(self.req.model, self.req.id)
+        try:
+            result = await self.state.queue.cancel(self.req.model, self.req.id)
+        except UNAVAILABLE:  # failing over: ask again shortly (it may have started meanwhile)
+            await asyncio.sleep(0.2)
+            return
         if result == "dequeued":
             self.rec.failed("deadline_exceeded")
             raise OpenAIError(503, f"Request not started within its deadline of {self.deadline_s:g} s; "

@@ -12,7 +12,8 @@ import asyncio
 import logging
 
 from broker import messages
-from broker.connection import RedisTarget, anext_message, arefresh_topology, async_client, subscription_groups
+from broker.connection import (RedisTarget, ainitialize, anext_message, arefresh_topology, async_client,
+                               subscription_groups)
 from scheduler import keys
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class TokenRelay:
         return self.channels[model]
 
     async def start(self) -> None:
+        await ainitialize(self._client)
         groups = subscription_groups(self._client, self.channels.values())
         ready = [asyncio.Event() for _ in groups]
         self._tasks = [asyncio.create_task(self._listen(group, ev), name="token-relay")

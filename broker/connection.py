@@ -28,7 +28,13 @@ from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.cluster import ClusterNode, RedisCluster, key_slot
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 from redis.sentinel import Sentinel
+
+UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError, SlotNotCoveredError)
+"""What a Redis that is unreachable, restarting or failing over raises: a primary gone,
+a Cluster slot without a primary until a replica takes it over, a Sentinel-managed
+client still finding the new primary (redis-py raises ``ConnectionError`` then)."""
 
 _OPTIONS = dict(decode_responses=True, health_check_interval=30)
 _SENTINEL_OPTIONS = dict(socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True)
@@ -84,6 +90,22 @@ def _parse(url: str, default_port: int) -> _Parsed:
     return _Parsed(hosts, options)
 
 
+class _SentinelManaged(redis.Redis):
+    """The client of a Sentinel-managed primary; closing it closes its sentinel links too."""
+
+    def close(self) -> None:
+        super().close()
+        for sentinel in self.connection_pool.sentinel_manager.sentinels:
+            sentinel.close()
+
+
+class _AsyncSentinelManaged(aioredis.Redis):
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in self.connection_pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
 def _as_target(target: RedisTarget | str) -> RedisTarget:
     return RedisTarget(target) if isinstance(target, str) else target
 
@@ -98,7 +120,7 @@ def sync_client(target: RedisTarget | str, **kw) -> redis.Redis | RedisCluster:
     if target.mode is RedisMode.SENTINEL:
         p = _parse(target.url, 26379)
         sentinel = Sentinel(p.hosts, sentinel_kwargs=_SENTINEL_OPTIONS)
-        return sentinel.master_for(target.sentinel_master, **{**p.options, **kw})
+        return sentinel.master_for(target.sentinel_master, redis_class=_SentinelManaged, **{**p.options, **kw})
     p = _parse(target.url, 6379)
     p.options.pop("db", None)  # a Cluster has database 0 only
     return RedisCluster(startup_nodes=[ClusterNode(h, port) for h, port in p.hosts], **{**p.options, **kw})
@@ -112,7 +134,8 @@ def async_client(target: RedisTarget | str, **kw) -> aioredis.Redis | AsyncRedis
     if target.mode is RedisMode.SENTINEL:
         p = _parse(target.url, 26379)
         sentinel = AsyncSentinel(p.hosts, sentinel_kwargs=_SENTINEL_OPTIONS)
-        return sentinel.master_for(target.sentinel_master, **{**p.options, **kw})
+        return sentinel.master_for(target.sentinel_master, redis_class=_AsyncSentinelManaged,
+                                   **{**p.options, **kw})
     p = _parse(target.url, 6379)
     p.options.pop("db", None)
     return AsyncRedisCluster(startup_nodes=[AsyncClusterNode(h, port) for h, port in p.hosts],
@@ -150,6 +173,13 @@ def refresh_topology(client) -> None:
 async def arefresh_topology(client) -> None:
     if isinstance(client, AsyncRedisCluster):
         await client.nodes_manager.initialize()
+
+
+async def ainitialize(client) -> None:
+    """An asyncio Cluster client learns the slot map on its first command; a
+    subscription needs it before that."""
+    if isinstance(client, AsyncRedisCluster):
+        await client.initialize()
 
 
 def next_message(pubsub, timeout: float):

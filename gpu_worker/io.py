@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 
 from broker import keys, messages
-from broker.connection import next_message, refresh_topology
+from broker.connection import UNAVAILABLE, next_message, refresh_topology
 from broker.messages import ErrorEvent, TokenEvent, encode_heartbeat
 from gpu_worker.engine import Engine, Outgoing
 from metrics.lifecycle import Claim, WorkerRecorder
@@ -21,19 +21,39 @@ from scheduler.queue import FairQueue
 log = logging.getLogger(__name__)
 
 
+class _Recorded:
+    """Stands in for a pipeline while a round trip is built: records the calls, so a
+    round trip that failed (a failover) is sent again without doing its bookkeeping
+    (metrics, spans) twice."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: self.calls.append((name, a, kw))
+
+    def replay(self, pipe) -> None:
+        for name, a, kw in self.calls:
+            getattr(pipe, name)(*a, **kw)
+
+
 class Publisher(threading.Thread):
     """Ships each step's events in one pipelined round trip: append to each request's
     output log (for resume after a crash), then one SPUBLISH per API process and model
     (its reply channel is in the model's slot: on a Cluster the events go to the node
     that holds the log, after it), then release finished requests' leases; the
     lifecycle events of claims and releases (``metrics.lifecycle``) ride along in the
-    same round trip."""
+    same round trip.
+
+    While Redis fails over (a replica taking over a primary's slots) a round trip is
+    sent again until it goes through, for up to ``retry_s``: one cut short may have run
+    in part, so some events may be appended twice, which readers drop by offset."""
 
     def __init__(self, client, fq: FairQueue, worker_id: str, on_error, index_ttl_s: float = 5.0,
-                 events_maxlen: int = 100_000):
+                 events_maxlen: int = 100_000, retry_s: float = 30.0):
         super().__init__(name="publisher", daemon=True)
         self.r, self.fq, self.worker_id = client, fq, worker_id
-        self.index_ttl_s = index_ttl_s
+        self.index_ttl_s, self.retry_s = index_ttl_s, retry_s
         self.recorder = WorkerRecorder(worker_id, events_maxlen)
         self.q: queue.Queue[list[Outgoing | Claim] | None] = queue.Queue()
         self._on_error = on_error
@@ -73,7 +93,7 @@ class Publisher(threading.Thread):
     def _ship(self, batch: list[Outgoing | Claim]) -> None:
         started = time.perf_counter()
         now = time.time()
-        pipe = self.r.pipeline(transaction=False)
+        pipe = _Recorded()
         channels: dict[str, list] = defaultdict(list)
         done = []
         for o in batch:  # the KV index first: a follow-up turn must find it once the answer is out
@@ -95,12 +115,28 @@ class Publisher(threading.Thread):
         for o in done:
             self.fq.complete(o.model, self.worker_id, o.request_id, pipe=pipe)
             self.recorder.release(pipe, o.model, o.request_id, o.event, now)
-        pipe.execute()
+        self._send(pipe)
         self.published += len(batch)
         self.round_trips += 1
         elapsed = time.perf_counter() - started
         self.busy_s += elapsed
         self.recorder.round_trip(now, now + elapsed)
+
+
+    def _send(self, recorded: _Recorded) -> None:
+        deadline, pause = time.monotonic() + self.retry_s, 0.05
+        while True:
+            pipe = self.r.pipeline(transaction=False)
+            recorded.replay(pipe)
+            try:
+                pipe.execute()
+                return
+            except UNAVAILABLE:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("publish failed (Redis unavailable); retrying in %.2f s", pause, exc_info=True)
+                time.sleep(pause)
+                pause = min(1.0, pause * 2)
 
 
 class Doorbells:

@@ -91,7 +91,8 @@ class _Scripts:
             # EVAL, not EVALSHA: a node with an empty script cache (restarted, or a replica
             # that just took over) answers EVALSHA with NOSCRIPT, which a pipeline cannot
             # retry. Outside pipelines redis-py loads the script and retries by itself.
-            return pipe.eval(SCRIPTS[name], len(keys.FIXED), *keys.fixed(model), *args)
+            # (execute_command: a Cluster pipeline blocks its eval() method, not EVAL.)
+            return pipe.execute_command("EVAL", SCRIPTS[name], len(keys.FIXED), *keys.fixed(model), *args)
         return self._scripts[name](keys=keys.fixed(model), args=args)
 
 

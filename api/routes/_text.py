@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -27,6 +28,7 @@ from api.workers import check_servable
 from broker.messages import GenerateRequest, SamplingParams, TokenEvent, VisionRequest
 from broker.prefix import prefix_hashes
 
+log = logging.getLogger(__name__)
 _background: set[asyncio.Task] = set()
 B = TypeVar("B", bound=_Sampling)
 
@@ -157,7 +159,8 @@ class TextJob:
         kind, extra = (VisionRequest, {"images": images}) if images else (GenerateRequest, {})
         req = kind(
             id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
-            reply_to=self.state.relay.channel_for(model.spec.name), user=self.identity.user, tier=tier, created_at=time.time(),
+            reply_to=self.state.relay.channel_for(model.spec.name), user=self.identity.user, tier=tier,
+            created_at=time.time(),
             session_key=session_key(self.identity.user, self.session_id or self.body.session_id),
             cache_scope=self.identity.scope, prefix_hashes=prefix_hashes(prompt_ids, self.identity.scope),
             reasoning=reasoning, **extra,
@@ -237,6 +240,11 @@ async def stream(request: Request, job: TextJob, render: Callable[[int, TokenEve
             except OpenAIError as exc:  # failed mid-stream: the status line is long gone
                 yield sse_data(exc.body())
                 complete = True
+                return
+            except Exception:  # noqa: BLE001 - never end a stream silently, whatever went wrong
+                log.exception("stream of %s failed", [g.req.id for g in job.gens])
+                yield sse_data(OpenAIError(500, "The stream failed on the server; retry the request.",
+                                           type="server_error", code="stream_failed").body())
                 return
             for chunk in finish():
                 yield sse_data(chunk)

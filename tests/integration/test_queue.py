@@ -20,6 +20,12 @@ def req(i, user="a", tier="normal", prompt=10, max_tokens=10, n=1):
 
 
 @pytest.fixture
+def rclient(topology_client):
+    """Every test here runs on a plain Redis and on a Redis Cluster."""
+    return topology_client
+
+
+@pytest.fixture
 def fq(rclient):
     return FairQueue(rclient, SchedulerSettings(lease_s=5, max_queue=100, max_queue_per_user=50))
 

@@ -1,0 +1,91 @@
+"""The queue on a real Redis Cluster, with two models whose hash slots sit on different
+primaries: every script runs on the model's node and writes only there, an idle
+worker wakes for either model, cancellations reach the workers of either model."""
+
+import threading
+
+import pytest
+
+from broker.connection import sync_client
+from broker.messages import GenerateRequest, SamplingParams
+from gpu_worker.io import CancelListener, Doorbells
+from scheduler import keys as qkeys
+from scheduler.queue import FairQueue
+from scheduler.settings import SchedulerSettings
+
+MODELS = ("m", "c")
+"""Their hash tags fall in different thirds of the slot space: different primaries."""
+
+
+def req(i, model):
+    return GenerateRequest(id=f"{model}-r{i}", model=model, prompt_token_ids=[1] * 5,
+                           params=SamplingParams(max_tokens=5), reply_to=qkeys.reply_channel(model, "api"), user="u")
+
+
+@pytest.fixture
+def fq(cluster_target):
+    client = sync_client(cluster_target)
+    yield FairQueue(client, SchedulerSettings(lease_s=5, max_attempts=2))
+    client.close()
+
+
+def test_two_models_on_two_primaries_each_keeps_its_keys_on_its_own(fq, redis_cluster):
+    homes = {m: redis_cluster.primary_of(qkeys.state(m)) for m in MODELS}
+    assert len(set(homes.values())) == 2
+    for model in MODELS:
+        for i in range(4):
+            assert fq.enqueue(req(i, model), now=100.0).admitted
+        claimed = [c.request.id for c in fq.claim_batch(model, "w", 3, now=100.0).claimed]
+        assert claimed == [f"{model}-r{i}" for i in range(3)]
+        assert fq.extend_leases(model, "w", claimed, now=101.0) == []
+        fq.kv_index(model, "w", [("put", "s", "sess", 10)], ttl_s=30, now=101.0)
+        assert fq.complete(model, "w", claimed[0])
+        assert fq.cancel(model, claimed[1]) == "running"
+        assert fq.cancel(model, f"{model}-r3") == "dequeued"
+        assert fq.reap(model, now=200.0) == ([f"{model}-r2"], [])  # r1 was cancelled: dropped
+        assert fq.depth(model)["normal"] == 1
+    for model, home in homes.items():  # everything a script wrote is on the model's primary
+        written = redis_cluster.nodes[home].client().keys(f"{qkeys.tag(model)}:*")
+        assert qkeys.state(model) in written and qkeys.kv_session(model, "sess") in written
+        slots = {redis_cluster.keyslot(k) for k in written}
+        assert slots == {redis_cluster.keyslot(qkeys.state(model))}
+
+
+def test_an_idle_worker_wakes_for_either_model(fq):
+    """One BLPOP cannot span both models' doorbells on a Cluster (two slots): the
+    worker waits on each model's own, and a ring on either wakes it."""
+    bells = Doorbells(fq, "w", threading.Event())
+    assert not bells.wait(MODELS, timeout=0.3)  # nothing rang
+    for model in MODELS:
+        timer = threading.Timer(0.2, fq.enqueue, args=(req(9, model),))
+        timer.start()
+        assert bells.wait(MODELS, timeout=30), f"no wake-up for {model}"
+        timer.join()
+
+
+def test_cancellations_reach_the_workers_of_either_model(fq, cluster_target):
+    class Engine:
+        def __init__(self):
+            self.aborted = threading.Event()
+
+        def abort(self, rid):
+            self.aborted.set()
+
+    engines = {m: Engine() for m in MODELS}
+    stopping = threading.Event()
+    listener = CancelListener(sync_client(cluster_target), engines, stopping)
+    listener.start()
+    try:
+        for model in MODELS:
+            fq.enqueue(req(1, model))
+            fq.claim_batch(model, "w", 1)
+        for model in MODELS:
+            # the listener may still be subscribing: announce again until it hears one
+            for _ in range(100):
+                assert fq.cancel(model, f"{model}-r1") == "running"
+                if engines[model].aborted.wait(0.2):
+                    break
+            assert engines[model].aborted.is_set(), f"the cancel of {model}'s request never arrived"
+    finally:
+        stopping.set()
+        listener.join(5)
