@@ -26,6 +26,10 @@ REFUSALS = {
 
 
 class Generation:
+    GONE_GRACE_S = 2.0
+    """How long a request the queue no longer knows, past its deadline and with nothing
+    logged, may still send its error event before the API ends it itself."""
+
     def __init__(self, state: AppState, req: GenerateRequest, *, weight: float = 1.0,
                  deadline_s: float | None = None, user_cap: int | None = None):
         self.state = state
@@ -39,6 +43,7 @@ class Generation:
         self._next: dict[int, int] = {}
         self._finished: set[int] = set()
         self._closed = False
+        self._gone_since: float | None = None
         self.rec = RequestRecorder(state.events, req)  # lifecycle events, Prometheus, trace span
 
     @property
@@ -123,16 +128,31 @@ class Generation:
     async def _deadline_passed(self) -> None:
         try:
             result = await self.state.queue.cancel(self.req.model, self.req.id)
+            never_logged = result == "gone" and not await self._from_log(0)
         except UNAVAILABLE:  # failing over: ask again shortly (it may have started meanwhile)
             await asyncio.sleep(0.2)
             return
         if result == "dequeued":
-            self.rec.failed("deadline_exceeded")
-            raise OpenAIError(503, f"Request not started within its deadline of {self.deadline_s:g} s; "
-                              "the model is overloaded. Retry later.", type="server_error",
-                              code="deadline_exceeded", headers={"Retry-After": "1"})
+            raise self._not_started()
+        if never_logged:
+            # The queue no longer knows it and it never produced a token: its error event
+            # (deadline passed at claim, out of attempts) is on its way, or the request
+            # was lost with a primary that failed over before replicating it. Give the
+            # former a moment; then say so rather than wait for what will not come.
+            now = time.monotonic()
+            self._gone_since = self._gone_since or now
+            if now - self._gone_since < self.GONE_GRACE_S:
+                await asyncio.sleep(0.2)
+                return
+            raise self._not_started()
         # running: it started just now; gone: it finished or a worker reported it. Keep reading.
         self.first_event_at = self.first_event_at or time.monotonic()
+
+    def _not_started(self) -> OpenAIError:
+        self.rec.failed("deadline_exceeded")
+        return OpenAIError(503, f"Request not started within its deadline of {self.deadline_s:g} s; "
+                           "the model is overloaded. Retry later.", type="server_error",
+                           code="deadline_exceeded", headers={"Retry-After": "1"})
 
     async def cancel(self) -> None:
         """The client went away: dequeue it, or stop it at its worker's next step."""

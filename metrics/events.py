@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from broker import keys
+from broker.connection import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,10 @@ class EventSink:
             if stop:
                 return
 
-    async def _write(self, batch: list[LifecycleEvent]) -> None:
-        for attempt in range(2):
+    async def _write(self, batch: list[LifecycleEvent], retry_s: float = 30.0) -> None:
+        """One round trip, sent again while Redis fails over (for up to ``retry_s``)."""
+        deadline, pause = time.monotonic() + retry_s, 0.05
+        while True:
             try:
                 pipe = self.r.pipeline(transaction=False)
                 for ev in batch:
@@ -140,9 +143,14 @@ class EventSink:
                 await pipe.execute()
                 self.written += len(batch)
                 return
+            except UNAVAILABLE:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
             except Exception:  # noqa: BLE001 - metrics are best effort; requests go on
-                if attempt == 0:
-                    await asyncio.sleep(0.5)
+                log.exception("lifecycle events refused")
+                break
         self.dropped += len(batch)
         log.warning("dropped %d lifecycle events: Redis did not take them (%d dropped so far)",
                     len(batch), self.dropped)

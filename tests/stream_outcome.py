@@ -1,10 +1,12 @@
 """How a streamed chat completion ended, for tests that break things under streams:
-``done`` (``[DONE]`` after the choice finished), ``error`` (an error event),
-``refused`` (an HTTP error before the stream), ``hung`` (the client gave up waiting)
-or ``cut`` (the stream stopped with neither: what must never happen)."""
+``done`` (``[DONE]`` after the choice finished), ``error`` (an error event, or an
+OpenAI-shaped error response once admitted: the deadline passed before it started),
+``refused`` (429: never admitted), ``hung`` (the client gave up waiting) or ``cut``
+(the stream stopped with neither: what must never happen)."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -23,8 +25,9 @@ def chat(url: str, model: str, max_tokens: int, out: dict, started: threading.Ev
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout, headers=headers) as r:
             out["status"] = r.status_code
             if r.status_code != 200:
-                out["end"] = "refused"
-                out["body"] = r.read()
+                out["body"] = json.loads(r.read())
+                out["end"] = "refused" if r.status_code == 429 else "error"
+                assert set(out["body"]["error"]) >= {"message", "type", "param", "code"}, out["body"]
                 return out["end"]
             for line in r.iter_lines():
                 read_events([line], into=events)
