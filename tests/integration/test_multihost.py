@@ -52,6 +52,8 @@ class Processes:
             "INFERSTACK_CHDB_PATH": str(tmp / "chdb"), "INFERSTACK_EXPORTER_FLUSH_S": "0.2",
             "INFERSTACK_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1",  # three workers share two cores
         }
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
         self.procs: list[subprocess.Popen] = []
         self.exporter = self._spawn("exporter")
         self.workers = [self._spawn("worker") for _ in range(3)]
@@ -62,7 +64,9 @@ class Processes:
             self.api_urls.append(f"http://127.0.0.1:{port}")
 
     def _spawn(self, what: str, **env) -> subprocess.Popen:
-        proc = spawn_owned([sys.executable, "-m", "inferstack.cli", what], env={**self.env, **env})
+        with open(self.logs / f"{len(self.procs)}-{what}.log", "wb") as log:  # read them when it fails
+            proc = spawn_owned([sys.executable, "-m", "inferstack.cli", what], env={**self.env, **env},
+                               stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
