@@ -106,40 +106,43 @@ class _AsyncSentinelManaged(aioredis.Redis):
             await sentinel.aclose()
 
 
-def _as_target(target: RedisTarget | str) -> RedisTarget:
-    return RedisTarget(target) if isinstance(target, str) else target
+@dataclass(frozen=True)
+class _Kind:
+    """The redis-py classes of one flavour (sync or asyncio) for each mode."""
+
+    plain: type
+    sentinel: type
+    sentinel_managed: type
+    cluster: type
+    cluster_node: type
+
+
+_SYNC = _Kind(redis.Redis, Sentinel, _SentinelManaged, RedisCluster, ClusterNode)
+_ASYNC = _Kind(aioredis.Redis, AsyncSentinel, _AsyncSentinelManaged, AsyncRedisCluster, AsyncClusterNode)
+
+
+def _client(kind: _Kind, target: RedisTarget | str, kw: dict):
+    target = RedisTarget(target) if isinstance(target, str) else target
+    kw = {**_OPTIONS, **kw}
+    if target.mode is RedisMode.STANDALONE:
+        return kind.plain.from_url(target.url, **kw)
+    if target.mode is RedisMode.SENTINEL:
+        p = _parse(target.url, 26379)
+        sentinel = kind.sentinel(p.hosts, sentinel_kwargs=_SENTINEL_OPTIONS)
+        return sentinel.master_for(target.sentinel_master, redis_class=kind.sentinel_managed, **{**p.options, **kw})
+    p = _parse(target.url, 6379)
+    p.options.pop("db", None)  # a Cluster has database 0 only
+    return kind.cluster(startup_nodes=[kind.cluster_node(h, port) for h, port in p.hosts], **{**p.options, **kw})
 
 
 def sync_client(target: RedisTarget | str, **kw) -> redis.Redis | RedisCluster:
     """A client for ``target`` (a bare URL means standalone). ``decode_responses=False``
     for bytes (rq)."""
-    target = _as_target(target)
-    kw = {**_OPTIONS, **kw}
-    if target.mode is RedisMode.STANDALONE:
-        return redis.Redis.from_url(target.url, **kw)
-    if target.mode is RedisMode.SENTINEL:
-        p = _parse(target.url, 26379)
-        sentinel = Sentinel(p.hosts, sentinel_kwargs=_SENTINEL_OPTIONS)
-        return sentinel.master_for(target.sentinel_master, redis_class=_SentinelManaged, **{**p.options, **kw})
-    p = _parse(target.url, 6379)
-    p.options.pop("db", None)  # a Cluster has database 0 only
-    return RedisCluster(startup_nodes=[ClusterNode(h, port) for h, port in p.hosts], **{**p.options, **kw})
+    return _client(_SYNC, target, kw)
 
 
 def async_client(target: RedisTarget | str, **kw) -> aioredis.Redis | AsyncRedisCluster:
-    target = _as_target(target)
-    kw = {**_OPTIONS, **kw}
-    if target.mode is RedisMode.STANDALONE:
-        return aioredis.Redis.from_url(target.url, **kw)
-    if target.mode is RedisMode.SENTINEL:
-        p = _parse(target.url, 26379)
-        sentinel = AsyncSentinel(p.hosts, sentinel_kwargs=_SENTINEL_OPTIONS)
-        return sentinel.master_for(target.sentinel_master, redis_class=_AsyncSentinelManaged,
-                                   **{**p.options, **kw})
-    p = _parse(target.url, 6379)
-    p.options.pop("db", None)
-    return AsyncRedisCluster(startup_nodes=[AsyncClusterNode(h, port) for h, port in p.hosts],
-                             **{**p.options, **kw})
+    return _client(_ASYNC, target, kw)
 
 
 def is_cluster(client) -> bool:

@@ -7,23 +7,14 @@ silently."""
 
 import threading
 
-import pytest
 from openai import OpenAI
 
 from scheduler import keys as qkeys
 from tests.stack import Stack
 from tests.stream_outcome import chat
+from tests.tiny import TWO_SLOTS
 
-MODELS = ("tiny", "tiny-2")
-"""Two names for the tiny model whose hash slots sit on different primaries."""
-
-
-@pytest.fixture
-def two_models(tmp_path, tiny_model_dir):
-    path = tmp_path / "models.toml"
-    path.write_text("".join(f'[models."{m}"]\nmodality = "text"\npath = "{tiny_model_dir}"\nmax_batch = 8\n\n'
-                            for m in MODELS))
-    return path
+MODELS = TWO_SLOTS  # the tiny model under two names, on different primaries
 
 
 def test_streams_of_two_models_on_two_primaries(redis_cluster, cluster_target, two_models, tmp_path):

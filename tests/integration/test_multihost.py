@@ -27,15 +27,15 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from inferstack.procs import spawn_owned
 from inferstack.redis_server import free_port
 from metrics.store import ChdbStore
 from scheduler import keys as qkeys
 from tests.stream_outcome import chat
+from tests.tiny import TWO_SLOTS
 
-MODELS = ("tiny", "tiny-2")
+MODELS = TWO_SLOTS  # the tiny model under two names, on different primaries
 MAX_TOKENS = 48
 DEADLINE_S = 20
 CLIENTS = 6
@@ -138,14 +138,6 @@ def wait_until(what: str, check, timeout: float = 60) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
-
-
-@pytest.fixture
-def two_models(tmp_path, tiny_model_dir):
-    path = tmp_path / "models.toml"
-    path.write_text("".join(f'[models."{m}"]\nmodality = "text"\npath = "{tiny_model_dir}"\nmax_batch = 8\n\n'
-                            for m in MODELS))
-    return path
 
 
 def test_three_apis_three_workers_a_killed_worker_and_two_failovers(redis_cluster, cluster_target, two_models,
