@@ -122,7 +122,6 @@ class Publisher(threading.Thread):
         self.busy_s += elapsed
         self.recorder.round_trip(now, now + elapsed)
 
-
     def _send(self, recorded: _Recorded) -> None:
         deadline, pause = time.monotonic() + self.retry_s, 0.05
         while True:

@@ -183,6 +183,14 @@ class TextEngine:
 
     def _admit(self, claimed: Claimed, log_events: list[TokenEvent], out: list[Outgoing]) -> None:
         req = claimed.request
+        stale = self._requests.pop(req.id, None)
+        if stale is not None:
+            # Claimed again while still held here: its lease lapsed (Redis was failing over)
+            # and came back to this worker. The new claim owns it now and resumes from the
+            # log; the old copy leaves without a release, which would end the new claim.
+            for seq in stale.seqs:
+                self._release_restore(seq)
+                self.planner.retire(seq)
         limit = self.context_length
         if len(req.prompt_token_ids) >= limit:
             out.append(Outgoing(self.model, req.reply_to, req.id, ErrorEvent(
