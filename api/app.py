@@ -20,7 +20,7 @@ from api.routes._text import key_gate
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.settings import ApiSettings
 from api.state import AppState
-from broker.connection import async_client
+from broker.connection import acheck_server, async_client
 from inferstack import __version__
 from inferstack.registry import Modality, Registry
 from metrics import prom, tracing
@@ -38,6 +38,7 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         redis = async_client(settings.redis)
+        await acheck_server(redis)
         registry = Registry.load(settings.models_file)
         relay = TokenRelay(settings.redis, settings.instance_id, registry.names())
         await relay.start()

@@ -145,6 +145,38 @@ def async_client(target: RedisTarget | str, **kw) -> aioredis.Redis | AsyncRedis
     return _client(_ASYNC, target, kw)
 
 
+MIN_VERSION = (7, 0)
+"""Sharded pub/sub (``SPUBLISH``) and script flags (``#!lua``) arrived in Redis 7.0."""
+
+
+def _too_old(info: dict) -> str | None:
+    version = str(info.get("redis_version", "0"))
+    if tuple(int(x) for x in version.split(".")[:2]) < MIN_VERSION:
+        return (f"Redis {version} is too old: Inference Stack needs Redis {'.'.join(map(str, MIN_VERSION))} or "
+                "later (sharded pub/sub, script flags); upgrade redis-server")
+    return None
+
+
+def check_server(client) -> None:
+    """Refuse a Redis older than 7.0 with a message that says so. One that does not
+    answer yet is not refused here: the components wait for it."""
+    try:
+        problem = _too_old(client.info("server"))
+    except UNAVAILABLE:
+        return
+    if problem:
+        raise RuntimeError(problem)
+
+
+async def acheck_server(client) -> None:
+    try:
+        problem = _too_old(await client.info("server"))
+    except UNAVAILABLE:
+        return
+    if problem:
+        raise RuntimeError(problem)
+
+
 def is_cluster(client) -> bool:
     return isinstance(client, (RedisCluster, AsyncRedisCluster))
 

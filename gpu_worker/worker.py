@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from broker import keys
-from broker.connection import sync_client
+from broker.connection import check_server, sync_client
 from gpu_worker.demand import JOB_MODALITIES, DemandWatcher
 from gpu_worker.engine import Engine
 from gpu_worker.io import CancelListener, Claimer, Heartbeat, Publisher
@@ -192,6 +192,7 @@ class Worker:
             log.info("worker %s: Prometheus metrics on %s:%d/metrics", self.id, self.s.metrics_host,
                      self.s.metrics_port)
         step_seconds = prom.worker_metrics().step
+        check_server(self.r)
         for t in (self.publisher, self.heartbeat, self.cancels):
             t.start()
         self.heartbeat.beat()  # visible (and /ready) before the first claim

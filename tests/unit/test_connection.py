@@ -45,3 +45,20 @@ def test_the_media_jobs_redis_is_never_a_cluster():
     assert own.rq_redis == RedisTarget("redis://s:26379", RedisMode.SENTINEL, "media")
     with pytest.raises(ValidationError, match="rq does not support Redis Cluster"):
         CommonSettings(rq_redis_url="redis://n1", rq_redis_mode="cluster")
+
+
+def test_a_redis_older_than_7_is_refused_with_what_to_do():
+    from broker.connection import check_server
+
+    class Old:
+        def info(self, section):
+            return {"redis_version": "6.2.14"}
+
+    with pytest.raises(RuntimeError, match="Redis 6.2.14 is too old.*7.0 or later.*upgrade redis-server"):
+        check_server(Old())
+
+    class Down:
+        def info(self, section):
+            raise redis.ConnectionError("refused")
+
+    check_server(Down())  # not known yet: the components wait for it
