@@ -39,6 +39,11 @@ class TextModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        eos = self.tokenizer.eos_token_id
+        return frozenset() if eos is None else frozenset([eos])
+
 
 class Catalog:
     def __init__(self, registry: Registry, cache_dir: Path, offload: Offload):

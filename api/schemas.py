@@ -51,7 +51,7 @@ class _Sampling(_Body):
     # extensions (vLLM names)
     top_k: int = Field(0, ge=-1, le=INT64_MAX)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    repetition_penalty: float = Field(1.0, ge=0.1, le=2.0)  # below, logits / penalty overflows
     ignore_eos: bool = False
     min_tokens: Count = 0
     stop_token_ids: list[TokenId] | None = None

@@ -20,9 +20,24 @@ class Outgoing:
     """All choices of the request are finished: release its lease."""
     index_ops: list[tuple[str, str, str, int]] | None = None
     """KV-index changes (op, kind, key, tokens) to write before the events go out."""
+    requeue: str | None = None
+    """Hand the request back to the queue instead of releasing it (``lua/requeue.lua``),
+    after its events: ``preempted`` (its rows went to another request; not a failed
+    attempt) or ``failed`` (the engine step failed; ``event``, an ErrorEvent, reaches
+    the client only once the request is out of attempts)."""
+    reason: str = ""
+    """Why it was preempted: ``tier`` or ``share``."""
 
 
 Emit = Callable[[list[Outgoing]], None]
+
+
+def handed_back(model: str, requests: list, message: str) -> list[Outgoing]:
+    """What an engine emits for the requests it held when its step failed: each goes
+    back to the queue, or fails with ``message`` once it is out of attempts."""
+    return [Outgoing(model, r.reply_to, r.id, ErrorEvent(
+        r.id, f"the worker failed while serving it: {message}", type="server_error", code="engine_error",
+        status=500), requeue="failed") for r in requests]
 
 
 class Engine(Protocol):
@@ -47,8 +62,10 @@ class Engine(Protocol):
     def request_ids(self) -> list[str]:
         """Requests this engine holds (their leases are extended by the heartbeat)."""
 
-    def fail_all(self, message: str, emit: Emit) -> None:
-        """A step raised: report every held request as failed and start clean."""
+    def requeue_all(self, message: str, emit: Emit) -> None:
+        """A step raised (out of memory, a device error): start clean, handing every
+        held request back to the queue (``Outgoing.requeue = "failed"``, with an
+        ErrorEvent saying ``message`` for when it is out of attempts)."""
 
     def gauges(self) -> dict[str, float]:
         """For /metrics, read from another thread: ``batch_size`` (sequences running)

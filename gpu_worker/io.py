@@ -43,7 +43,8 @@ class Publisher(threading.Thread):
     (its reply channel is in the model's slot: on a Cluster the events go to the node
     that holds the log, after it), then release finished requests' leases; the
     lifecycle events of claims and releases (``metrics.lifecycle``) ride along in the
-    same round trip.
+    same round trip. Requests handed back to the queue (preempted, or held by a failed
+    step) follow in a second round trip, after their last tokens are in their logs.
 
     While Redis fails over (a replica taking over a primary's slots) a round trip is
     sent again until it goes through, for up to ``retry_s``: one cut short may have run
@@ -95,13 +96,16 @@ class Publisher(threading.Thread):
         now = time.time()
         pipe = _Recorded()
         channels: dict[str, list] = defaultdict(list)
-        done = []
+        done, requeue = [], []
         for o in batch:  # the KV index first: a follow-up turn must find it once the answer is out
             if isinstance(o, Outgoing) and o.index_ops:
                 self.fq.kv_index(o.model, self.worker_id, o.index_ops, self.index_ttl_s, pipe=pipe)
         for o in batch:
             if isinstance(o, Claim):
                 self.recorder.claim(pipe, o)
+                continue
+            if o.requeue:
+                requeue.append(o)
                 continue
             if isinstance(o.event, TokenEvent):
                 self.recorder.token(o.model, o.event, now)
@@ -116,6 +120,8 @@ class Publisher(threading.Thread):
             self.fq.complete(o.model, self.worker_id, o.request_id, pipe=pipe)
             self.recorder.release(pipe, o.model, o.request_id, o.event, now)
         self._send(pipe)
+        if requeue:
+            self._requeue(requeue, now)
         self.published += len(batch)
         self.round_trips += 1
         elapsed = time.perf_counter() - started
@@ -136,6 +142,22 @@ class Publisher(threading.Thread):
                 log.warning("publish failed (Redis unavailable); retrying in %.2f s", pause, exc_info=True)
                 time.sleep(pause)
                 pause = min(1.0, pause * 2)
+
+    def _requeue(self, batch: list[Outgoing], now: float) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for o in batch:
+            self.fq.requeue(o.model, self.worker_id, o.request_id, o.requeue, pipe=pipe, now=now)
+        answers = pipe.execute()
+        pipe = self.r.pipeline(transaction=False)
+        for o, answer in zip(batch, answers):
+            if answer == "failed":  # out of attempts: the client gets the error now
+                pipe.spublish(o.reply_to, messages.encode_batch([o.event]))
+                self.recorder.release(pipe, o.model, o.request_id, o.event, now)
+            elif answer == "requeued":
+                self.recorder.requeued(pipe, o.model, o.request_id, o.requeue, o.reason, now)
+            else:  # cancelled meanwhile, or no longer ours
+                self.recorder.release(pipe, o.model, o.request_id, None, now)
+        pipe.execute()
 
 
 class Doorbells:
@@ -186,7 +208,9 @@ class Doorbells:
 
 class Claimer(threading.Thread):
     """Claims work whenever an engine has free capacity; sleeps on the models'
-    doorbells (``Doorbells``) when the queues are empty, so idle workers cost nothing."""
+    doorbells (``Doorbells``) when the queues are empty, so idle workers cost nothing.
+    While an engine is full it looks, once per step, for waiting requests that may
+    preempt part of its batch (``FairQueue.claim_preempting``)."""
 
     def __init__(self, client, fq: FairQueue, worker_id: str, engines: dict[str, Engine],
                  wake: threading.Event, publisher: Publisher, stopping: threading.Event):
@@ -197,10 +221,18 @@ class Claimer(threading.Thread):
         self.paused = threading.Event()
         self.claimed = 0
         self.bells = Doorbells(fq, worker_id, stopping)
+        self._hold_until = 0.0
+        self._looked: dict[str, int] = {}
+        """Model -> the engine step at which it last looked for preempting requests."""
+
+    def back_off(self, seconds: float) -> None:
+        """Claim nothing for a while (this worker's step just failed: let healthy
+        workers take the requests it handed back first)."""
+        self._hold_until = time.monotonic() + seconds
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            if self.paused.is_set():
+            if self.paused.is_set() or time.monotonic() < self._hold_until:
                 time.sleep(0.05)
                 continue
             try:
@@ -222,13 +254,20 @@ class Claimer(threading.Thread):
         got, had_room = 0, False
         for model, engine in self.engines.items():
             n = engine.capacity()
-            if n <= 0:
+            if n > 0:
+                had_room = True
+                res = self.fq.claim_batch(model, self.worker_id, n)
+            elif self.fq.s.preemption and hasattr(engine, "batch_view") and self._looked.get(model) != engine.steps:
+                self._looked[model] = engine.steps  # one look per step: the batch changes no faster
+                batch = engine.batch_view()
+                if not any(r.steps >= self.fq.s.preempt_min_run_steps for r in batch.running):
+                    continue
+                res = self.fq.claim_preempting(model, self.worker_id, batch)
+            else:
                 continue
-            had_room = True
-            res = self.fq.claim_batch(model, self.worker_id, n)
             if res.claimed:  # noted before the engine sees them, so before any of their tokens
                 held, now = len(engine.request_ids()) + len(res.claimed), time.time()
-                self.publisher.submit([Claim(model, c.request, c.attempt, held, now) for c in res.claimed])
+                self.publisher.submit([Claim(model, c, held, now) for c in res.claimed])
             for c in res.claimed:
                 log_events = self.fq.output_log(model, c.request.id) if c.attempt > 1 else []
                 engine.add(c, log_events)

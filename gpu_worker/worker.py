@@ -174,6 +174,7 @@ class Worker:
             "model_capacity_bytes": self.models.capacity_bytes(),
             "running": {m: len(e.request_ids()) for m, e in self.engines.items()},
             "tokens_generated": sum(getattr(e, "tokens_generated", 0) for e in self.engines.values()),
+            "preemptions": sum(getattr(e, "preemptions", 0) for e in self.engines.values()),
             "publish_busy_s": round(self.publisher.busy_s, 6),
             "publish_round_trips": self.publisher.round_trips,
             "events_published": self.publisher.published,
@@ -213,9 +214,10 @@ class Worker:
                         try:
                             with step_seconds.labels(model).time():
                                 engine.step(self.publisher.submit)
-                        except Exception as exc:  # noqa: BLE001 - fail the batch, keep the worker
-                            log.exception("%s: engine step failed; failing its requests", model)
-                            engine.fail_all(f"{type(exc).__name__}: {exc}", self.publisher.submit)
+                        except Exception as exc:  # noqa: BLE001 - hand the batch back, keep the worker
+                            log.exception("%s: engine step failed; handing its requests back to the queue", model)
+                            engine.requeue_all(f"{type(exc).__name__}: {exc}", self.publisher.submit)
+                            self.claimer.back_off(self.s.heartbeat_s)
                         self.claimer.capacity_freed.set()
                         busy = True
                 if busy:

@@ -5,9 +5,10 @@ Who emits what:
 
 * API: ``enqueued`` or ``rejected`` (admission), ``first_token``, then one of
   ``finished`` / ``failed`` / ``cancelled`` (what the client saw).
-* worker: ``claimed`` (per claim: worker, attempt, batch size at start) and
-  ``released`` (its lease released: tokens it generated, KV tokens reused, an error
-  code, ``aborted`` when it dropped the request).
+* worker: ``claimed`` (per claim: worker, attempt, batch size at start, preemptions
+  so far and the time they cost), ``preempted`` (its rows went to another request:
+  the count, the reason) and ``released`` (its lease released: tokens it generated,
+  KV tokens reused, an error code, ``aborted`` when it dropped the request).
 
 Events are flat string maps (readable with ``XRANGE is:events - +``); fields at their
 default value are left out. Emitting never makes a request wait: the API queues
@@ -39,6 +40,7 @@ class Kind(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     RELEASED = "released"
+    PREEMPTED = "preempted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,12 @@ class LifecycleEvent:
     """Prompt tokens served from a reused KV cache instead of prefilled."""
     batch_size: int = 0
     """Requests the worker held when this one started (claimed)."""
+    preemptions: int = 0
+    """Times it has been preempted (claimed: before this claim; preempted: with this one)."""
+    preempted_ms: int = 0
+    """Milliseconds it spent back in the queue after preemptions (claimed: so far)."""
+    reason: str = ""
+    """Why it was preempted: ``tier`` or ``share``."""
     error: str = ""
 
     def fields(self) -> dict[str, str]:

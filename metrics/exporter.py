@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 MERGE: dict[str, str] = {
     "model": "max", "user": "max", "tier": "max", "claimed_by": "max", "released_by": "max", "attempts": "max",
     "prompt_tokens": "max", "max_tokens": "max", "completion_tokens": "max", "kv_reused_tokens": "max",
-    "batch_size": "max", "error_type": "max",
+    "batch_size": "max", "error_type": "max", "preemptions": "max", "preempted_ms": "max",
     "enqueued_at": "min", "claimed_at": "min", "first_token_at": "min",
     "finished_at": "max", "failed_at": "max", "cancelled_at": "max", "rejected_at": "max", "released_at": "max",
     "updated_at": "max",
@@ -71,7 +71,10 @@ def columns_of(ev: LifecycleEvent) -> dict[str, Any]:
     elif ev.kind is Kind.REJECTED:
         cols.update(enqueued_at=ev.ts, rejected_at=ev.ts)
     elif ev.kind is Kind.CLAIMED:
-        cols.update(claimed_at=ev.ts, claimed_by=ev.worker, attempts=ev.attempt, batch_size=ev.batch_size)
+        cols.update(claimed_at=ev.ts, claimed_by=ev.worker, attempts=ev.attempt, batch_size=ev.batch_size,
+                    preemptions=ev.preemptions, preempted_ms=ev.preempted_ms)
+    elif ev.kind is Kind.PREEMPTED:
+        cols["preemptions"] = ev.preemptions
     elif ev.kind is Kind.FIRST_TOKEN:
         cols.update(first_token_at=ev.ts)
     if ev.kind in _TERMINAL_AT:

@@ -5,7 +5,8 @@ calls one method per step; these classes keep the bookkeeping out of it.
 * :class:`RequestRecorder` — the API's view: admission, first token, what the client
   got in the end (each terminal step counts once).
 * :class:`WorkerRecorder` — the worker's publisher thread: claims, tokens it
-  shipped, releases; it adds its events to the publisher's pipeline.
+  shipped, releases and hand-backs (preemptions); it adds its events to the
+  publisher's pipeline.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
+from broker.messages import Claimed, ErrorEvent, GenerateRequest, TokenEvent
 from metrics import tracing
 from metrics.events import EventSink, Kind, add_to_pipeline, event
 from metrics.prom import api_metrics, worker_metrics
@@ -116,10 +117,13 @@ class Claim:
     queue so that one thread owns the per-request bookkeeping."""
 
     model: str
-    request: GenerateRequest
-    attempt: int
+    claimed: Claimed
     batch_size: int
     at: float
+
+    @property
+    def request(self) -> GenerateRequest:
+        return self.claimed.request
 
 
 @dataclass(slots=True)
@@ -133,6 +137,8 @@ class _Live:
     first_publish: tuple[float, float] | None = None
     round_trips: int = 0
     shipped: bool = False
+    preempted: tuple[float, str] | None = None
+    """(when, why) this claim ended in a preemption."""
 
 
 class WorkerRecorder:
@@ -146,13 +152,15 @@ class WorkerRecorder:
         self._released: list[_Live] = []
 
     def claim(self, pipe, c: Claim) -> None:
-        req = c.request
+        req, cl = c.request, c.claimed
         self._live[req.id] = _Live(c)
         add_to_pipeline(pipe, event(Kind.CLAIMED, req.id, c.at, model=c.model, user=req.user, tier=str(req.tier),
-                                    worker=self.worker_id, attempt=c.attempt, batch_size=c.batch_size,
-                                    prompt_tokens=prompt_tokens(req)), self.maxlen)
+                                    # resumes after a preemption are not attempts (nor count toward MAX_ATTEMPTS)
+                                    worker=self.worker_id, attempt=cl.attempt - cl.preemptions,
+                                    batch_size=c.batch_size, prompt_tokens=prompt_tokens(req), preemptions=cl.preemptions,
+                                    preempted_ms=round(cl.preempted_s * 1000)), self.maxlen)
         self.m.claimed.labels(c.model).inc()
-        if req.created_at:
+        if req.created_at and cl.attempt == 1:
             self.m.queue_wait.labels(c.model, str(req.tier)).observe(max(0.0, c.at - req.created_at))
 
     def token(self, model: str, ev: TokenEvent, now: float) -> None:
@@ -183,6 +191,21 @@ class WorkerRecorder:
         if live is not None and tracing.enabled():
             self._released.append(live)
 
+    def requeued(self, pipe, model: str, request_id: str, kind: str, reason: str, now: float) -> None:
+        """The request went back to the queue: ``preempted`` (for ``reason``), or
+        ``failed`` (this worker's step failed; it resumes elsewhere or here)."""
+        live = self._live.pop(request_id, None)
+        if kind == "preempted":
+            preemptions = (live.claim.claimed.preemptions if live else 0) + 1
+            add_to_pipeline(pipe, event(Kind.PREEMPTED, request_id, now, model=model, worker=self.worker_id,
+                                        preemptions=preemptions, reason=reason), self.maxlen)
+            self.m.preemptions.labels(model, reason).inc()
+            if live is not None:
+                live.preempted = (now, reason)
+        self.m.released.labels(model, "preempted" if kind == "preempted" else "requeued").inc()
+        if live is not None and tracing.enabled():
+            self._released.append(live)
+
     def round_trip(self, started: float, ended: float) -> None:
         """After a round trip: note which requests it carried, record finished requests' spans."""
         self.m.publish.observe(ended - started)
@@ -202,13 +225,20 @@ class WorkerRecorder:
                 live.first_publish = (started, ended)
 
     def _spans(self, live: _Live) -> None:
-        c = live.claim
-        attrs = {"inferstack.worker": self.worker_id, "inferstack.attempt": c.attempt}
-        spans = [("queue_wait", c.request.created_at or c.at, c.at, {"inferstack.batch_size": c.batch_size, **attrs})]
+        c, cl = live.claim, live.claim.claimed
+        attrs = {"inferstack.worker": self.worker_id, "inferstack.attempt": cl.attempt}
+        if cl.preempted_at:  # resumed: it waited since its preemption, not since it was sent
+            spans = [("preempted", cl.preempted_at, c.at, {"inferstack.preemptions": cl.preemptions, **attrs})]
+        else:
+            spans = [("queue_wait", c.request.created_at or c.at, c.at,
+                      {"inferstack.batch_size": c.batch_size, **attrs})]
         if live.first_token_at is not None:
             spans.append(("prefill", c.at, live.first_token_at, {"inferstack.cached_tokens": live.cached, **attrs}))
             spans.append(("decode", live.first_token_at, live.last_token_at,
                           {"inferstack.completion_tokens": live.tokens, **attrs}))
         if live.first_publish is not None:
             spans.append(("publish", *live.first_publish, {"inferstack.round_trips": live.round_trips, **attrs}))
+        if live.preempted is not None:
+            at, reason = live.preempted
+            spans.append(("preempt", at, at, {"inferstack.reason": reason, **attrs}))
         tracing.record_spans(c.request.trace, spans)

@@ -59,6 +59,7 @@ class WorkerMetrics:
     generated_tokens: Counter
     step: Histogram
     publish: Histogram
+    preemptions: Counter
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,16 @@ def worker_metrics() -> WorkerMetrics:
                              buckets=LATENCY_BUCKETS),
         claimed=Counter("inferstack_worker_requests_claimed", "Requests claimed from the queue.", ["model"]),
         released=Counter("inferstack_worker_requests_released",
-                         "Requests whose lease the worker released, by outcome (finished, aborted, failed).",
-                         ["model", "outcome"]),
+                         "Requests whose lease the worker released, by outcome (finished, aborted, failed; "
+                         "preempted or requeued: handed back to the queue).", ["model", "outcome"]),
         generated_tokens=Counter("inferstack_worker_generated_tokens", "Output tokens generated.", ["model"]),
         step=Histogram("inferstack_engine_step_seconds", "One engine step (prefill chunk and/or decode).", ["model"],
                        buckets=STEP_BUCKETS),
         publish=Histogram("inferstack_publish_round_trip_seconds",
                           "One publisher round trip (token logs, PUBLISH, releases, events).", buckets=STEP_BUCKETS),
+        preemptions=Counter("inferstack_preemptions",
+                            "Running requests preempted for a waiting one, by reason (tier: a higher tier waited; "
+                            "share: a user under its fair share of the batch waited).", ["model", "reason"]),
     )
 
 

@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS requests_raw
     kv_reused_tokens  SimpleAggregateFunction(max, UInt32),
     batch_size        SimpleAggregateFunction(max, UInt16),
     error_type        SimpleAggregateFunction(max, String),
+    preemptions       SimpleAggregateFunction(max, UInt16),
+    preempted_ms      SimpleAggregateFunction(max, UInt32),
     enqueued_at       SimpleAggregateFunction(min, Nullable(DateTime64(6, 'UTC'))),
     claimed_at        SimpleAggregateFunction(min, Nullable(DateTime64(6, 'UTC'))),
     first_token_at    SimpleAggregateFunction(min, Nullable(DateTime64(6, 'UTC'))),
@@ -36,6 +38,11 @@ CREATE TABLE IF NOT EXISTS requests_raw
 )
 ENGINE = AggregatingMergeTree
 ORDER BY request_id
+;
+-- Columns added after the first release: a store created before them gains them here.
+ALTER TABLE requests_raw ADD COLUMN IF NOT EXISTS preemptions SimpleAggregateFunction(max, UInt16) AFTER error_type
+;
+ALTER TABLE requests_raw ADD COLUMN IF NOT EXISTS preempted_ms SimpleAggregateFunction(max, UInt32) AFTER preemptions
 ;
 -- One row per request, with the derived timings. Status: what the client saw
 -- (the API's terminal event); when the API never reported one (it died), the
@@ -68,6 +75,8 @@ SELECT
     r_kv_reused_tokens AS kv_reused_tokens,
     if(status = 'finished', '', r_error_type) AS error_type,
     r_attempts AS attempts,
+    r_preemptions AS preemptions,
+    r_preempted_ms / 1000 AS preempted_s,
     r_enqueued_at AS enqueued_at,
     coalesce(r_rejected_at, r_cancelled_at, r_failed_at, r_finished_at, r_released_at) AS ended_at
 FROM
@@ -80,6 +89,8 @@ FROM
         max(claimed_by) AS r_claimed_by,
         max(released_by) AS r_released_by,
         max(attempts) AS r_attempts,
+        max(preemptions) AS r_preemptions,
+        max(preempted_ms) AS r_preempted_ms,
         max(prompt_tokens) AS r_prompt_tokens,
         max(max_tokens) AS r_max_tokens,
         max(completion_tokens) AS r_completion_tokens,

@@ -68,8 +68,8 @@ doorbell = Key("bell", "bell", "list",
 reaper_lock = Key("reaper", "reaper", "string",
                   "SET NX PX by the worker that reaps this model's lapsed leases this period.")
 request = Key("req", "req:<rid>", "hash",
-              "The request: payload, user, tier, cost, sequences, start tag, enqueue time, deadline, state, "
-              "lease owner, attempts, affinity.")
+              "The request: payload, user, tier, weight, cost, sequences, start tag, enqueue time, deadline, "
+              "state, lease owner, attempts, preemptions, affinity.")
 output_log = Key("out", "out:<rid>", "list",
                  "Every event already published for the request, so a worker taking over after a crash "
                  "resumes where the dead one stopped; expires output_log_ttl_s after the request ends.")

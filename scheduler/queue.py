@@ -1,4 +1,5 @@
-"""What the API and the workers call: admit, claim, extend, complete, reap, cancel.
+"""What the API and the workers call: admit, claim (also to preempt), extend, complete,
+requeue, reap, cancel.
 
 Each operation is one Lua script (``lua/``), so every state change is atomic. A script
 gets the model's fixed keys as ``KEYS`` (``scheduler.keys``), so it runs on the node
@@ -16,11 +17,12 @@ from importlib import resources
 import orjson
 
 from broker import messages
-from broker.messages import Claimed, GenerateRequest, Tier
+from broker.messages import Batch, Claimed, GenerateRequest, Tier
 from scheduler import keys
 from scheduler.settings import SchedulerSettings
 
-SCRIPT_NAMES = ("enqueue", "claim", "cancel", "extend", "complete", "reap", "kv_index")
+SCRIPT_NAMES = ("enqueue", "claim", "claim_preempting", "cancel", "extend", "complete", "requeue", "reap",
+                "kv_index")
 
 
 def _source(name: str) -> str:
@@ -41,6 +43,12 @@ class Admission:
     retry_after_s: int = 0
     detail: str = ""
     queued: int = 0
+
+
+def _claimed(entry) -> Claimed:
+    rid, payload, attempts, weight, preemptions, preempted_ms, preempted_at, *rest = entry
+    return Claimed(messages.decode(payload), int(attempts), float(weight), int(preemptions),
+                   int(preempted_ms) / 1000, float(preempted_at), tuple(rest[1:]), rest[0] if rest else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +125,24 @@ class FairQueue:
             return ClaimResult([], [])
         claimed, expired = self._scripts.call(
             "claim", model, [worker_id, n, self.s.lease_s, self.s.aging_max_wait_s, _now_arg(now)])
-        return ClaimResult(
-            [Claimed(messages.decode(claimed[i + 1]), int(claimed[i + 2])) for i in range(0, len(claimed), 3)],
-            [messages.decode(expired[i + 1]) for i in range(0, len(expired), 2)],
+        return ClaimResult([_claimed(c) for c in claimed], [messages.decode(p) for p in expired])
+
+    def claim_preempting(self, model: str, worker_id: str, batch: Batch, *, now: float | None = None) -> ClaimResult:
+        """The worker's batch is full: atomically take the waiting requests that may
+        preempt part of it (``scheduler.policy``), each with its victims."""
+        claimed, expired = self._scripts.call(
+            "claim_preempting", model,
+            [worker_id, self.s.lease_s, orjson.dumps(batch.to_json()), self.s.preempt_min_run_steps, _now_arg(now)]
         )
+        return ClaimResult([_claimed(c) for c in claimed], [messages.decode(p) for p in expired])
+
+    def requeue(self, model: str, worker_id: str, request_id: str, kind: str, *, pipe=None,
+                now: float | None = None) -> str:
+        """Hand a running request back to the head of its user's queue (``kind``:
+        ``preempted`` or ``failed``); see lua/requeue.lua for the answers. With
+        ``pipe``, queued on that pipeline instead."""
+        return self._scripts.call("requeue", model, [worker_id, request_id, kind, self.s.max_attempts, _now_arg(now),
+                                                     self.s.output_log_ttl_s], pipe)
 
     def wait_for_work(self, model: str, worker_id: str, timeout_s: float) -> bool:
         """Block until the model's doorbell, or this worker's own (a request reserved for

@@ -24,6 +24,12 @@ class SchedulerSettings(CommonSettings):
         1.0, description="How long a request is offered only to the worker holding its KV cache (0 = off)."
     )
     output_log_ttl_s: int = Field(60, description="How long a finished request's token log is kept.")
+    preemption: bool = Field(
+        True, description="A full batch makes room for a waiting request of a higher tier, or of a user under its "
+        "fair share, by preempting a running one (off = wait for a free row, a benchmark baseline).")
+    preempt_min_run_steps: int = Field(
+        4, ge=0, description="Engine steps a request runs after it is admitted or resumed before it may be "
+        "preempted (the thrash guard); a qualifying newcomer starts within this plus 2 steps.")
 
     def tier_share(self, tier: str) -> float:
         return {Tier.HIGH: 1.0, Tier.NORMAL: self.tier_share_normal, Tier.LOW: self.tier_share_low}[Tier(tier)]

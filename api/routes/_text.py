@@ -95,12 +95,17 @@ def context_error(model: TextModel, prompt_len: int, completion: int, where: str
 
 
 def sampling_params(body: _Sampling, max_tokens: int, *, n: int, logprobs: bool, top_logprobs: int,
-                    vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
+                    vocab_size: int, defaults: Mapping[str, float],
+                    eos_token_ids: frozenset[int] = frozenset()) -> SamplingParams:
     """The request's sampling, with the model's recommended ``defaults`` (registry) for
     whatever it leaves unset. Counts and ranges were checked by ``api.limits``."""
-    if any(t >= vocab_size for t in body.stop_token_ids or ()):
+    stop_ids = set(body.stop_token_ids or ())
+    if any(t >= vocab_size for t in stop_ids):
         raise OpenAIError(400, f"stop_token_ids must be in [0, {vocab_size}).", param="stop_token_ids",
                           code="invalid_value")
+    if body.min_tokens and len(stop_ids | eos_token_ids) >= vocab_size:
+        raise OpenAIError(400, "stop_token_ids and the end-of-sequence token cover the whole vocabulary, so with "
+                          "min_tokens > 0 no token could be sampled.", param="stop_token_ids", code="invalid_value")
     if any(not (k.isascii() and k.isdigit() and len(k) < 20 and int(k) < vocab_size) for k in body.logit_bias or ()):
         raise OpenAIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}).", param="logit_bias",
                           code="invalid_value")

@@ -55,7 +55,8 @@ async def chat_completions(request: Request):
     max_tokens = max_tokens_for(model, len(prompt_ids), body.requested_max_tokens,
                                 state.settings.default_max_tokens, "messages")
     params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs,
-                             top_logprobs=body.top_logprobs or 0, vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
+                             top_logprobs=body.top_logprobs or 0, vocab_size=len(model.tokenizer),
+                             defaults=model.spec.sampling, eos_token_ids=model.eos_token_ids)
     rid = new_id("chatcmpl")
     job = TextJob(state, identity, body, session_id=request.headers.get("x-session-id"))
     job.add(rid, model, prompt_ids, params, reasoning=model.spec.reasoning, images=images)

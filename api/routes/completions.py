@@ -62,7 +62,8 @@ async def completions(request: Request):
         max_tokens = max_tokens_for(model, len(ids), body.requested_max_tokens, state.settings.default_max_tokens,
                                     "prompt")
         params = sampling_params(body, max_tokens, n=body.n, logprobs=body.logprobs is not None,
-                                 top_logprobs=body.logprobs or 0, vocab_size=len(model.tokenizer), defaults=model.spec.sampling)
+                                 top_logprobs=body.logprobs or 0, vocab_size=len(model.tokenizer),
+                                 defaults=model.spec.sampling, eos_token_ids=model.eos_token_ids)
         job.add(rid if len(prompts) == 1 else f"{rid}-{i}", model, ids, params)
     await job.admit()
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from broker.messages import AudioChunk, Claimed, ErrorEvent, SpeechRequest
-from gpu_worker.engine import Emit, Outgoing
+from gpu_worker.engine import Emit, Outgoing, handed_back
 from inferstack.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -188,14 +188,12 @@ class SpeechEngine:
         if out:
             emit(out)
 
-    def fail_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit) -> None:
         with self._lock:
             held = [s.request for s in self._held.values()] + [c.request for c in self._inbox.claimed]
             self._held.clear()
             self._inbox = _Inbox()
-        emit([Outgoing(self.model, r.reply_to, r.id, ErrorEvent(
-            r.id, f"the worker failed while synthesizing: {message}", code="engine_error"), request_done=True)
-            for r in held])
+        emit(handed_back(self.model, held, message))
 
     def close(self) -> None:
         self.kmodel = None

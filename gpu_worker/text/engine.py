@@ -1,4 +1,14 @@
-"""The text engine's step loop: schedule -> forward -> sample -> emit -> retire."""
+"""The text engine's step loop: schedule -> forward -> sample -> emit -> retire.
+
+Preemption: a claim may name running requests whose rows it takes (``Claimed.victims``,
+decided by ``scheduler.policy``). At the start of the next step each victim leaves the
+batch, its KV copied to the DRAM store (or dropped where recomputing is cheaper), and
+goes back to the queue (``Outgoing.requeue``); the newcomer takes the first free row.
+A preempted request resumes like one whose worker died: from its output log, here
+restoring the DRAM copy, elsewhere recomputing prompt plus tokens sent.
+
+Faults stay with their request: a row the sampler flags, or an exception in one
+sequence's admission or output processing, fails that request alone."""
 
 from __future__ import annotations
 
@@ -10,25 +20,52 @@ from dataclasses import dataclass, field
 
 import torch
 
-from broker.messages import Claimed, ErrorEvent, GenerateRequest, TokenEvent
+from broker.messages import Batch, Claimed, ErrorEvent, GenerateRequest, Running, TokenEvent
 from broker.prefix import BLOCK
-from gpu_worker.engine import Emit, Outgoing
+from gpu_worker.engine import Emit, Outgoing, handed_back
 from gpu_worker.text.kvstore import KvStore
 from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.planner import StepPlanner
 from gpu_worker.text.runner import ModelRunner
-from gpu_worker.text.sampler import Sampler
+from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
 
+def _output_error(request_id: str) -> ErrorEvent:
+    return ErrorEvent(request_id, "Turning this request's tokens into text failed on the worker.",
+                      type="server_error", code="output_error", status=500)
+
+
+def _with_claims(view: tuple[Running, ...], claims: list[Claimed]) -> tuple[Running, ...]:
+    """The batch once ``claims`` are in: their victims gone, the claimed running (not yet
+    preemptible)."""
+    victims = {v for c in claims for v in c.victims}
+    return tuple(r for r in view if r.rid not in victims) + tuple(
+        Running(c.request.id, c.request.user, str(c.request.tier), c.weight, c.request.params.n, 0, 0)
+        for c in claims)
+
+
+def _preempted_key(seq: Sequence) -> str:
+    """Where a preempted sequence's KV waits in the DRAM store for its resume."""
+    return f"preempted:{seq.request_id}:{seq.choice}"
+
+
 @dataclass
 class _Request:
-    request: GenerateRequest
+    claimed: Claimed
+    since: int = 0
+    """Engine step at which it was admitted (or resumed): the thrash guard counts from it."""
     seqs: list[Sequence] = field(default_factory=list)
     first_event_sent: bool = False
+    error: ErrorEvent | None = None
+    """It failed alone (its parameters, its output processing): sent when it retires."""
+
+    @property
+    def request(self) -> GenerateRequest:
+        return self.claimed.request
 
     @property
     def done(self) -> bool:
@@ -63,8 +100,11 @@ class TextEngine:
         self._aborts: set[str] = set()
         self._lock = threading.Lock()  # add/abort arrive from IO threads
         self._inbox: list[tuple[Claimed, list[TokenEvent]]] = []
+        self._view: tuple[Running, ...] = ()
+        """The batch as the preemption policy sees it, as of the last step (claimer thread reads it)."""
         self.steps = 0
         self.tokens_generated = 0
+        self.preemptions = 0
 
     # -- what the worker calls --------------------------------------------------
 
@@ -80,6 +120,17 @@ class TextEngine:
     def add(self, claimed: Claimed, log_events: list[TokenEvent]) -> None:
         with self._lock:
             self._inbox.append((claimed, log_events))
+            # An abort still pending for this id concerned its previous claim (it was
+            # preempted or requeued, and is back): a real cancel comes again with the
+            # next lease renewal.
+            self._aborts.discard(claimed.request.id)
+
+    def batch_view(self) -> Batch:
+        """The running batch for the preemption policy: as of the last step, less the
+        victims of claims not yet taken in, plus those claims."""
+        with self._lock:
+            view, inbox = self._view, list(self._inbox)
+        return Batch(self.planner.max_seqs, _with_claims(view, [c for c, _ in inbox]))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -135,7 +186,10 @@ class TextEngine:
             self._index_ops = []
         if not self.planner.slots or self.steps % 64 == 0:
             self.runner.cache.shrink(self.planner.num_admitted, self.planner.used_len())
-        self.steps += 1
+        view = self._running_view(self.steps + 1)
+        with self._lock:
+            self._view = view
+        self.steps += 1  # after the view: a claimer that sees this step sees its batch
         if out:
             emit(out)
 
@@ -147,10 +201,11 @@ class TextEngine:
                        kv_store_tokens_saved=st.tokens_saved)
         return out
 
-    def fail_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit) -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             self._aborts.clear()
+            self._view = ()
         held = [s.request for s in self._requests.values()] + [c.request for c, _ in inbox]
         for state in self._requests.values():
             for seq in state.seqs:
@@ -162,9 +217,7 @@ class TextEngine:
         self.planner.slots.clear()
         self.planner.n_running = 0
         self.runner.cache.shrink(0, 0)
-        emit([Outgoing(self.model, req.reply_to, req.id, ErrorEvent(
-            req.id, f"the worker failed while generating: {message}", type="server_error",
-            code="engine_error", status=500), request_done=True) for req in held])
+        emit(handed_back(self.model, held, message))
 
     # -- internals --------------------------------------------------------------
 
@@ -172,8 +225,16 @@ class TextEngine:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
+            self._view = _with_claims(self._view, [c for c, _ in inbox])
         for claimed, log_events in inbox:
-            self._admit(claimed, log_events, out)
+            for victim in claimed.victims:
+                self._preempt(victim, claimed.reason, out)
+            try:
+                self._admit(claimed, log_events, out)
+            except Exception:  # noqa: BLE001 - one request's bad state must not fail the batch
+                log.exception("%s: admitting %s failed", self.model, claimed.request.id)
+                req = claimed.request
+                out.append(Outgoing(self.model, req.reply_to, req.id, _output_error(req.id), request_done=True))
         for rid in aborts:
             state = self._requests.get(rid)
             if state:
@@ -197,7 +258,7 @@ class TextEngine:
                 req.id, f"prompt of {len(req.prompt_token_ids)} tokens exceeds the context of {limit}",
                 type="invalid_request_error", code="context_length_exceeded", status=400), request_done=True))
             return
-        state = _Request(req)
+        state = _Request(claimed, since=self.steps)
         prior: dict[int, list[TokenEvent]] = {}
         for ev in log_events:
             prior.setdefault(ev.choice, []).append(ev)
@@ -216,9 +277,11 @@ class TextEngine:
                 if any(ev.finish_reason for ev in events):
                     seq.status = SeqStatus.FINISHED_STOPPED
             state.seqs.append(seq)
+        # A preempting claim goes first: the rows its victims freed are for it.
+        for seq in state.seqs if not claimed.victims else reversed(state.seqs):
             if not seq.status.finished:
                 self._match_cache(seq)
-                self.planner.add(seq)
+                self.planner.add(seq, first=bool(claimed.victims))
         if self.kv_store is not None:
             # A prefix is worth keeping once several conversations share it (a system
             # prompt); one conversation's own history is its session cache already.
@@ -232,17 +295,59 @@ class TextEngine:
                 self._prefix_seen.popitem(last=False)
         self._requests[req.id] = state
 
-    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence], out: list[Outgoing]) -> None:
-        tokens, records = self.sampler(logits, seqs)
-        self.tokens_generated += len(tokens)
-        for seq, tok, record in zip(seqs, tokens, records):
-            if seq.status.finished:  # aborted while in flight
+    def _preempt(self, rid: str, reason: str, out: list[Outgoing]) -> None:
+        """Take a request out of the batch and hand it back to the queue; its KV waits in
+        DRAM for a resume here (sequences shorter than a block are recomputed: cheaper
+        than keeping them)."""
+        state = self._requests.pop(rid, None)
+        if state is None:
+            return  # it finished or left meanwhile: its rows are free already
+        for seq in state.seqs:
+            if self.kv_store is not None and seq.slot >= 0 and not seq.status.finished and seq.num_computed >= BLOCK:
+                self._store(_preempted_key(seq), "preempted", seq, seq.num_computed)
+            self._release_restore(seq)
+            self.planner.retire(seq)
+        self.preemptions += 1
+        out.append(Outgoing(self.model, state.request.reply_to, rid, None, requeue="preempted", reason=reason))
+
+    def _fail(self, rid: str, error: ErrorEvent) -> None:
+        """This request alone failed: its sequences stop, the error goes out as it retires."""
+        state = self._requests[rid]
+        state.error = state.error or error
+        for seq in state.seqs:
+            if not seq.status.finished:
+                seq.status = SeqStatus.FINISHED_ABORTED
+
+    def _running_view(self, step: int) -> tuple[Running, ...]:
+        view = []
+        for rid, state in self._requests.items():
+            live = [s for s in state.seqs if not s.status.finished]
+            if not live:
                 continue
-            seq.output_ids.append(tok)
-            if record is not None:
-                seq.logprobs.append(record)
-            self._check_stop(seq, tok)
-            out.append(self._event(seq))
+            req = state.request
+            admitted = all(s.slot >= 0 for s in live)  # one still waiting for a row frees nothing yet
+            view.append(Running(rid, req.user, str(req.tier), state.claimed.weight, len(live),
+                                sum(s.num_computed for s in live), step - state.since if admitted else 0))
+        return tuple(view)
+
+    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence], out: list[Outgoing]) -> None:
+        tokens, records, failures = self.sampler(logits, seqs)
+        self.tokens_generated += len(tokens)
+        for seq, tok, record, failure in zip(seqs, tokens, records, failures):
+            if seq.status.finished:  # aborted while in flight, or its request failed
+                continue
+            if failure:
+                self._fail(seq.request_id, sampling_error(seq.request_id, failure))
+                continue
+            try:
+                seq.output_ids.append(tok)
+                if record is not None:
+                    seq.logprobs.append(record)
+                self._check_stop(seq, tok)
+                out.append(self._event(seq))
+            except Exception:  # noqa: BLE001 - detokenizing or stop strings of one sequence
+                log.exception("%s: output processing of %s failed", self.model, seq.request_id)
+                self._fail(seq.request_id, _output_error(seq.request_id))
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
@@ -291,12 +396,20 @@ class TextEngine:
                 del self._requests[rid]
                 # Aborted requests get no event: the client is gone, or another worker
                 # owns the request now. The release is a no-op for a lost lease.
-                out.append(Outgoing(self.model, state.request.reply_to, rid, None, request_done=True))
+                out.append(Outgoing(self.model, state.request.reply_to, rid, state.error, request_done=True))
 
     # -- KV reuse ---------------------------------------------------------------
 
     def _match_cache(self, seq: Sequence) -> None:
-        if self.kv_store is None or seq.output_ids:
+        if self.kv_store is None:
+            return
+        entry = self.kv_store.entries.get(_preempted_key(seq))
+        if entry is not None and entry.token_ids == seq.all_ids[: len(entry.token_ids)]:
+            # Resumed here after a preemption: its own KV, up to the last token sent.
+            self.kv_store.acquire(entry)
+            seq.restore = (entry, min(len(entry.token_ids), seq.length - 1))
+            return
+        if seq.output_ids:
             return
         req = seq.request
         hit = self.kv_store.match(seq.prompt_ids, req.session_key, req.prefix_hashes, req.cache_scope)
@@ -313,12 +426,15 @@ class TextEngine:
         started = time.perf_counter()
         self.runner.cache.ensure(seq.slot + 1, max(n, 1), seq.slot, self.planner.used_len())
         self.runner.cache.from_layers(seq.slot, entry.layers, n)
-        seq.num_computed = seq.num_cached = n
+        seq.num_computed = n
+        seq.num_cached = 0 if entry.kind == "preempted" else n  # usage reports prompt reuse only
         stats = self.kv_store.stats
         stats.tokens_saved += n
         stats.restores += 1
         stats.restore_s += time.perf_counter() - started
         self._release_restore(seq)
+        if entry.kind == "preempted":
+            self.kv_store.discard(entry)  # used up: the row holds it now
 
     def _release_restore(self, seq: Sequence) -> None:
         if seq.restore is not None:

@@ -26,7 +26,7 @@ Layers = list[tuple[torch.Tensor, torch.Tensor]]
 @dataclass
 class KvEntry:
     key: str
-    kind: str  # "session" | "prefix"
+    kind: str  # "session" | "prefix" | "preempted" (a preempted sequence's, until it resumes)
     token_ids: list[int]
     layers: Layers
     nbytes: int
@@ -141,6 +141,11 @@ class KvStore:
         self.bytes_used += nbytes
         self.stats.saves += 1
         return entry, evicted
+
+    def discard(self, entry: KvEntry) -> None:
+        """Drop an entry that has served its purpose (a preempted sequence's KV, restored)."""
+        if entry.in_use == 0 and self.entries.get(entry.key) is entry:
+            self._remove(entry)
 
     def _remove(self, entry: KvEntry) -> None:
         del self.entries[entry.key]

@@ -65,9 +65,14 @@ class StepPlanner:
 
     # -- transitions ------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, first: bool = False) -> None:
+        """Queue a sequence for a row; ``first``: ahead of the others (it preempted
+        running ones to get theirs)."""
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        if first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def schedule(self) -> StepPlan:
         if not self.static or not self.slots:

@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 MIN_KV_BUDGET = 256 << 20
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}  # float64: exact arithmetic, for tests that compare token for token
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

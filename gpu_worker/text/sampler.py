@@ -5,13 +5,38 @@ Order of operations (as in vLLM): raw logprobs for reporting; penalties
 sampling rows apply temperature, top-k, top-p and min-p and draw. A request with a
 seed draws from a generator seeded by (seed, choice, position), so it is
 reproducible inside any batch and after a resume on another worker.
+
+One row's trouble stays in its row: a row whose logits are not finite, or whose
+penalties and bans leave no token to draw (NaN, +inf, or everything -inf), is
+reported as failed (one vectorised check, read back with the tokens) and sampled as
+uniform noise that nobody sees, so the rest of the batch goes on untouched.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from broker.messages import ErrorEvent
 from gpu_worker.text.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+PARAMS_FAILED, NUMERIC_FAILED = 1, 2
+"""Failure codes of a row: its parameters broke it (its raw logits were fine), or the
+model's own logits were not finite."""
+
+
+def sampling_error(request_id: str, code: int) -> ErrorEvent:
+    """The OpenAI-shaped error a failed row's request gets."""
+    if code == PARAMS_FAILED:
+        return ErrorEvent(request_id, "The sampling parameters left no token to sample (the probabilities became "
+                          "NaN or infinite, or every token was excluded): check repetition_penalty, "
+                          "stop_token_ids with min_tokens, and the other penalties.",
+                          type="invalid_request_error", code="invalid_sampling_parameters", status=400)
+    return ErrorEvent(request_id, "The model produced non-finite logits for this request.", type="server_error",
+                      code="numeric_error", status=500)
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 
@@ -27,19 +52,29 @@ class Sampler:
         """Callable id -> str, used only for logprob records."""
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None], list[int]]:
+        """Next token, logprob record (or None) and failure code (0 = fine) per row."""
         logits = logits.float()
         want_logprobs = [s.params.logprobs for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        raw_bad = _broken(logits)
 
         if any(_has_penalty(s) for s in seqs) or any(_blocks_stop(s) for s in seqs):
             logits = logits.clone()
             for row, seq in enumerate(seqs):
-                if _has_penalty(seq):
-                    _apply_penalties(logits[row], seq)
-                if _blocks_stop(seq):
-                    banned = list(self.eos) + list(seq.params.stop_token_ids)
-                    logits[row, banned] = float("-inf")
+                try:
+                    if _has_penalty(seq):
+                        _apply_penalties(logits[row], seq)
+                    if _blocks_stop(seq):
+                        banned = list(self.eos) + list(seq.params.stop_token_ids)
+                        logits[row, banned] = float("-inf")
+                except (IndexError, RuntimeError, ValueError):  # e.g. a token id beyond this model's vocabulary
+                    log.warning("sampling parameters of %s broke its row", seq.request_id, exc_info=True)
+                    logits[row] = float("nan")
+            bad = _broken(logits)
+        else:
+            bad = raw_bad.clone()
+        logits = logits.masked_fill(bad.unsqueeze(1), 0.0)  # failed rows draw harmless noise
 
         greedy = [s.params.greedy for s in seqs]
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
@@ -50,17 +85,20 @@ class Sampler:
             s_rows = [i for i, g in enumerate(greedy) if not g]
             if g_rows:
                 tokens[g_rows] = logits[g_rows].argmax(dim=-1)
-            tokens[s_rows] = self._sample(logits[s_rows], [seqs[i] for i in s_rows])
+            tokens[s_rows], bad_probs = self._sample(logits[s_rows], [seqs[i] for i in s_rows])
+            bad[s_rows] |= bad_probs
+        failed = torch.where(raw_bad, NUMERIC_FAILED, bad.long() * PARAMS_FAILED)
 
-        token_list = tokens.tolist()
+        token_list, failures = torch.stack([tokens, failed]).tolist()
         records: list[dict | None] = [None] * len(seqs)
         if raw_logprobs is not None:
             for row, seq in enumerate(seqs):
-                if want_logprobs[row]:
+                if want_logprobs[row] and not failures[row]:
                     records[row] = self._record(raw_logprobs[row], token_list[row], seq.params.top_logprobs)
-        return token_list, records
+        return token_list, records, failures
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws, and which rows had no valid distribution left."""
         temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=logits.device).unsqueeze(1)
         logits = logits / temps
         top_k = [s.params.top_k for s in seqs]
@@ -73,6 +111,8 @@ class Sampler:
             threshold = torch.tensor(min_p, dtype=probs.dtype, device=probs.device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             logits = logits.masked_fill(probs < threshold, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        bad = _broken(probs)
+        probs = probs.masked_fill(bad.unsqueeze(1), 1.0)
 
         out = torch.empty(len(seqs), dtype=torch.long, device=probs.device)
         unseeded = [i for i, s in enumerate(seqs) if s.params.seed is None]
@@ -83,7 +123,7 @@ class Sampler:
                 gen = torch.Generator(device=probs.device)
                 gen.manual_seed(position_seed(seq.params.seed, seq.choice, len(seq.output_ids)))
                 out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
-        return out
+        return out, bad
 
     def _record(self, logprobs: torch.Tensor, token: int, top_n: int) -> dict:
         record = {"token": self._token_text(token), "id": token, "logprob": float(logprobs[token])}
@@ -96,6 +136,11 @@ class Sampler:
         else:
             record["top_logprobs"] = []
         return record
+
+
+def _broken(x: torch.Tensor) -> torch.Tensor:
+    """Rows with a NaN or +inf, or nothing above -inf: one reduction (max propagates NaN)."""
+    return ~torch.isfinite(x.amax(dim=-1))
 
 
 def _has_penalty(seq: Sequence) -> bool:

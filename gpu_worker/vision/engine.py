@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from broker.messages import Claimed, ErrorEvent, GenerateRequest, TokenEvent
-from gpu_worker.engine import Emit, Outgoing
+from gpu_worker.engine import Emit, Outgoing, handed_back
 from gpu_worker.text.kvcache import cache_kwarg
 from gpu_worker.text.output import OutputProcessor
-from gpu_worker.text.sampler import Sampler
+from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
 
@@ -63,6 +63,8 @@ class VisionEngine:
         self._waiting: list[Sequence] = []
         self._wave: _Wave | None = None
         self._requests: dict[str, list[Sequence]] = {}
+        self._errors: dict[str, ErrorEvent] = {}
+        """Requests that failed alone (a poisoned row): their error goes out as they retire."""
         self._inbox: list[Claimed] = []
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
@@ -104,17 +106,16 @@ class VisionEngine:
         if out:
             emit(out)
 
-    def fail_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit) -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             self._aborts.clear()
         held = [seqs[0].request for seqs in self._requests.values()] + [c.request for c in inbox]
         self._requests.clear()
+        self._errors.clear()
         self._waiting.clear()
         self._wave = None
-        emit([Outgoing(self.model, r.reply_to, r.id, ErrorEvent(
-            r.id, f"the worker failed while generating: {message}", code="engine_error"), request_done=True)
-            for r in held])
+        emit(handed_back(self.model, held, message))
 
     def close(self) -> None:
         self.net = None
@@ -192,9 +193,14 @@ class VisionEngine:
         self._sample(logits, wave.seqs, out)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], out: list[Outgoing]) -> None:
-        tokens, records = self.sampler(logits, seqs)
-        for seq, tok, record in zip(seqs, tokens, records):
+        tokens, records, failures = self.sampler(logits, seqs)
+        for seq, tok, record, failure in zip(seqs, tokens, records, failures):
             if seq.status.finished:
+                continue
+            if failure:  # this request alone: the rest of the wave goes on
+                self._errors.setdefault(seq.request_id, sampling_error(seq.request_id, failure))
+                for other in self._requests[seq.request_id]:
+                    other.status = SeqStatus.FINISHED_ABORTED
                 continue
             seq.output_ids.append(tok)
             if record is not None:
@@ -227,7 +233,7 @@ class VisionEngine:
                 self._wave.keep(live)
         for rid in [r for r, seqs in self._requests.items() if all(s.status.finished for s in seqs)]:
             req: GenerateRequest = self._requests.pop(rid)[0].request
-            out.append(Outgoing(self.model, req.reply_to, rid, None, request_done=True))
+            out.append(Outgoing(self.model, req.reply_to, rid, self._errors.pop(rid, None), request_done=True))
 
     def _image(self, b64: str):
         from PIL import Image

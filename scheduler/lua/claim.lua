@@ -4,8 +4,9 @@
 -- that would overshoot n ends the claim, unless nothing was claimed yet (so a request
 -- wider than the free room still runs once it is first in line).
 -- ARGV: worker, n, lease_s, aging_max_wait_s, now(optional)
--- Returns {claimed, expired}: claimed = flat {rid, payload, attempts, ...},
--- expired = flat {rid, payload, ...} (deadline passed before start: never run late).
+-- Returns {claimed, expired}: claimed = {{rid, payload, attempts, weight, preemptions,
+-- preempted_ms, preempted_at}, ...} (see `take`), expired = {payload, ...} (deadline
+-- passed before start: never run late).
 local worker, n, lease_s, max_wait = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_s(ARGV[5])
 local claimed, expired = {}, {}
@@ -14,40 +15,6 @@ local SCAN_USERS, SCAN_DEPTH = 16, 4
 local backlogged = false
 local claimed_cost = 0
 local taken = 0  -- sequences claimed
-
--- Reserved for another worker (KV affinity) within its window?
-local function eligible(rid)
-  local a = redis.call("HMGET", k_req(rid), "aff", "aff_until")
-  return not a[1] or a[1] == worker or tonumber(a[2]) <= now
-end
-
--- Move one waiting request to in-flight for this worker (or expire it: a request
--- whose start deadline has passed never runs late). Returns the sequences it claimed.
-local function take(rid, tier, seqs)
-  local rk = k_req(rid)
-  local f = redis.call("HMGET", rk, "payload", "user", "start", "deadline", "attempts", "cost", "started")
-  remove_waiting(rid, tier, f[2])
-  local start = num(f[3], 0)
-  if start > num(redis.call("HGET", K_STATE, f_vtime(tier)), 0) then
-    redis.call("HSET", K_STATE, f_vtime(tier), tostring(start))
-    -- finish tags the virtual time has passed mean the same as none
-    redis.call("ZREMRANGEBYSCORE", k_fin(tier), "-inf", start)
-  end
-  if f[7] ~= "1" and num(f[4], now + 1) < now then
-    table.insert(expired, rid)
-    table.insert(expired, f[1])
-    redis.call("DEL", rk)
-    return 0
-  end
-  local attempts = redis.call("HINCRBY", rk, "attempts", 1)
-  redis.call("HSET", rk, "state", "running", "worker", worker, "started", "1", "claimed", tostring(now))
-  redis.call("ZADD", K_LEASES, now + lease_s, rid)
-  table.insert(claimed, rid)
-  table.insert(claimed, f[1])
-  table.insert(claimed, attempts)
-  claimed_cost = claimed_cost + num(f[6], 0)
-  return seqs
-end
 
 while taken < n do
   -- Strict priority by tier (high 2 > normal 1 > low 0), with aging: a request of a
@@ -73,7 +40,7 @@ while taken < n do
     if h and RANK[t] < top_rank and h[2] >= max_wait and h[2] > od_wait then od_tier, od_wait = t, h[2] end
   end
   local rid, best_tier, overdue = nil, nil, false
-  if od_tier and redis.call("HGET", K_STATE, F_LAST_OVERDUE) ~= "1" and eligible(heads[od_tier][1]) then
+  if od_tier and redis.call("HGET", K_STATE, F_LAST_OVERDUE) ~= "1" and eligible(heads[od_tier][1], worker, now) then
     best_tier, rid, overdue = od_tier, heads[od_tier][1], true
   else
     for _, t in ipairs(TIERS) do
@@ -83,7 +50,7 @@ while taken < n do
     -- window): then the user's next request, then the next user's.
     for _, u in ipairs(redis.call("ZRANGE", k_tu(best_tier), 0, SCAN_USERS - 1)) do
       for _, cand in ipairs(redis.call("LRANGE", k_uq(best_tier, u), 0, SCAN_DEPTH - 1)) do
-        if eligible(cand) then rid = cand break end
+        if eligible(cand, worker, now) then rid = cand break end
       end
       if rid then break end
     end
@@ -94,7 +61,14 @@ while taken < n do
     full = taken > 0 and taken + seqs > n
     if not full then
       redis.call("HSET", K_STATE, F_LAST_OVERDUE, overdue and "1" or "0")
-      taken = taken + take(rid, best_tier, seqs)
+      local entry, cost = take(rid, best_tier, worker, lease_s, now)
+      if entry then
+        table.insert(claimed, entry)
+        claimed_cost = claimed_cost + cost
+        taken = taken + seqs
+      else
+        table.insert(expired, cost)
+      end
     end
   else
     blocked[best_tier] = true

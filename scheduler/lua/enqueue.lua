@@ -54,7 +54,8 @@ end
 
 redis.call("HSET", k_req(rid),
   "payload", payload, "user", user, "tier", tier, "cost", cost, "start", tostring(start),
-  "enq", tostring(now), "deadline", tostring(now + timeout), "state", "queued", "attempts", 0, "seqs", seqs)
+  "enq", tostring(now), "deadline", tostring(now + timeout), "state", "queued", "attempts", 0, "seqs", seqs,
+  "w", tostring(weight))
 
 -- KV affinity: offer the request first to the live worker that holds the most of its
 -- prompt's KV cache (its session, else the longest shared prefix).

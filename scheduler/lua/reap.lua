@@ -2,7 +2,8 @@
 -- their user's queue with their original start tag and enqueue time, so they go next.
 -- ARGV: max_attempts, now(optional), log_ttl_s (how long the log of a request that
 -- failed stays readable)
--- Returns {requeued_rids, failed = flat {rid, payload}} (out of attempts).
+-- Returns {requeued_rids, failed = flat {rid, payload}} (out of attempts; a claim that
+-- ended in a preemption is not a failed attempt).
 local max_attempts = tonumber(ARGV[1])
 local now = now_s(ARGV[2])
 local log_ttl = tonumber(ARGV[3])
@@ -11,20 +12,18 @@ local due = redis.call("ZRANGEBYSCORE", K_LEASES, "-inf", now, "LIMIT", 0, 256)
 for _, rid in ipairs(due) do
   redis.call("ZREM", K_LEASES, rid)
   local rk = k_req(rid)
-  local f = redis.call("HMGET", rk, "payload", "user", "tier", "start", "enq", "attempts", "cancelled")
+  local f = redis.call("HMGET", rk, "payload", "cancelled")
   if not f[1] then
     -- already completed
-  elseif f[7] == "1" then
+  elseif f[2] == "1" then
     redis.call("DEL", rk, k_out(rid))
-  elseif num(f[6], 0) >= max_attempts then
+  elseif failed_attempts(rk) >= max_attempts then
     table.insert(failed, rid)
     table.insert(failed, f[1])
     redis.call("DEL", rk)
     redis.call("EXPIRE", k_out(rid), log_ttl)
   else
-    redis.call("HSET", rk, "state", "queued")
-    redis.call("HDEL", rk, "worker")
-    insert_waiting(rid, f[3], f[2], num(f[4], 0), num(f[5], now), true)
+    requeue_front(rid, now)
     table.insert(requeued, rid)
   end
 end

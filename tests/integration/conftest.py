@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from tests.stack import Stack
 from tests.tiny import registry_toml, two_models_toml
@@ -21,3 +22,15 @@ def tiny_stack(redis_url, tiny_registry, tmp_path):
     stack = Stack(redis_url, tiny_registry, tmp_path / "cache")
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="module")
+def engine_factory(tiny_model_dir):
+    """Text engines on the tiny model in float64, where only a real bug can flip an argmax."""
+    from gpu_worker.text.engine import TextEngine
+    from inferstack.registry import Modality, ModelSpec
+
+    def make(**kw):
+        spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
+        return TextEngine(spec, tiny_model_dir, device=torch.device("cpu"), dtype=torch.float64, **kw)
+    return make

@@ -170,8 +170,9 @@ def test_light_user_overtakes_a_flood_through_the_stack(redis_url, rclient, tiny
     """A floods 24 requests; B sends one once all of them are admitted and A's first
     batch is running. Counted by the order in which first tokens arrive (no timing),
     B starts within about one batch; with fairness off (FIFO) B waits behind the whole
-    flood."""
-    stack = make_stack(redis_url, tiny_registry, tmp_path, fairness=fair)
+    flood. Admission order alone: preemption, which would let B in at once, is off
+    (tests/integration/test_preemption.py covers it)."""
+    stack = make_stack(redis_url, tiny_registry, tmp_path, fairness=fair, preemption=False)
     stack.workers.append(stack.add_worker(step_delay_s=0.03, max_batch=4))
     stack.wait_ready()
     first_token_order: list[str] = []

@@ -11,14 +11,6 @@ from gpu_worker.text.kvcache import cache_kwarg
 from inferstack.registry import Modality, ModelSpec
 
 
-@pytest.fixture(scope="module")
-def engine_factory(tiny_model_dir):
-    def make(**kw):
-        spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
-        return TextEngine(spec, tiny_model_dir, device=torch.device("cpu"), dtype=torch.float64, **kw)
-    return make
-
-
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.inference_mode():
@@ -168,7 +160,7 @@ def test_more_rows_than_the_initial_allocation(engine_factory):
         assert outputs[req.id] == reference_greedy(engine.runner.model, req.prompt_token_ids, req.params.max_tokens)
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine_factory, monkeypatch):
+def test_a_failing_step_hands_its_requests_back_and_the_engine_recovers(engine_factory, monkeypatch):
     engine = engine_factory(max_seqs=4)
     a = request(0, [5, 6], 5)
     engine.add(Claimed(a, 1), [])
@@ -182,8 +174,9 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine_factor
     try:
         engine.step(emitted.extend)
     except RuntimeError as exc:
-        engine.fail_all(str(exc), emitted.extend)
-    assert [(o.request_id, o.event.code, o.request_done) for o in emitted] == [("r0", "engine_error", True)]
+        engine.requeue_all(str(exc), emitted.extend)
+    assert [(o.request_id, o.requeue, o.event.code, o.request_done) for o in emitted] == [
+        ("r0", "failed", "engine_error", False)]
     assert not engine.has_work()
     monkeypatch.setattr(engine.runner, "forward", real_forward)
     b = request(1, [7, 8], 4)

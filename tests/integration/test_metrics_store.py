@@ -129,3 +129,31 @@ def test_replayed_rows_change_nothing(store):
 def test_render_prints_tables(store):
     text = stats.render(stats.stats(store, 3600, until=UNTIL))
     assert "m1" in text and "alice" in text and "550/955/991" in text
+
+
+def test_a_store_created_before_the_preemption_columns_gains_them(tmp_path):
+    """Opening a chDB directory written by an older release adds the new columns
+    (schema.sql's ALTERs), and a preempted request reads back with its count and wait."""
+    from chdb.session import Session
+
+    from metrics.store import schema_statements
+
+    path = tmp_path / "chdb"
+    old = Session(str(path))
+    old.query("CREATE DATABASE IF NOT EXISTS inferstack")
+    old.query("USE inferstack")
+    create = schema_statements()[0]
+    lines = [ln for ln in create.splitlines() if not ln.strip().startswith(("preemptions", "preempted_ms"))]
+    old.query("\n".join(lines))
+    old.close()
+    store = ChdbStore(path)
+    rid = "p0"
+    store.insert(assemble([
+        event(Kind.ENQUEUED, rid, T0, model="m1", user="u", tier="low"),
+        event(Kind.CLAIMED, rid, T0 + 1, model="m1", worker="w1", attempt=1),
+        event(Kind.PREEMPTED, rid, T0 + 2, model="m1", worker="w1", preemptions=1, reason="tier"),
+        event(Kind.CLAIMED, rid, T0 + 5, model="m1", worker="w2", attempt=1, preemptions=1, preempted_ms=3000),
+        event(Kind.FINISHED, rid, T0 + 9, model="m1"),
+    ]))
+    [row] = store.query("SELECT status, attempts, preemptions, preempted_s FROM requests")
+    assert row == {"status": "finished", "attempts": 1, "preemptions": 1, "preempted_s": 3.0}

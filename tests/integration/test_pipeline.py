@@ -129,7 +129,7 @@ def test_think_block_comes_back_as_reasoning_content(redis_url, tiny_model_dir, 
         eos = real.eos
 
         def __call__(self, logits, seqs):
-            return [script[len(s.output_ids)] for s in seqs], [None] * len(seqs)
+            return [script[len(s.output_ids)] for s in seqs], [None] * len(seqs), [0] * len(seqs)
 
     engine.sampler = Scripted()
     try:

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from broker.messages import GenerateRequest, SamplingParams, Tier
+from broker.messages import Batch, GenerateRequest, Running, SamplingParams, Tier
 from scheduler import keys as qkeys
 from scheduler.policy import FairQueueModel
 from scheduler.queue import FairQueue
@@ -148,31 +148,68 @@ def test_estimated_wait_beyond_deadline_is_refused(fq, rclient):
 
 
 def test_lua_claim_order_matches_python_twin(rclient):
-    """Random workloads (users, weights, tiers, costs, times) through the Lua scripts
-    and the plain-Python policy: the claim order must be identical."""
+    """Random workloads (users, weights, tiers, costs, n, times) through the Lua scripts
+    and the plain-Python policy, with a simulated worker batch that finishes requests,
+    steps, and preempts when full: claims, preempting claims (with their victims and
+    reasons) and requeues must be identical."""
     rng = random.Random(7)
-    settings = SchedulerSettings(aging_max_wait_s=6.0, max_queue=10_000, max_queue_per_user=10_000)
+    settings = SchedulerSettings(aging_max_wait_s=6.0, max_queue=10_000, max_queue_per_user=10_000,
+                                 preempt_min_run_steps=2)
+    preempting_claims = 0
     for trial in range(15):
         rclient.flushall()
         fq = FairQueue(rclient, settings)
         model = FairQueueModel(max_wait_s=settings.aging_max_wait_s)
         weights = {u: rng.choice([1.0, 2.0, 0.5]) for u in "abcde"}
+        slots = rng.choice([3, 4, 6])
+        running: dict[str, Running] = {}
         now, n = 1000.0, 0
         got, want = [], []
-        for _ in range(60):
+
+        def admit(rid, user, tier, rows):
+            running[rid] = Running(rid, user, tier, weights[user], rows, 0, 0)
+
+        for _ in range(90):
             now += rng.uniform(0, 0.8)
-            if rng.random() < 0.6:
+            op = rng.random()
+            if op < 0.45:
                 user, tier = rng.choice("abcde"), rng.choice(["high", "normal", "low"])
                 r = req(n, user=user, tier=tier, prompt=rng.randint(1, 50), max_tokens=rng.randint(1, 50),
                         n=rng.choice([1, 1, 1, 2, 4]))
                 n += 1
-                assert fq.enqueue(r, weight=weights[user], now=now).admitted
+                assert fq.enqueue(r, weight=weights[user], timeout_s=1e6, now=now).admitted
                 model.enqueue(r.id, user, tier, r.cost, weights[user], now, seqs=r.seqs)
+            elif op < 0.6:
+                free = slots - sum(x.seqs for x in running.values())
+                if free > 0:
+                    res = fq.claim_batch(MODEL, "w", free, now=now)
+                    got += ids(res)
+                    want += model.claim(free, now)
+                    for c in res.claimed:
+                        admit(c.request.id, c.request.user, str(c.request.tier), c.request.seqs)
+            elif op < 0.75:
+                batch = Batch(slots, tuple(running.values()))
+                res = fq.claim_preempting(MODEL, "w", batch, now=now)
+                lua = [(c.request.id, list(c.victims), c.reason) for c in res.claimed]
+                assert lua == model.claim_preempting(batch, settings.preempt_min_run_steps), f"trial {trial}"
+                preempting_claims += len(lua)
+                for c in res.claimed:
+                    for v in c.victims:
+                        del running[v]
+                        assert fq.requeue(MODEL, "w", v, "preempted", now=now) == "requeued"
+                        model.requeue(v)
+                    admit(c.request.id, c.request.user, str(c.request.tier), c.request.seqs)
+            elif op < 0.85 and running:
+                done = rng.choice(sorted(running))
+                del running[done]
+                assert fq.complete(MODEL, "w", done)
+                model.running.pop(done)
             else:
-                k = rng.randint(1, 6)
-                got += ids(fq.claim_batch(MODEL, "w", k, now=now))
-                want += model.claim(k, now)
+                for rid, x in list(running.items()):
+                    running[rid] = Running(rid, x.user, x.tier, x.weight, x.seqs, x.work + rng.randint(1, 9),
+                                           x.steps + 1)
         assert got == want, f"trial {trial}"
+    assert preempting_claims > 20  # the workload really exercised preemption
 
 
 def test_a_claim_counts_the_sequences_each_request_brings(fq):
@@ -241,3 +278,60 @@ def test_the_claimer_fills_an_engine_by_sequences_not_requests(fq):
     assert claimer._claim_round() == (2, True)  # noqa: SLF001
     assert claimer._claim_round() == (0, False)  # noqa: SLF001 - full: nothing more until rows free
     assert sum(c.request.seqs for c in engine.held) == 8
+
+
+def test_preempted_request_goes_back_first_keeps_its_log_and_is_not_a_failed_attempt(rclient):
+    fq = FairQueue(rclient, SchedulerSettings(lease_s=5, max_attempts=2))
+    fq.enqueue(req(1), now=100.0)
+    fq.enqueue(req(2), now=101.0)
+    rclient.rpush(qkeys.output_log(MODEL, "r1"), "tokens so far")
+    for t in (102.0, 104.0, 106.0):  # preempted three times: more than max_attempts claims
+        res = fq.claim_batch(MODEL, "w", 1, now=t)
+        assert ids(res) == ["r1"]  # back at the head of its user's queue each time
+        assert fq.requeue(MODEL, "w", "r1", "preempted", now=t + 1) == "requeued"
+        assert rclient.zscore(qkeys.leases(MODEL), "r1") is None  # lease released with the requeue
+    res = fq.claim_batch(MODEL, "w2", 1, now=110.0)
+    c = res.claimed[0]
+    assert (c.request.id, c.attempt, c.preemptions, c.preempted_at) == ("r1", 4, 3, 107.0)
+    assert c.preempted_s == pytest.approx(1.0 + 1.0 + 3.0)
+    assert rclient.lrange(qkeys.output_log(MODEL, "r1"), 0, -1) == ["tokens so far"]
+    assert fq.requeue(MODEL, "w", "r1", "preempted") == "gone"  # only the lease owner may
+    assert fq.reap(MODEL, now=200.0) == (["r1"], [])  # one failed attempt so far: requeued
+    assert ids(fq.claim_batch(MODEL, "w3", 1, now=200.0)) == ["r1"]
+    assert fq.requeue(MODEL, "w3", "r1", "failed", now=201.0) == "failed"  # the second failure is the last
+    assert not rclient.exists(qkeys.request(MODEL, "r1"))
+    assert ids(fq.claim_batch(MODEL, "w", 1, now=202.0)) == ["r2"]
+
+
+def test_a_failed_worker_hands_back_and_a_cancelled_request_is_dropped(fq, rclient):
+    fq.enqueue(req(1), now=100.0)
+    fq.enqueue(req(2, user="b"), now=100.0)
+    assert ids(fq.claim_batch(MODEL, "w", 2, now=100.0)) == ["r1", "r2"]
+    assert fq.cancel(MODEL, "r2") == "running"
+    assert fq.requeue(MODEL, "w", "r1", "failed", now=101.0) == "requeued"
+    assert fq.requeue(MODEL, "w", "r2", "failed", now=101.0) == "cancelled"
+    assert not rclient.exists(qkeys.request(MODEL, "r2"))
+    assert rclient.zcard(qkeys.leases(MODEL)) == 0
+    res = fq.claim_batch(MODEL, "w", 2, now=102.0)
+    assert ids(res) == ["r1"] and res.claimed[0].attempt == 2 and res.claimed[0].preemptions == 0
+
+
+def test_preempting_claim_takes_only_qualifying_requests_with_their_victims(rclient):
+    fq = FairQueue(rclient, SchedulerSettings(preempt_min_run_steps=3, max_queue_per_user=50))
+    for i in range(4):
+        fq.enqueue(req(i, user="flood"), now=100.0)
+    fq.claim_batch(MODEL, "w", 4, now=100.0)
+    batch = Batch(4, tuple(Running(f"r{i}", "flood", "normal", 1.0, 1, 10 + i, 5) for i in range(4)))
+    fq.enqueue(req(10, user="flood"), now=101.0)  # the same user: never preempts itself
+    assert ids(fq.claim_preempting(MODEL, "w", batch, now=101.0)) == []
+    fq.enqueue(req(11, user="light"), now=101.0)
+    fq.enqueue(req(12, user="light"), now=101.0)
+    fq.enqueue(req(13, user="vip", tier="high"), now=101.0)
+    res = fq.claim_preempting(MODEL, "w", batch, now=101.0)
+    # vip by tier first (the least work lost: r0), then light by share (r1); light's
+    # second request would put it over its share of 4/3 rows.
+    assert [(c.request.id, c.victims, c.reason) for c in res.claimed] == [("r13", ("r0",), "tier"),
+                                                                            ("r11", ("r1",), "share")]
+    assert fq.depth(MODEL)["normal"] == 2
+    young = Batch(4, tuple(Running(f"r{i}", "flood", "low", 1.0, 1, 10, 2) for i in range(4)))
+    assert ids(fq.claim_preempting(MODEL, "w", young, now=102.0)) == []  # the thrash guard

@@ -82,7 +82,7 @@ def test_penalties_push_repeated_tokens_down():
 
 
 def test_logprobs_are_raw_model_logprobs():
-    toks, recs = SAMPLER(LOGITS, [mk(temperature=0.0, logprobs=True, top_logprobs=3)])
+    toks, recs, _ = SAMPLER(LOGITS, [mk(temperature=0.0, logprobs=True, top_logprobs=3)])
     expected = torch.log_softmax(LOGITS[0], -1)
     assert math.isclose(recs[0]["logprob"], float(expected[2]), rel_tol=1e-5)
     assert [t["id"] for t in recs[0]["top_logprobs"]] == [2, 3, 7]
@@ -91,3 +91,21 @@ def test_logprobs_are_raw_model_logprobs():
 
 def test_a_vanishing_temperature_is_greedy_not_nan():
     assert SAMPLER(LOGITS, [mk(temperature=1e-9)])[0] == [2]
+
+
+def test_a_broken_row_fails_alone_and_says_why():
+    """Poisoned parameters or logits flag their own row; the others sample as if alone."""
+    logits = LOGITS.repeat(5, 1)
+    logits[3, 2] = float("nan")  # the model's own output went bad
+    rows = [
+        mk(temperature=0.0),
+        mk(temperature=1.0, prompt=[2, 3], repetition_penalty=1e-40),  # overflows to +inf
+        mk(temperature=0.0, min_tokens=3, stop_token_ids=tuple(range(V))),  # nothing left to sample
+        mk(temperature=1.0),
+        mk(temperature=0.0, repetition_penalty=1e-40, prompt=[2]),  # greedy rows are checked too
+    ]
+    tokens, records, failures = SAMPLER(logits, rows)
+    assert failures == [0, 1, 1, 2, 1]
+    assert tokens[0] == 2
+    alone = SAMPLER(LOGITS, [mk(temperature=0.0)])
+    assert (alone[0][0], alone[2]) == (tokens[0], [0])

@@ -1,0 +1,184 @@
+"""Isolation under a full batch: a newcomer's time to first token behind a batch
+full of long generations, with preemption on and off, in the same run.
+
+    python -m loadtest.preemption --duration 120 --out loadtest/results/preemption.json
+
+Per scenario and mode (``INFERSTACK_PREEMPTION=true|false``) it starts its own stack
+(``inferstack up``, SmolLM2-135M, ``--max-batch`` rows) on its own redis-server, then:
+
+* the flood: ``--max-batch`` closed-loop streaming clients of one user, each asking
+  for ``--flood-tokens`` tokens with ``ignore_eos`` (greedy), started together so the
+  batch is full of long generations;
+* once every flood stream has its first token (the batch is full), the newcomer:
+  one client of another user sending ``--newcomer-tokens``-token requests one after
+  the other (``--think`` seconds apart) for ``--duration`` seconds.
+
+| scenario | flood | newcomer |
+|---|---|---|
+| share | user `flood`, tier normal | user `newcomer`, tier normal (under its fair share) |
+| tier | user `flood`, `"priority": "low"` | user `newcomer`, tier normal (a higher tier) |
+
+Reported: the newcomer's TTFT p50/p95/max and request count, the flood's throughput
+(streamed tokens per second while the newcomer runs) and the preemptions the
+worker made (from its heartbeat). A newcomer request still waiting when the
+window closes counts with the time it had waited so far (a lower bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+
+import httpx
+import redis
+
+from broker import keys
+from inferstack.redis_server import RedisServer
+from loadtest.bench import machine
+from loadtest.prompts import chat_prompt
+from loadtest.stats import pct
+from loadtest.suite import MODEL, start_stack, stop_stack
+
+SCENARIOS = {  # name: (flood priority, newcomer priority)
+    "share": ("normal", "normal"),
+    "tier": ("low", "normal"),
+}
+
+
+async def stream(client: httpx.AsyncClient, url: str, i: int, user: str, priority: str, max_tokens: int,
+                 on_token) -> None:
+    """One greedy streaming chat request; ``on_token(now)`` for each content chunk."""
+    body = {"model": MODEL, "messages": chat_prompt(i), "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "user": user, "priority": priority}
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                if chunk.get("choices"):
+                    on_token(time.monotonic())
+
+
+async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, args) -> dict:
+    flood_tokens: list[float] = []
+    started: set[int] = set()
+    errors = {"flood": 0, "newcomer": 0}
+    stop = asyncio.Event()
+
+    async def flood_client(client, k):
+        n = 0
+        while not stop.is_set():
+            def on_token(now, k=k):
+                flood_tokens.append(now)
+                started.add(k)
+            try:
+                await stream(client, url, k + 32 * n, "flood", flood_priority, args.flood_tokens, on_token)
+            except (httpx.HTTPError, RuntimeError):
+                errors["flood"] += 1
+            n += 1
+
+    ttfts: list[float] = []
+    pending: dict[str, float] = {}
+
+    async def newcomer(client):
+        n = 0
+        while not stop.is_set():
+            sent = time.monotonic()
+            first: list[float] = []
+            pending["t"] = sent
+            try:
+                await stream(client, url, 1000 + n, "newcomer", newcomer_priority, args.newcomer_tokens,
+                             lambda now: first.append(now))
+                ttfts.append(first[0] - sent)
+            except (httpx.HTTPError, RuntimeError):
+                errors["newcomer"] += 1
+            pending.pop("t", None)
+            n += 1
+            await asyncio.sleep(args.think)
+
+    limits = httpx.Limits(max_connections=args.max_batch + 8, max_keepalive_connections=args.max_batch + 8)
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+        flood = [asyncio.create_task(flood_client(client, k)) for k in range(args.max_batch)]
+        deadline = time.monotonic() + 600
+        while len(started) < args.max_batch:  # the batch is full of long generations
+            if time.monotonic() > deadline:
+                raise RuntimeError("the flood never filled the batch")
+            await asyncio.sleep(0.1)
+        window_start = time.monotonic()
+        newcomer_task = asyncio.create_task(newcomer(client))
+        await asyncio.sleep(args.duration)
+        window_end = time.monotonic()
+        stop.set()
+        if "t" in pending:  # still waiting: count what it waited so far (a lower bound)
+            ttfts.append(window_end - pending["t"])
+        for t in flood + [newcomer_task]:
+            t.cancel()
+        await asyncio.gather(*flood, newcomer_task, return_exceptions=True)
+    window = window_end - window_start
+    in_window = sum(1 for t in flood_tokens if window_start <= t <= window_end)
+    ms = [t * 1000 for t in ttfts]
+    return {"newcomer_requests": len(ttfts), "ttft_p50_ms": pct(ms, 50), "ttft_p95_ms": pct(ms, 95),
+            "ttft_max_ms": max(ms, default=float("nan")), "flood_tokens_per_s": in_window / window,
+            "window_s": window, "errors": errors}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=120, help="seconds the newcomer runs, per scenario and mode")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--flood-tokens", type=int, default=256)
+    ap.add_argument("--newcomer-tokens", type=int, default=16)
+    ap.add_argument("--think", type=float, default=1.0, help="seconds between the newcomer's requests")
+    ap.add_argument("--scenarios", default="share,tier")
+    ap.add_argument("--modes", default="on,off")
+    ap.add_argument("--out", default="loadtest/results/preemption.json")
+    args = ap.parse_args(argv)
+    result = {"machine": machine(), "args": vars(args), "runs": {}}
+    for scenario in args.scenarios.split(","):
+        for mode in args.modes.split(","):
+            server = RedisServer()
+            try:
+                proc, url = start_stack("continuous", {"INFERSTACK_PREEMPTION": "true" if mode == "on" else "false",
+                                                       "INFERSTACK_MAX_BATCH": str(args.max_batch)},
+                                        redis_url=server.url)
+                r = redis.Redis.from_url(server.url, decode_responses=True)
+                try:
+                    res = asyncio.run(run_scenario(url, *SCENARIOS[scenario], args))
+                    res["preemptions"] = sum(int(r.hget(keys.worker(w), "preemptions") or 0)
+                                             for w in r.zrange(keys.WORKERS, 0, -1))  # its heartbeat
+                finally:
+                    r.close()
+                    stop_stack(proc)
+            finally:
+                server.stop()
+            result["runs"][f"{scenario}/{mode}"] = res
+            print(f"{scenario:6} preemption {mode:3}: newcomer TTFT p50 {res['ttft_p50_ms']:7.0f} ms  p95 "
+                  f"{res['ttft_p95_ms']:7.0f}  max {res['ttft_max_ms']:7.0f}  ({res['newcomer_requests']} requests)  "
+                  f"flood {res['flood_tokens_per_s']:6.1f} tok/s  preemptions {res['preemptions']}  "
+                  f"errors {res['errors']}", flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    lines = ["| scenario | preemption | newcomer TTFT p50 / p95 / max ms | newcomer requests | flood tok/s | "
+             "flood vs off | preemptions |", "|---|---|---|---|---|---|---|"]
+    for key, r in result["runs"].items():
+        scenario, mode = key.split("/")
+        off = result["runs"].get(f"{scenario}/off")
+        ratio = f"{r['flood_tokens_per_s'] / off['flood_tokens_per_s']:.2f}" if off else "-"
+        lines.append(f"| {scenario} | {mode} | {r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} / {r['ttft_max_ms']:.0f} "
+                     f"| {r['newcomer_requests']} | {r['flood_tokens_per_s']:.1f} | {ratio} | {r['preemptions']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

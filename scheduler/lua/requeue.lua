@@ -1,0 +1,32 @@
+-- A worker hands a running request back to the queue, at the head of its user's queue
+-- with its original tags, keeping its output log (whoever claims it next resumes from
+-- there), and releases its lease, all at once.
+-- ARGV: worker, rid, kind, max_attempts, now(optional), log_ttl_s (how long the log of
+-- a request that failed stays readable)
+-- kind "preempted": its rows went to another request; not a failed attempt.
+-- kind "failed": the worker's step failed (out of memory, a device error); a failed
+-- attempt: once the request is out of attempts it fails instead.
+-- Returns "requeued", "failed" (the caller reports the error), "cancelled" (dropped:
+-- the client is gone) or "gone" (not this worker's any more).
+local worker, rid, kind, max_attempts = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now = now_s(ARGV[5])
+local log_ttl = tonumber(ARGV[6])
+local rk = k_req(rid)
+local f = redis.call("HMGET", rk, "worker", "state", "cancelled")
+if f[1] ~= worker or f[2] ~= "running" then return "gone" end
+redis.call("ZREM", K_LEASES, rid)
+if f[3] == "1" then
+  redis.call("DEL", rk, k_out(rid))
+  return "cancelled"
+end
+if kind == "preempted" then
+  redis.call("HINCRBY", rk, "preemptions", 1)
+  redis.call("HSET", rk, "preempted_at", tostring(now))
+elseif failed_attempts(rk) >= max_attempts then
+  redis.call("DEL", rk)
+  redis.call("EXPIRE", k_out(rid), log_ttl)
+  return "failed"
+end
+requeue_front(rid, now)
+ring(K_BELL)
+return "requeued"
