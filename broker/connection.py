@@ -217,15 +217,34 @@ async def ainitialize(client) -> None:
         await client.initialize()
 
 
+class SubscriptionLost(Exception):
+    """The server ended a sharded subscription: its slot moved to another node (a
+    failover, a reshard). Subscribe again (after ``refresh_topology``); what was
+    published meanwhile is lost to this subscriber."""
+
+
+def _sharded(pubsub, msg):
+    if msg is None or msg["type"] == "ssubscribe":
+        return None
+    if msg["type"] == "sunsubscribe":
+        # One we asked for is no longer in shard_channels (redis-py drops it on the
+        # confirmation); one the server ended is.
+        if msg["channel"] in pubsub.shard_channels:
+            raise SubscriptionLost(msg["channel"])
+        return None
+    return msg
+
+
 def next_message(pubsub, timeout: float):
-    """The next sharded message (``type == "smessage"``) or None, on any client kind."""
+    """The next sharded message (``type == "smessage"``) or None, on any client kind;
+    raises :class:`SubscriptionLost` when the server ended a subscription."""
     if hasattr(pubsub, "get_sharded_message"):
-        return pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=timeout)
-    return pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+        return _sharded(pubsub, pubsub.get_sharded_message(timeout=timeout))
+    return _sharded(pubsub, pubsub.get_message(timeout=timeout))
 
 
 async def anext_message(pubsub, timeout: float):
     """:func:`next_message` for asyncio clients."""
     if hasattr(pubsub, "get_sharded_message"):
-        return await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=timeout)
-    return await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+        return _sharded(pubsub, await pubsub.get_sharded_message(timeout=timeout))
+    return _sharded(pubsub, await pubsub.get_message(timeout=timeout))

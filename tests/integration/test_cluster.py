@@ -89,3 +89,46 @@ def test_cancellations_reach_the_workers_of_either_model(fq, cluster_target):
     finally:
         stopping.set()
         listener.join(5)
+
+
+def test_the_relay_follows_its_channel_to_the_new_primary(redis_cluster, cluster_target):
+    """A graceful failover moves the slot of a model's reply channel: the server ends
+    the subscription on the old primary (no error, just an unsubscribe). The relay
+    notices, wakes its readers (they refill from the logs) and subscribes again on the
+    new primary, where events published afterwards reach it."""
+    import asyncio
+
+    from api.relay import TokenRelay
+    from broker import messages
+    from broker.messages import TokenEvent
+
+    async def run():
+        relay = TokenRelay(cluster_target, "api-1", list(MODELS))
+        await relay.start()
+        q = relay.register("r1")
+        channel = relay.channel_for(MODELS[0])
+        publisher = sync_client(cluster_target)
+        try:
+            def send(start):
+                return publisher.spublish(channel, messages.encode_batch([TokenEvent("r1", 0, start, [start])]))
+
+            send(0)
+            assert (await asyncio.wait_for(q.get(), 10)).start == 0
+            await asyncio.to_thread(redis_cluster.failover, redis_cluster.primary_of(channel))
+            got = []
+            for start in range(1, 200):  # until the relay listens on the new primary
+                send(start)
+                try:
+                    got.append(await asyncio.wait_for(q.get(), 0.2))
+                except TimeoutError:
+                    continue
+                if got[-1] is not None:
+                    break
+            assert None in got, "the readers were not told that events may have been missed"
+            assert got[-1] is not None and got[-1].start > 0
+            assert relay.reconnects >= 1
+        finally:
+            publisher.close()
+            await relay.stop()
+
+    asyncio.run(run())
