@@ -14,10 +14,20 @@ hash slot (``scheduler.keys``), nothing blocks on keys of two slots, and pub/sub
 sharded channels (``SPUBLISH``/``SSUBSCRIBE``), which a Cluster keeps on the shard that
 owns the channel's slot instead of broadcasting to every node. rq (media jobs) cannot
 use a Cluster: it gets its own URL (``INFERSTACK_RQ_REDIS_URL``), standalone or sentinel.
+
+Every client retries a failed command a few times (a blip, a failover: jittered
+exponential backoff on one Redis or a Sentinel-managed primary; on a Cluster,
+redis-py's own retries, which read the slot map again between tries), then raises:
+riding out a longer outage is each component's own loop (``Outage`` below), which
+knows what it may hold meanwhile. A command retried after a dropped reply may run
+twice, so the scripts that change state are idempotent (enqueue) or fenced by lease
+owner (emit, complete).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import unquote
@@ -26,19 +36,37 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.cluster import ClusterNode, RedisCluster, key_slot
 from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError, SlotNotCoveredError)
 """What a Redis that is unreachable, restarting or failing over raises: a primary gone,
 a Cluster slot without a primary until a replica takes it over, a Sentinel-managed
-client still finding the new primary (redis-py raises ``ConnectionError`` then)."""
+client still finding the new primary (redis-py raises ``ConnectionError`` then), a
+restarted Redis still loading its data (``BusyLoadingError`` is a ``ConnectionError``)."""
 
-_OPTIONS = dict(decode_responses=True, health_check_interval=30)
+log = logging.getLogger(__name__)
+
+_COMMAND_RETRIES = 3
+_OPTIONS = dict(decode_responses=True, health_check_interval=30, socket_connect_timeout=2.0, socket_keepalive=True)
 _SENTINEL_OPTIONS = dict(socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True)
 """Sentinels answer a question or are skipped for the next one: never wait long on one."""
+
+
+def backoff() -> EqualJitterBackoff:
+    """Pause before the next reconnect attempt: about 50 ms doubling to 1 s, jittered
+    (between half and all of it), so clients coming back together do not arrive in
+    lockstep, and a returning Redis is found within a second."""
+    return EqualJitterBackoff(cap=1.0, base=0.05)
+
+
+def _command_backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(cap=0.25, base=0.02)
 
 
 class RedisMode(StrEnum):
@@ -115,15 +143,18 @@ class _Kind:
     sentinel_managed: type
     cluster: type
     cluster_node: type
+    retry: type
 
 
-_SYNC = _Kind(redis.Redis, Sentinel, _SentinelManaged, RedisCluster, ClusterNode)
-_ASYNC = _Kind(aioredis.Redis, AsyncSentinel, _AsyncSentinelManaged, AsyncRedisCluster, AsyncClusterNode)
+_SYNC = _Kind(redis.Redis, Sentinel, _SentinelManaged, RedisCluster, ClusterNode, Retry)
+_ASYNC = _Kind(aioredis.Redis, AsyncSentinel, _AsyncSentinelManaged, AsyncRedisCluster, AsyncClusterNode, AsyncRetry)
 
 
 def _client(kind: _Kind, target: RedisTarget | str, kw: dict):
     target = RedisTarget(target) if isinstance(target, str) else target
     kw = {**_OPTIONS, **kw}
+    if target.mode is not RedisMode.CLUSTER:  # (a Cluster client takes no per-connection retry)
+        kw.setdefault("retry", kind.retry(_command_backoff(), _COMMAND_RETRIES))
     if target.mode is RedisMode.STANDALONE:
         return kind.plain.from_url(target.url, **kw)
     if target.mode is RedisMode.SENTINEL:
@@ -177,8 +208,58 @@ async def acheck_server(client) -> None:
         raise RuntimeError(problem)
 
 
+class Outage:
+    """One component's view of whether Redis answers: logs the first failure and the
+    recovery (not every retry), says how long the outage has lasted, and paces the
+    retries with :func:`backoff`."""
+
+    def __init__(self, what: str, logger: logging.Logger):
+        self.what = what
+        self.log = logger
+        self.since: float | None = None
+        """Monotonic time of the first failure of the current outage (None: Redis answers)."""
+        self.failures = 0
+        self._backoff = backoff()
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def elapsed(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
+
+    def failed(self, exc: BaseException) -> float:
+        """Note a failure; returns the pause before the next attempt."""
+        self.failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            self.log.warning("%s: Redis unavailable (%s); retrying", self.what, exc or type(exc).__name__)
+        return self._backoff.compute(self.failures)
+
+    def ok(self) -> float | None:
+        """Note a success; returns how long the outage that just ended lasted, if one did."""
+        if self.since is None:
+            return None
+        lasted = time.monotonic() - self.since
+        self.since, self.failures = None, 0
+        self._backoff.reset()
+        self.log.warning("%s: Redis is back after %.1f s", self.what, lasted)
+        return lasted
+
+
 def is_cluster(client) -> bool:
     return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+def server_ids(client) -> frozenset[str]:
+    """The run ids of the primaries (one, or each of a Cluster's): one that changes
+    means a restart or a failover, either of which may have lost the last writes (an
+    AOF synced every second, a replica behind its primary)."""
+    if isinstance(client, RedisCluster):
+        infos = client.info("server", target_nodes=RedisCluster.PRIMARIES)
+        infos = [infos] if "run_id" in infos else infos.values()  # (one primary: its answer alone)
+        return frozenset(info["run_id"] for info in infos)
+    return frozenset({client.info("server")["run_id"]})
 
 
 # -- sharded pub/sub --------------------------------------------------------------
@@ -198,16 +279,26 @@ def subscription_groups(client, channels) -> list[list[str]]:
 
 
 def refresh_topology(client) -> None:
-    """After a subscription lost its node: make a Cluster client read the slot map
-    again (its commands do that by themselves when a node fails; a subscription does
-    not), so the next SSUBSCRIBE goes to whoever serves the slot now."""
+    """After a subscription or a pipeline failed on a Cluster: make the client read the
+    slot map again, so the next try goes to whoever serves the slot now. A single
+    command does that by itself when its node fails; a subscription does not, and
+    neither does a pipeline (redis-py's would go on sending to a dead primary after
+    its replica took over). Never raises: while the cluster still elects, the next
+    failure reads it again."""
     if isinstance(client, RedisCluster):
-        client.nodes_manager.initialize()
+        try:
+            client.nodes_manager.initialize()
+        except Exception:  # noqa: BLE001
+            log.debug("slot map not read (cluster still failing over?)", exc_info=True)
 
 
 async def arefresh_topology(client) -> None:
+    """:func:`refresh_topology` for asyncio clients."""
     if isinstance(client, AsyncRedisCluster):
-        await client.nodes_manager.initialize()
+        try:
+            await client.nodes_manager.initialize()
+        except Exception:  # noqa: BLE001
+            log.debug("slot map not read (cluster still failing over?)", exc_info=True)
 
 
 async def ainitialize(client) -> None:
@@ -230,7 +321,7 @@ def _sharded(pubsub, msg):
         # One we asked for is no longer in shard_channels (redis-py drops it on the
         # confirmation); one the server ended is.
         if msg["channel"] in pubsub.shard_channels:
-            raise SubscriptionLost(msg["channel"])
+            raise SubscriptionLost(f"{msg['channel']}: the server ended the subscription (its slot moved)")
         return None
     return msg
 

@@ -62,6 +62,10 @@ state = Key("state", "state", "hash",
 user_counts = Key("ucount", "ucount", "hash",
                   "User -> requests waiting (the per-user cap); a user's field goes at zero.")
 leases = Key("leases", "leases", "zset", "In-flight request ids scored by lease expiry (unix seconds).")
+alive = Key("alive", "alive", "hash",
+            "Worker -> unix time it last claimed or renewed leases of this model: the reaper requeues the "
+            "requests of a worker silent for worker_dead_s (a few missed heartbeats) without waiting for "
+            "their leases to lapse.")
 drain = Key("drain", "drain", "hash", "Observed drain rate of the queue (EWMA of cost units per second).")
 doorbell = Key("bell", "bell", "list",
                "Rung (LPUSH, trimmed) when work arrives; idle workers of the model wait on it (BLPOP).")
@@ -69,10 +73,11 @@ reaper_lock = Key("reaper", "reaper", "string",
                   "SET NX PX by the worker that reaps this model's lapsed leases this period.")
 request = Key("req", "req:<rid>", "hash",
               "The request: payload, user, tier, weight, cost, sequences, start tag, enqueue time, deadline, "
-              "state, lease owner, attempts, preemptions, affinity.")
+              "state, lease owner, attempts, preemptions, drains, affinity.")
 output_log = Key("out", "out:<rid>", "list",
-                 "Every event already published for the request, so a worker taking over after a crash "
-                 "resumes where the dead one stopped; expires output_log_ttl_s after the request ends.")
+                 "Every event already published for the request (lua/emit.lua appends, fenced by lease "
+                 "owner), so a worker taking over after a crash resumes where the dead one stopped and a "
+                 "client resumes its stream; expires output_log_ttl_s after the request ends.")
 user_queue = Key("uq", "uq:<tier>:<user>", "list", "One user's waiting request ids in one tier, FIFO.")
 tier_users = Key("tu", "tu:<tier>", "zset", "Users with waiting work in a tier, by their head request's start tag.")
 tier_age = Key("age", "age:<tier>", "zset", "Waiting request ids in a tier by enqueue time (aging, deadlines).")
@@ -94,7 +99,7 @@ reply_channel = Key("reply", "reply:<api>", "channel",
                     "events here, the process's relay fans them out.")
 
 TABLE: tuple[Key, ...] = (
-    state, user_counts, leases, drain, doorbell, reaper_lock, request, output_log, user_queue, tier_users,
+    state, user_counts, leases, alive, drain, doorbell, reaper_lock, request, output_log, user_queue, tier_users,
     tier_age, finish_tags, worker_doorbell, kv_session, kv_prefix, cancel_channel, reply_channel,
 )
 

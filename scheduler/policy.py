@@ -117,11 +117,6 @@ class FairQueueModel:
             running.append(Running(item.rid, item.user, item.tier, item.weight, item.seqs, 0, 0))
             out.append((item.rid, [v.rid for v in victims], reason))
 
-    def _fair_head(self, tier: str) -> _Waiting:
-        heads = [q[0] for (t, _), q in self.queues.items() if t == tier and q]
-        # Redis sorted sets order equal scores by member name: do the same.
-        return min(heads, key=lambda w: (w.start, w.user))
-
     def claim(self, n: int, now: float) -> list[str]:
         """Request ids in claim order, until they bring ``n`` sequences."""
         out, taken = [], 0

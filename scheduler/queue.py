@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from importlib import resources
 
 import orjson
+from redis.exceptions import NoScriptError
 
 from broker import messages
-from broker.messages import Batch, Claimed, GenerateRequest, Tier
+from broker.messages import Batch, Claimed, GenerateRequest, Tier, TokenEvent
 from scheduler import keys
 from scheduler.settings import SchedulerSettings
 
 SCRIPT_NAMES = ("enqueue", "claim", "claim_preempting", "cancel", "extend", "complete", "requeue", "reap",
-                "kv_index")
+                "kv_index", "emit", "read_log")
 
 
 def _source(name: str) -> str:
@@ -89,19 +90,35 @@ def _admission(res) -> Admission:
 
 
 class _Scripts:
-    """The scripts registered on one client; ``call`` runs one for a model."""
+    """The scripts registered on one client; ``call`` runs one for a model.
+
+    A node with an empty script cache (restarted, or a replica that just took over)
+    answers EVALSHA with NOSCRIPT. redis-py then loads the script and tries again, but
+    on a Cluster whose slot map is stale the load can miss that node; so a second
+    NOSCRIPT sends the script itself (EVAL). In a pipeline, which cannot retry, it is
+    EVAL from the start (``execute_command``: a Cluster pipeline blocks its eval())."""
 
     def __init__(self, client, names=SCRIPT_NAMES):
+        self.r = client
         self._scripts = {name: client.register_script(SCRIPTS[name]) for name in names}
+
+    def _eval_args(self, name: str, model: str, args: list) -> tuple:
+        return (SCRIPTS[name], len(keys.FIXED), *keys.fixed(model), *args)
 
     def call(self, name: str, model: str, args: list, pipe=None):
         if pipe is not None:
-            # EVAL, not EVALSHA: a node with an empty script cache (restarted, or a replica
-            # that just took over) answers EVALSHA with NOSCRIPT, which a pipeline cannot
-            # retry. Outside pipelines redis-py loads the script and retries by itself.
-            # (execute_command: a Cluster pipeline blocks its eval() method, not EVAL.)
-            return pipe.execute_command("EVAL", SCRIPTS[name], len(keys.FIXED), *keys.fixed(model), *args)
-        return self._scripts[name](keys=keys.fixed(model), args=args)
+            return pipe.execute_command("EVAL", *self._eval_args(name, model, args))
+        try:
+            return self._scripts[name](keys=keys.fixed(model), args=args)
+        except NoScriptError:
+            return self.r.eval(*self._eval_args(name, model, args))
+
+    async def acall(self, name: str, model: str, args: list):
+        """:meth:`call` on an asyncio client."""
+        try:
+            return await self._scripts[name](keys=keys.fixed(model), args=args)
+        except NoScriptError:
+            return await self.r.eval(*self._eval_args(name, model, args))
 
 
 class FairQueue:
@@ -139,8 +156,8 @@ class FairQueue:
     def requeue(self, model: str, worker_id: str, request_id: str, kind: str, *, pipe=None,
                 now: float | None = None) -> str:
         """Hand a running request back to the head of its user's queue (``kind``:
-        ``preempted`` or ``failed``); see lua/requeue.lua for the answers. With
-        ``pipe``, queued on that pipeline instead."""
+        ``preempted``, ``drained`` or ``failed``); see lua/requeue.lua for the answers.
+        With ``pipe``, queued on that pipeline instead."""
         return self._scripts.call("requeue", model, [worker_id, request_id, kind, self.s.max_attempts, _now_arg(now),
                                                      self.s.output_log_ttl_s], pipe)
 
@@ -168,9 +185,10 @@ class FairQueue:
         return bool(self.r.set(keys.reaper_lock(model), worker_id, nx=True, px=int(period_s * 1000)))
 
     def reap(self, model: str, *, now: float | None = None) -> tuple[list[str], list[GenerateRequest]]:
-        """Requeue lapsed leases; returns (requeued ids, requests out of attempts)."""
+        """Requeue the requests of dead workers (silent for ``worker_dead_s``) and lapsed
+        leases; returns (requeued ids, requests out of attempts)."""
         requeued, failed = self._scripts.call(
-            "reap", model, [self.s.max_attempts, _now_arg(now), self.s.output_log_ttl_s])
+            "reap", model, [self.s.max_attempts, _now_arg(now), self.s.output_log_ttl_s, self.s.worker_dead_s])
         return list(requeued), [messages.decode(failed[i + 1]) for i in range(0, len(failed), 2)]
 
     def cancel(self, model: str, request_id: str) -> str:
@@ -186,12 +204,29 @@ class FairQueue:
     def depth(self, model: str) -> dict[str, int]:
         return depths(self.r, [model])[model]
 
-    def append_log(self, pipe, model: str, request_id: str, encoded: bytes) -> None:
-        """Queue on ``pipe`` the append of one published event to the request's output log."""
-        pipe.rpush(keys.output_log(model, request_id), encoded)
+    def emit(self, model: str, worker_id: str, channel: str, events: list[tuple[str, str, bytes]], *,
+             pipe=None):
+        """Append ``(request id, mode, encoded event)`` to the output logs and publish
+        them on ``channel`` (the reply channel of one API process for ``model``), fenced
+        by lease owner (``lua/emit.lua``); returns the ids this worker no longer owns
+        (their events were dropped). With ``pipe``, queued on that pipeline instead."""
+        args = [worker_id, channel, self.s.output_log_ttl_s]
+        for rid, mode, ev in events:
+            args += [rid, mode, ev]
+        return self._scripts.call("emit", model, args, pipe)
 
-    def output_log(self, model: str, request_id: str) -> list:
-        return [messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1)]
+    def output_log(self, model: str, request_id: str) -> list[TokenEvent]:
+        """The token events already published for a request (what a worker resumes from)."""
+        events = (messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1))
+        return [ev for ev in events if isinstance(ev, TokenEvent)]
+
+    def output_logs(self, requests: list[tuple[str, str]]) -> list[list]:
+        """The whole logs (every event, errors too) of several ``(model, request id)``,
+        in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for model, rid in requests:
+            pipe.lrange(keys.output_log(model, rid), 0, -1)
+        return [[messages.decode(x) for x in raw] for raw in pipe.execute()]
 
 
 class AsyncFairQueue:
@@ -200,17 +235,26 @@ class AsyncFairQueue:
     def __init__(self, client, settings: SchedulerSettings):
         self.r = client
         self.s = settings
-        self._scripts = _Scripts(client, ("enqueue", "cancel"))
+        self._scripts = _Scripts(client, ("enqueue", "cancel", "read_log"))
 
     async def enqueue(self, req: GenerateRequest, *, weight: float = 1.0, timeout_s: float | None = None,
                       user_cap: int | None = None) -> Admission:
         args = _enqueue_args(req, self.s, weight, timeout_s, user_cap, None)
-        return _admission(await self._scripts.call("enqueue", req.model, args))
+        return _admission(await self._scripts.acall("enqueue", req.model, args))
 
     async def cancel(self, model: str, request_id: str) -> str:
         """Dequeue a waiting request, or flag a running one and announce it to the
         model's workers (``lua/cancel.lua``)."""
-        return await self._scripts.call("cancel", model, [request_id])
+        return await self._scripts.acall("cancel", model, [request_id])
 
-    async def output_log(self, model: str, request_id: str, since: int = 0) -> list:
-        return [messages.decode(x) for x in await self.r.lrange(keys.output_log(model, request_id), since, -1)]
+    async def state(self, model: str, request_id: str) -> str | None:
+        """``queued`` or ``running``; None once it is done (or unknown)."""
+        return await self.r.hget(keys.request(model, request_id), "state")
+
+    async def read_log(self, model: str, request_id: str, since: int) -> tuple[list, int, bool]:
+        """The request's output log from entry ``since`` on, the log's length, and whether
+        the request is still queued or running, read at one instant (``lua/read_log.lua``;
+        a script, not a MULTI: redis-py's asyncio Cluster client runs a transaction on a
+        thread of its own and blocks the event loop meanwhile)."""
+        exists, length, raw = await self._scripts.acall("read_log", model, [request_id, since])
+        return [messages.decode(x) for x in raw], int(length), bool(exists)

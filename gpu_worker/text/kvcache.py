@@ -42,7 +42,7 @@ class SlotKVCache:
         self.max_len = max_len
         self.init_len = min(init_len, max_len)
         self.init_rows = min(init_rows, num_slots)
-        self.bytes_per_token = 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self.bytes_per_token = self.token_bytes(num_layers, kv_heads, head_dim, dtype)
         self.budget_bytes = budget_bytes
         """Most bytes the cache may take; the planner admits only what fits (None = no limit)."""
         self.rows = 0
@@ -55,6 +55,11 @@ class SlotKVCache:
         self._row_index: torch.Tensor | None = None
         self._cols: torch.Tensor | None = None
         self._kv_len = 0
+
+    @staticmethod
+    def token_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Keys and values of one token over all layers."""
+        return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     # -- memory: grows (by doubling) in rows and in length, only as far as used ----
 

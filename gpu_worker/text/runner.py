@@ -7,27 +7,19 @@ from pathlib import Path
 
 import torch
 
-from gpu_worker.text.kvcache import SlotKVCache, cache_kwarg
+from gpu_worker.text.kvcache import Layers, SlotKVCache, cache_kwarg
 
 log = logging.getLogger(__name__)
 
 MIN_KV_BUDGET = 256 << 20
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}  # float64: exact arithmetic, for tests that compare token for token
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def column_major_linears(model: torch.nn.Module) -> None:
     """Store every Linear weight transposed-contiguous (column-major), keeping its
     shape. ``F.linear(x, W)`` then runs as ``x @ W.T`` on a contiguous matrix, which
     MKL's sgemm does 2-2.5x faster for the skinny batches of decoding (8-64 rows) on
-    CPU; the values and results are unchanged. Tied weights stay tied."""
+    CPU; the values and results are unchanged. Tied weights stay tied. Only for fp32:
+    bf16 matmuls go through oneDNN, not sgemm, and were not measured faster so."""
     replaced: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -44,33 +36,46 @@ def column_major_linears(model: torch.nn.Module) -> None:
 class ModelRunner:
     def __init__(self, model_dir: Path | str, *, device: torch.device, dtype: torch.dtype, max_slots: int,
                  context_length: int | None = None, kv_cache_bytes: int | None = None,
-                 memory_bytes: int | None = None):
+                 memory_bytes: int | None = None, tp=None):
         """``kv_cache_bytes`` bounds the batch KV cache; by default it is what the
         model's registry memory estimate (``memory_bytes``) leaves beside the weights,
-        so the model manager's accounting holds."""
+        so the model manager's accounting holds. ``tp`` (a ``tp.TpRank``, its process
+        group joined): keep only this rank's shard of the model and of the KV cache;
+        the budget then counts the whole group, and every rank admits the same tokens."""
         from transformers import AutoModelForCausalLM
 
         self.device, self.dtype = device, dtype
         self.model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=dtype, attn_implementation="sdpa"
-        ).to(device).eval()
-        if device.type == "cpu":
-            column_major_linears(self.model)
-        self._cache_kwarg = cache_kwarg(self.model)
+        ).eval()
         cfg = self.model.config.get_text_config()
         self.config = cfg
-        self.context_length = context_length or getattr(cfg, "max_position_embeddings", 4096)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.group_token_bytes = SlotKVCache.token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
+        """KV bytes per token over all ranks (this rank's cache holds only its heads)."""
+        if tp is not None:
+            from gpu_worker.text.tp import shard_model
+
+            kv_heads = shard_model(self.model, tp)  # on the host, before the device holds anything
+        self.model.to(device)
+        if device.type == "cpu" and dtype == torch.float32:
+            column_major_linears(self.model)
+        self._cache_kwarg = cache_kwarg(self.model)
+        self._decoder = self.model.get_decoder()
+        self._decoder_cache_kwarg = cache_kwarg(self._decoder)
+        self.context_length = context_length or getattr(cfg, "max_position_embeddings", 4096)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else self._default_budget(memory_bytes, weights)
+        token_bytes = SlotKVCache.token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
         self.cache = SlotKVCache(
             cfg.num_hidden_layers, max_slots, kv_heads, head_dim,
             dtype=dtype, device=device, max_len=self.context_length,
-            budget_bytes=kv_cache_bytes if kv_cache_bytes is not None else self._default_budget(memory_bytes),
+            budget_bytes=budget // self.group_token_bytes * token_bytes,  # whole tokens: the same on every rank
         )
         self._additive_mask = self.model.config._attn_implementation != "sdpa"
 
-    def _default_budget(self, memory_bytes: int | None) -> int:
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+    def _default_budget(self, memory_bytes: int | None, weights: int) -> int:
         if memory_bytes:
             return max(memory_bytes - weights, MIN_KV_BUDGET)
         if self.device.type == "cuda":  # no estimate: half of what is free now
@@ -82,9 +87,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, first_row: int, chunks: list[list[int]], starts: list[int], used_rows: int,
-                used_len: int) -> torch.Tensor:
+                used_len: int, *, logits: bool = True) -> torch.Tensor | None:
         """Run ``chunks[j]`` for cache row ``first_row + j``, whose first ``starts[j]``
-        tokens are already cached. Returns the logits after each chunk's last token.
+        tokens are already cached. Returns the logits after each chunk's last token
+        (``logits=False``: only fill the cache, as tensor-parallel followers do).
         ``used_rows``/``used_len``: what is in use over all rows (kept if the cache grows)."""
         m = len(chunks)
         query_len = max(len(c) for c in chunks)
@@ -111,9 +117,27 @@ class ModelRunner:
                 ~mask, torch.finfo(self.dtype).min
             )
         self.cache.plan(first_row, start_t, query_len, kv_len)
+        if not logits:
+            self._decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          **{self._decoder_cache_kwarg: self.cache}, use_cache=True)
+            return None
         keep = (lens - 1).unsqueeze(1)  # [m, 1]: position of each chunk's last token
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions,
             **{self._cache_kwarg: self.cache}, use_cache=True, logits_to_keep=keep,
         )
         return out.logits[:, -1, :]
+
+    # -- KV to and from the DRAM store (``key`` names the entry; tensor-parallel ranks
+    # each keep their own shard of it: ``tp.MIRRORED_RUNNER_OPS``) -----------------------
+
+    def save_kv(self, key: str, row: int, length: int) -> Layers:
+        """A copy of a row's first ``length`` positions, to keep under ``key``."""
+        return self.cache.to_layers(row, length)
+
+    def restore_kv(self, key: str, row: int, layers: Layers, length: int) -> None:
+        """Write the entry ``key`` (its ``layers``) into a row's first ``length`` positions."""
+        self.cache.from_layers(row, layers, length)
+
+    def drop_kv(self, key: str) -> None:
+        """The store dropped ``key`` (evicted, replaced or refused)."""

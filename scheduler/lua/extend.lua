@@ -2,6 +2,7 @@
 -- Returns the rids this worker no longer owns or that were cancelled (drop them).
 local worker, lease_s = ARGV[1], tonumber(ARGV[2])
 local now = now_s(ARGV[3])
+redis.call("HSET", K_ALIVE, worker, tostring(now))  -- heard from: the reaper's liveness signal
 local lost = {}
 for i = 4, #ARGV do
   local rid = ARGV[i]

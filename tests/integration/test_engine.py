@@ -9,13 +9,14 @@ from broker.messages import Claimed, GenerateRequest, SamplingParams
 from gpu_worker.text.engine import TextEngine
 from gpu_worker.text.kvcache import cache_kwarg
 from inferstack.registry import Modality, ModelSpec
+from tests.engines import run_schedule
 
 
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.inference_mode():
         for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 
@@ -26,26 +27,9 @@ def request(i, prompt, max_tokens, **kw):
 
 
 def run(engine, schedule: dict[int, list[GenerateRequest]], max_steps=500):
-    """schedule: step number -> requests that arrive before that step."""
-    outputs: dict[str, list[int]] = {}
-    finished: set[str] = set()
-
-    def emit(batch):
-        for o in batch:
-            if o.event is not None:
-                outputs.setdefault(o.request_id, []).extend(o.event.token_ids)
-            if o.request_done:
-                finished.add(o.request_id)
-
-    total = sum(len(v) for v in schedule.values())
-    for step in range(max_steps):
-        for req in schedule.get(step, []):
-            engine.add(Claimed(req, 1), [])
-        if engine.has_work():
-            engine.step(emit)
-        if len(finished) == total:
-            return outputs
-    raise AssertionError("engine did not finish")
+    """schedule: step number -> requests that arrive before that step; returns each
+    request's output tokens."""
+    return {rid: [t for e in events for t in e[2]] for rid, events in run_schedule(engine, schedule, max_steps).items()}
 
 
 def test_changing_batch_matches_unbatched_greedy(engine_factory):
