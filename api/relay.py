@@ -116,6 +116,7 @@ class TokenRelay:
     async def _listen(self, channels: list[str], ready: asyncio.Event, outage: Outage) -> None:
         while True:
             pubsub = self._client.pubsub()
+            connection = None
             try:
                 await pubsub.ssubscribe(*channels)
                 connection = getattr(pubsub, "connection", None)  # (a Cluster's has one per node)
@@ -140,6 +141,8 @@ class TokenRelay:
                     self._wake_all()  # readers read the logs, and poll them until it is back
                 await asyncio.sleep(pause)
             finally:
+                if connection is not None:
+                    connection.deregister_connect_callback(self._resubscribed)
                 try:
                     await pubsub.aclose()
                 except Exception:  # noqa: BLE001

@@ -565,7 +565,7 @@ class CancelListener(threading.Thread):
             except UNAVAILABLE as exc:
                 self.stopping.wait(outage.failed(exc))
             except SubscriptionLost as exc:
-                log.warning("cancel listener: %s moved to another node; subscribing again", exc)
+                log.warning("cancel listener: %s; subscribing again", exc)
             except Exception:  # noqa: BLE001 - nothing here may kill the worker
                 log.exception("cancel listener failed; subscribing again")
                 self.stopping.wait(0.5)

@@ -132,3 +132,67 @@ def test_the_relay_follows_its_channel_to_the_new_primary(redis_cluster, cluster
             await relay.stop()
 
     asyncio.run(run())
+
+
+def test_a_workers_round_trips_reach_the_replica_that_took_over_a_killed_primary(fq, redis_cluster, cluster_target):
+    """The worker's publisher sends round trips (both models' events and the lifecycle
+    stream: several nodes) while a killed primary's replica is still being elected
+    (they fail), and on once the replica serves: every event gets there, none is lost.
+    (A redis-py Cluster pipeline can go on sending to the dead primary unless the slot
+    map is read again: the publisher does after each failed round trip.)"""
+    import time
+
+    from broker import messages
+    from broker.messages import TokenEvent
+    from gpu_worker.engine import Outgoing
+    from gpu_worker.io import Publisher
+    from metrics.lifecycle import Claim
+
+    claimed = []
+    for model in MODELS:
+        fq.enqueue(req(1, model))
+        claimed += fq.claim_batch(model, "w", 1).claimed
+    publisher = Publisher(sync_client(cluster_target), FairQueue(sync_client(cluster_target), SchedulerSettings(
+        lease_s=120)), "w", on_lost=lambda *_: None)
+    publisher.start()
+    victim = redis_cluster.primary_of(qkeys.state(MODELS[1]))
+    heir = redis_cluster.replica_of(victim)
+
+    def send(start):
+        publisher.submit([Claim(c.request.model, c, 1, time.time()) for c in claimed] + [
+            Outgoing(c.request.model, c.request.reply_to, c.request.id,
+                     TokenEvent(c.request.id, 0, start, [start], f"t{start}")) for c in claimed])
+
+    def logged(c) -> set[int]:  # (a round trip cut short and sent again may repeat one: readers drop it)
+        node = redis_cluster.nodes[redis_cluster.primary_of(qkeys.state(c.request.model))].client()
+        try:
+            return {messages.decode(x).start for x in node.lrange(qkeys.output_log(c.request.model, c.request.id),
+                                                                   0, -1)}
+        finally:
+            node.close()
+
+    def wait(what, check):
+        deadline = time.monotonic() + 30
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    try:
+        send(0)
+        wait("the first events", lambda: all(logged(c) == {0} for c in claimed))
+        heir_client = redis_cluster.nodes[heir].client()
+        heir_client.execute_command("READONLY")
+        victim_log = qkeys.output_log(MODELS[1], f"{MODELS[1]}-r1")
+        wait("them to reach the replica", lambda: heir_client.llen(victim_log) == 1)
+        heir_client.close()
+        redis_cluster.nodes[victim].kill()  # no waiting: round trips land mid-election
+        for start in range(1, 40):
+            send(start)
+            time.sleep(0.1)
+            if heir in redis_cluster.primaries() and not publisher.outage.down and start > 5:
+                break
+        wait("every event to reach the primaries", lambda: all(logged(c) == set(range(start + 1)) for c in claimed))
+    finally:
+        publisher.stop()
+        publisher.join(5)
+        redis_cluster.heal()
