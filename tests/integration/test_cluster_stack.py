@@ -1,5 +1,6 @@
 """The stack on a real Redis Cluster: the API and workers stream two models whose
-queues sit on different primaries, through a graceful failover and a killed primary.
+queues sit on different primaries (and a dropped stream resumes), through a graceful
+failover and a killed primary.
 
 What must hold: every stream ends with ``[DONE]`` after every choice finished, or with
 an error event; none hangs (the client's timeout would fail the test), none is cut
@@ -10,6 +11,7 @@ import threading
 from openai import OpenAI
 
 from scheduler import keys as qkeys
+from tests.sse import stream, texts
 from tests.stack import Stack
 from tests.stream_outcome import chat
 from tests.tiny import TWO_SLOTS
@@ -33,6 +35,17 @@ def test_streams_of_two_models_on_two_primaries(redis_cluster, cluster_target, t
         for t in threads:
             t.join()
         assert [r["end"] for r in results] == ["done"] * 4, results
+
+        # A dropped stream resumes with exactly the rest: its record (found by the stream
+        # id alone) and its output log (in the model's slot) sit on different nodes.
+        url = f"{stack.url}/v1/chat/completions"
+        body = {"model": MODELS[0], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12,
+                "temperature": 0, "ignore_eos": True, "stream": True, "user": "alice"}
+        reference = stream("POST", url, json=body)
+        head = stream("POST", url, json=body, limit=4)
+        rest = stream("GET", f"{url}/{head[0].json['id']}/stream", params={"user": "alice"},
+                      headers={"Last-Event-ID": head[-1].id})
+        assert [e.id for e in head + rest] == [e.id for e in reference] and texts(head + rest) == texts(reference)
     finally:
         stack.stop()
 
