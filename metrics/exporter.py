@@ -157,6 +157,11 @@ class Exporter:
                     except UNAVAILABLE:
                         pass  # the next step finds Redis away and waits
                     continue
+                if isinstance(exc, redis.ResponseError) and str(exc).startswith("UNBLOCKED"):
+                    # A failover ended its blocking read (the primary became a replica):
+                    # read again where the stream is now.
+                    refresh_topology(self.r)
+                    continue
                 log.exception("writing a batch failed; its events stay pending and are retried")
                 stop.wait(2.0)
                 continue

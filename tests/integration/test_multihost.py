@@ -28,6 +28,7 @@ import time
 
 import httpx
 
+from broker.connection import sync_client
 from inferstack.procs import spawn_owned
 from inferstack.redis_server import free_port
 from metrics.store import ChdbStore
@@ -56,7 +57,7 @@ class Processes:
         self.logs.mkdir()
         self.procs: list[subprocess.Popen] = []
         self.exporter = self._spawn("exporter")
-        self.workers = [self._spawn("worker") for _ in range(3)]
+        self.workers = [self._spawn("worker", INFERSTACK_WORKER_ID=f"w{i}") for i in range(3)]
         self.api_urls = []
         for _ in range(3):
             port = free_port()
@@ -153,6 +154,11 @@ def test_three_apis_three_workers_a_killed_worker_and_two_failovers(redis_cluste
         load = Load(deployment.api_urls)
         load.start()
         wait_until("the first requests to end", lambda: load.ended() >= 2 * CLIENTS)
+        probe = sync_client(cluster_target)
+        wait_until("the worker to kill to hold a request", lambda: any(
+            probe.hget(qkeys.request(m, rid), "worker") == "w0" for m in MODELS for rid in probe.zrange(
+                qkeys.leases(m), 0, -1)))
+        probe.close()
         os.kill(deployment.workers[0].pid, signal.SIGKILL)
         wait_until("requests to end after the worker died", lambda: load.ended() >= 4 * CLIENTS)
         redis_cluster.failover(graceful)
