@@ -278,3 +278,25 @@ def test_requests_handed_back_while_redis_is_away_go_back_after_their_tokens():
         assert (released["request_id"], released["error"]) == ("r2", "engine_error")
     finally:
         t.close()
+
+
+def test_a_stopped_workers_hand_back_puts_its_requests_back_at_once():
+    """``Worker.hand_back`` runs after the publisher thread stopped (a drain that timed
+    out, a host's mode switch): it ships from the calling thread, and each request goes
+    back to the head of the queue as ``drained`` (not a failed attempt) with its log,
+    without waiting for its lease or the reaper."""
+    t = TwoClaimed()
+    try:
+        t.publisher.submit(t.tokens("r1", 0, 2))
+        t.wait(lambda: len(t.log("r1")) == 2)
+        t.publisher.stop()
+        t.publisher.join(5)
+        t.publisher.ship_now(handed_back("m", list(t.reqs.values()), "it stopped", "drained"))
+        for rid in ("r1", "r2"):
+            state = t.r.hgetall(qkeys.request("m", rid))
+            assert (state["state"], state["drains"]) == ("queued", "1") and "worker" not in state
+        again = t.fq.claim_batch("m", "w2", 2).claimed
+        assert sorted(c.request.id for c in again) == ["r1", "r2"] and {c.attempt for c in again} == {2}
+        assert [ev.start for ev in t.log("r1")] == [0, 1]  # what the next worker resumes from
+    finally:
+        t.close()
