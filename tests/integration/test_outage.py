@@ -280,23 +280,18 @@ def test_requests_handed_back_while_redis_is_away_go_back_after_their_tokens():
         t.close()
 
 
-def test_a_stopped_workers_hand_back_puts_its_requests_back_at_once():
-    """``Worker.hand_back`` runs after the publisher thread stopped (a drain that timed
-    out, a host's mode switch): it ships from the calling thread, and each request goes
-    back to the head of the queue as ``drained`` (not a failed attempt) with its log,
-    without waiting for its lease or the reaper."""
+def test_a_stopping_worker_hands_back_from_its_own_thread():
+    """``Worker.hand_back`` runs after the publisher thread has stopped: ``ship_now``
+    writes the last tokens, then requeues the request as ``drained`` (not a failed
+    attempt) with its log, so the next worker resumes it at once instead of after the lease."""
     t = TwoClaimed()
     try:
-        t.publisher.submit(t.tokens("r1", 0, 2))
-        t.wait(lambda: len(t.log("r1")) == 2)
         t.publisher.stop()
         t.publisher.join(5)
-        t.publisher.ship_now(handed_back("m", list(t.reqs.values()), "it stopped", "drained"))
-        for rid in ("r1", "r2"):
-            state = t.r.hgetall(qkeys.request("m", rid))
-            assert (state["state"], state["drains"]) == ("queued", "1") and "worker" not in state
-        again = t.fq.claim_batch("m", "w2", 2).claimed
-        assert sorted(c.request.id for c in again) == ["r1", "r2"] and {c.attempt for c in again} == {2}
-        assert [ev.start for ev in t.log("r1")] == [0, 1]  # what the next worker resumes from
+        t.publisher.ship_now(t.tokens("r1", 0, 2) + [Outgoing("m", "is:reply:t", "r1", None, requeue="drained")])
+        r1 = t.r.hgetall(qkeys.request("m", "r1"))
+        assert r1["state"] == "queued" and "worker" not in r1 and r1["attempts"] == "1"
+        assert [ev.start for ev in t.log("r1")] == [0, 1]
+        assert t.fq.claim_batch("m", "w2", 1).claimed[0].request.id == "r1"
     finally:
         t.close()
