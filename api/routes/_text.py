@@ -15,7 +15,8 @@ from typing import TypeVar
 
 import orjson
 from fastapi import Request
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
+
 
 from api.auth import Identity
 from api.body import parse
@@ -24,6 +25,7 @@ from api.errors import OpenAIError
 from api import streams
 from api.generation import Generation, merged
 from api.schemas import _Sampling
+from api.sse import event_stream
 from api.state import AppState
 from api.streams import DONE_ID, ERROR_ID, KEEPALIVE_S, USAGE_ID, StreamRecord, event_id, parse_after
 from api.workers import check_servable
@@ -421,7 +423,7 @@ async def stream(request: Request, job: TextJob, chunks: Chunks, after: list[int
                 job.hang_up()
             job.close()
 
-    return EventSourceResponse(sse(), ping=15, sep="\n", ping_message_factory=KeepAlive)
+    return event_stream(sse())
 
 
 async def _events(job: TextJob, chunks: Chunks, after: list[int] | str | None) -> AsyncIterator[bytes]:
@@ -478,16 +480,6 @@ async def resume(request: Request, stream_id: str, kind: str, make_chunks: type[
         raise streams.not_found(stream_id)
     job = TextJob.resume(state, identity, record)
     return await stream(request, job, make_chunks(record.id, record.render), after)
-
-
-class KeepAlive(ServerSentEvent):
-    """The keep-alive ping: a comment line with no blank line after it. A blank line ends
-    an event, and a client that keeps the last event id across events (the openai SDK's
-    decoder does) would dispatch an empty one and fail to parse it as JSON; the next
-    event's lines follow this one instead."""
-
-    def encode(self) -> bytes:
-        return b": ping\n"
 
 
 DONE = b"id: " + DONE_ID.encode() + b"\ndata: [DONE]\n\n"
