@@ -21,7 +21,7 @@ from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.settings import ApiSettings
 from api.state import AppState
 from api.streams import StreamStore
-from broker.connection import async_client
+from broker.connection import acheck_server, async_client
 from inferstack import __version__
 from inferstack.registry import Modality, Registry
 from metrics import prom, tracing
@@ -38,14 +38,15 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        redis = async_client(settings.redis_url)
-        relay = TokenRelay(settings.redis_url, settings.instance_id)
+        redis = async_client(settings.redis)
+        await acheck_server(redis)
+        registry = Registry.load(settings.models_file)
+        relay = TokenRelay(settings.redis, settings.instance_id, registry.names())
         await relay.start()
         events = EventSink(redis, settings.events_maxlen)
         await events.start()
         if not tracing.enabled():
             tracing.setup("inferstack-api", settings.otlp_endpoint)
-        registry = Registry.load(settings.models_file)
         offload = Offload(settings.tokenize_threads)
         catalog = Catalog(registry, settings.cache_dir, offload)
         app.state.inferstack = AppState(
@@ -59,7 +60,8 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
                     await catalog.text(spec.name)
                 except errors.OpenAIError:
                     log.info("%s: weights not on this host; requests for it will get 404", spec.name)
-        log.info("API %s ready (reply channel %s)", settings.instance_id, relay.channel)
+        log.info("API %s ready (Redis %s, %d reply channels)", settings.instance_id, settings.redis_mode,
+                 len(relay.channels))
         yield
         app.state.inferstack.jobs.close()
         offload.close()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker.connection import UNAVAILABLE
 
 
 class OpenAIError(Exception):
@@ -100,12 +101,14 @@ def install(app: FastAPI, max_body_bytes: int | None = None) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return OpenAIError(exc.status_code, str(exc.detail), type=kind).response()
 
-    @app.exception_handler(redis.ConnectionError)
-    @app.exception_handler(redis.TimeoutError)
     async def _redis_unavailable(_: Request, exc: Exception):
-        # Redis is restarting or unreachable (a stream already open rides that out instead).
+        # Redis is restarting, unreachable or failing over (a stream already open rides
+        # that out instead).
         return OpenAIError(503, "The request queue (Redis) is unavailable right now; retry shortly.",
                            type="server_error", code="redis_unavailable", headers={"Retry-After": "2"}).response()
+
+    for kind in UNAVAILABLE:  # (a Cluster's errors while a replica takes over are not ConnectionErrors)
+        app.add_exception_handler(kind, _redis_unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -9,7 +9,8 @@ holds every event a worker published. A reader that is not in the process the
 workers publish to (a client resumed its stream on another API replica) follows the
 log alone. Whatever arrives twice is dropped by offset; whatever arrives early waits
 for the gap before it to fill. When the request's state is gone (a Redis that came
-back without it) the reader fails with ``request_lost`` instead of waiting forever.
+back without it, a replica that took over before it had it) the reader fails with
+``request_lost`` instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import AsyncIterator
 
 from api.errors import OpenAIError
 from api.state import AppState
-from broker import keys, messages
 from broker.connection import UNAVAILABLE, backoff
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from metrics.lifecycle import RequestRecorder
@@ -59,7 +59,7 @@ class Generation:
         self.user_cap = user_cap
         self.resumed = resumed
         """A reader of a request someone else admitted (a resumed stream): it starts from the log."""
-        self.follow = resumed and req.reply_to != state.relay.channel
+        self.follow = resumed and not state.relay.hears(req.reply_to)
         """Its events are published to another API process: read them from the log."""
         self.enqueued_at = 0.0
         self.first_event_at: float | None = None
@@ -201,17 +201,13 @@ class Generation:
         """What the log holds beyond what was read, and whether the request is still
         queued or running, read together."""
         self._checked_at = time.monotonic()
-        pipe = self.state.redis.pipeline(transaction=True)
-        pipe.exists(keys.request(self.req.model, self.req.id))
-        pipe.llen(keys.output_log(self.req.model, self.req.id))
-        pipe.lrange(keys.output_log(self.req.model, self.req.id), self._log_read, -1)
-        exists, length, raw = await pipe.execute()
-        if length < self._log_read:  # a restarted Redis lost its tail: read it all again
+        logged, length, exists = await self.state.queue.read_log(self.req.model, self.req.id, self._log_read)
+        if length < self._log_read:  # a restarted (or failed-over) Redis lost its tail: read it all again
             self._log_read = 0
             return await self._read_log()
-        self._log_read += len(raw)
+        self._log_read += len(logged)
         self._down_since, self._down_failures = None, 0
-        return [messages.decode(x) for x in raw], bool(exists)
+        return logged, exists
 
     def _note_state(self, exists: bool) -> None:
         if self.done or exists:
@@ -221,7 +217,8 @@ class Generation:
         self._gone_since = self._gone_since or now
         if now - self._gone_since >= LOST_AFTER_S:
             self.rec.failed("request_lost")
-            raise OpenAIError(503, "This request's state is gone (Redis restarted without it) and it cannot go on. "
+            raise OpenAIError(503, "This request's state is gone (Redis restarted or failed over without it) and it "
+                              "cannot go on. "
                               "Retry the request.", type="server_error", code="request_lost",
                               headers={"Retry-After": "1"})
 
@@ -246,8 +243,11 @@ class Generation:
         return self.state.sched.lease_s * self.state.sched.max_attempts + 30
 
     def _outage_s(self) -> float:
-        own = 0.0 if self._down_since is None else time.monotonic() - self._down_since
-        relay = 0.0 if self.follow else self.state.relay.outage.elapsed()
+        now = time.monotonic()
+        own = 0.0 if self._down_since is None else now - self._down_since
+        # The relay's outage counts from this request's admission at the earliest: one
+        # admitted while the relay was still subscribing again gets the whole limit.
+        relay = 0.0 if self.follow else min(self.state.relay.outage_s(self.req.reply_to), now - self.enqueued_at)
         return max(own, relay)
 
     def _wait_s(self) -> float:
@@ -303,7 +303,12 @@ class Generation:
             raise OpenAIError(503, f"Request not started within its deadline of {self.deadline_s:g} s; "
                               "the model is overloaded. Retry later.", type="server_error",
                               code="deadline_exceeded", headers={"Retry-After": "1"})
-        # running: it started just now; gone: it finished or a worker reported it. Keep reading.
+        if result == "gone":
+            # The queue no longer knows it: it finished or failed (its events are in the
+            # log, or about to be), or it was lost with a primary that failed over before
+            # replicating it. Read the log until one of those shows (``_note_state``).
+            self._gone_since = self._gone_since or time.monotonic()
+        # running: it started just now. Keep reading.
         self.first_event_at = self.first_event_at or time.monotonic()
 
     # -- the end ---------------------------------------------------------------------------
@@ -315,9 +320,7 @@ class Generation:
             return "done"
         self.rec.cancelled()
         try:
-            result = await self.state.queue.cancel(self.req.model, self.req.id)
-            if result == "running":
-                await self.state.redis.publish(keys.CANCEL_CHANNEL, self.req.id)
+            result = await self.state.queue.cancel(self.req.model, self.req.id)  # a running one: its worker is told
             return result
         except Exception:  # noqa: BLE001 - best effort; the lease reaper covers the rest
             log.exception("cancel of %s failed", self.req.id)
@@ -330,8 +333,6 @@ class Generation:
             return
         try:
             result = await self.state.queue.cancel(self.req.model, self.req.id)
-            if result == "running":
-                await self.state.redis.publish(keys.CANCEL_CHANNEL, self.req.id)
             if result == "gone":
                 logged, _ = await self._read_log()
                 for ev in logged:

@@ -9,7 +9,6 @@ import secrets
 import time
 from datetime import datetime
 
-import redis
 from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -20,6 +19,7 @@ from api.errors import OpenAIError
 from api.relay import TokenRelay
 from api.settings import ApiSettings
 from broker import keys, messages
+from broker.connection import sync_client
 from broker.messages import JobEvent, MediaRequest, Tier
 from gpu_worker.media.jobs import JOB_FUNCTION
 
@@ -57,19 +57,28 @@ class JobService:
     def __init__(self, settings: ApiSettings, relay: TokenRelay):
         self.s = settings
         self.relay = relay
-        self.conn = redis.Redis.from_url(settings.redis_url)
-        self._admit = self.conn.register_script(_ADMIT)
+        target = settings.rq_redis  # None: the shared Redis is a Cluster, and rq has none of its own
+        self.conn = sync_client(target, decode_responses=False) if target else None  # rq keeps bytes
+        self._admit = self.conn.register_script(_ADMIT) if self.conn else None
         self._waiters: dict[str, asyncio.Queue] = {}
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
+
+    def _require_rq(self) -> None:
+        if self.conn is None:
+            raise OpenAIError(503, "Media jobs are not available: this deployment runs on a Redis Cluster, which rq "
+                              "cannot use, and has no INFERSTACK_RQ_REDIS_URL.", type="server_error",
+                              code="jobs_unavailable")
 
     # -- submit -------------------------------------------------------------------
 
     async def submit(self, req: MediaRequest, identity: Identity, kind: str, *, wait: bool = False) -> Job:
         """Queue ``req``; with ``wait``, register for its end event first (no event can be missed)."""
+        self._require_rq()
         if wait:
-            req.reply_to = self.relay.channel
+            req.reply_to = self.relay.channel_for(req.model)
             self._waiters[req.id] = self.relay.register(req.id)
         try:
             return await asyncio.to_thread(self._submit, req, identity, kind)
@@ -123,6 +132,7 @@ class JobService:
     async def get(self, job_id: str, identity: Identity | None, token: str | None = None) -> Job:
         """The job, if ``identity`` owns it or ``token`` is its file token; else 404 (as if
         it did not exist: other users' job ids are not confirmed)."""
+        self._require_rq()
         try:
             job = await asyncio.to_thread(Job.fetch, job_id, self.conn, JSONSerializer)
         except (NoSuchJobError, ValueError):  # ValueError: not even a job id's shape

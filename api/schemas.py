@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-Tier = Literal["high", "normal", "low"]
+from broker.messages import Tier
 
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 

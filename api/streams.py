@@ -91,6 +91,13 @@ def not_found(stream_id: str) -> OpenAIError:
 
 # -- the record ------------------------------------------------------------------------
 
+# Set fields of the record and its TTL at once (a script, not a MULTI: redis-py's
+# asyncio Cluster client runs a transaction on a thread of its own and blocks the event
+# loop meanwhile). KEYS[1] = record; ARGV: ttl, then field, value, ...
+_PUT = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
 # Attach one more reader, unless the stream was cancelled (or never existed).
 # KEYS[1] = record; ARGV: ttl. Returns the attach number, or 0.
 _ATTACH = """
@@ -124,18 +131,15 @@ class StreamStore:
         self.r = redis
         self.grace_s = grace_s
         self.ended_ttl_s = ended_ttl_s
+        self._put = redis.register_script(_PUT)
         self._attach = redis.register_script(_ATTACH)
         self._detach = redis.register_script(_DETACH)
         self._abandon = redis.register_script(_ABANDON)
 
     async def create(self, rec: StreamRecord) -> None:
         """The first reader: the client that sent the request."""
-        key = keys.stream(rec.id)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(key, mapping={"spec": orjson.dumps(asdict(rec)), "user": rec.user, "readers": 1, "attach": 1,
-                                "state": "live"})
-        pipe.expire(key, LIVE_TTL_S)
-        await pipe.execute()
+        await self._put(keys=[keys.stream(rec.id)], args=[LIVE_TTL_S, "spec", orjson.dumps(asdict(rec)),
+                                                         "user", rec.user, "readers", 1, "attach", 1, "state", "live"])
 
     async def discard(self, stream_id: str) -> None:
         """Admission refused: nothing to resume."""
@@ -154,10 +158,7 @@ class StreamStore:
 
     async def ended(self, stream_id: str) -> None:
         """Every request of the stream has ended: resumable as long as the logs are kept."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(keys.stream(stream_id), "state", "ended")
-        pipe.expire(keys.stream(stream_id), self.ended_ttl_s)
-        await pipe.execute()
+        await self._put(keys=[keys.stream(stream_id)], args=[self.ended_ttl_s, "state", "ended"])
 
     async def detach(self, stream_id: str) -> int:
         """A reader left early; returns the attach number to give to :meth:`abandon`."""

@@ -2,7 +2,9 @@
 
 Grouped by who receives them:
 
-* API -> worker (through the scheduler's queue): :class:`GenerateRequest`.
+* API -> worker (through the scheduler's queue): :class:`GenerateRequest`; a worker's
+  claim hands each to an engine as :class:`Claimed`; an engine describes its batch to
+  the preemption policy as a :class:`Batch` of :class:`Running`.
 * worker -> API (through the API process's reply channel): :class:`TokenEvent`,
   :class:`ErrorEvent`; a worker publishes one JSON list of events per API process
   per engine step.
@@ -34,8 +36,8 @@ class Tier(StrEnum):
 
     @property
     def rank(self) -> int:
-        """Higher is more important."""
-        return {"high": 2, "normal": 1, "low": 0}[self.value]
+        """Higher is more important: members are declared most important first."""
+        return len(Tier) - 1 - list(Tier).index(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,57 @@ class GenerateRequest:
     def seqs(self) -> int:
         """Batch rows it takes (one per choice): what a worker's claim counts."""
         return self.params.n
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A request as a worker's claim hands it to an engine (the queue -> the engines)."""
+
+    request: GenerateRequest
+    attempt: int
+    """1 on the first claim; more after a lease lapsed or a preemption (resume from the output log)."""
+    weight: float = 1.0
+    """The user's weight under fair queueing (preemption compares shares with it)."""
+    preemptions: int = 0
+    """Times it was preempted before this claim."""
+    preempted_s: float = 0.0
+    """Time it spent back in the queue after preemptions, in all."""
+    preempted_at: float = 0.0
+    """Unix time of its last preemption (0: none): this claim resumes it."""
+    victims: tuple[str, ...] = ()
+    """Running requests of this worker it takes the rows of (a preempting claim)."""
+    reason: str = ""
+    """Why it may preempt them: ``tier`` or ``share``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """One request in a worker's batch, as the preemption policy sees it (the engines
+    describe their batch with these; ``scheduler.policy`` and its Lua twin decide)."""
+
+    rid: str
+    user: str
+    tier: str
+    weight: float
+    seqs: int
+    """Rows it holds (its ``n`` choices still running)."""
+    work: int
+    """Tokens whose KV it has computed: what a recompute would redo."""
+    steps: int
+    """Engine steps since it was admitted or resumed (the thrash guard)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A worker's running batch: its rows and what runs in them."""
+
+    slots: int
+    running: tuple[Running, ...]
+
+    def to_json(self) -> dict:
+        return {"slots": self.slots,
+                "running": [[r.rid, r.user, Tier(r.tier).rank, r.weight, r.seqs, r.work, r.steps]
+                            for r in self.running]}
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ import time
 from broker import keys
 from broker.messages import Tier, decode_heartbeat
 from inferstack.registry import Modality, ModelSpec
+from scheduler.queue import depths
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,20 @@ def read_workers(client, live_window_s: float) -> list[dict]:
     return [decode_heartbeat(raw) for raw in pipe.execute() if raw]
 
 
-def waiting_work(client, specs: list[ModelSpec]) -> dict[str, int]:
-    """Requests or jobs waiting per model, in one round trip."""
-    pipe = client.pipeline(transaction=False)
-    for spec in specs:
-        if spec.modality in JOB_MODALITIES:
+def waiting_work(client, specs: list[ModelSpec], rq_client=None) -> dict[str, int]:
+    """Requests or jobs waiting per model: the fair queue's counters (one round trip),
+    the rq queues' lengths on ``rq_client`` (another; none without one)."""
+    jobs = [s.name for s in specs if s.modality in JOB_MODALITIES]
+    queued = [s.name for s in specs if s.modality not in JOB_MODALITIES]
+    out = {model: sum(by_tier.values()) for model, by_tier in depths(client, queued).items()} if queued else {}
+    if jobs and rq_client is not None:
+        pipe = rq_client.pipeline(transaction=False)
+        for model in jobs:
             for tier in Tier:
-                pipe.llen(keys.RQ_QUEUE_PREFIX + keys.media_queue(spec.name, tier))
-        else:
-            pipe.hget(keys.tier_state(spec.name), "len")
-    values = iter(pipe.execute())
-    out = {}
-    for spec in specs:
-        n = len(Tier) if spec.modality in JOB_MODALITIES else 1
-        out[spec.name] = sum(int(next(values) or 0) for _ in range(n))
-    return out
+                pipe.llen(keys.RQ_QUEUE_PREFIX + keys.media_queue(model, tier))
+        lengths = iter(pipe.execute())
+        out.update({model: sum(int(next(lengths)) for _ in Tier) for model in jobs})
+    return {s.name: out.get(s.name, 0) for s in specs}
 
 
 def served_or_loading(workers: list[dict]) -> set[str]:
@@ -76,9 +76,11 @@ class DemandWatcher(threading.Thread):
     worker -> if this worker is the best placed, claim and load."""
 
     def __init__(self, client, worker_id: str, manager, servable, period_s: float, live_window_s: float,
-                 stopping: threading.Event):
+                 stopping: threading.Event, rq_client=None):
         super().__init__(name="demand", daemon=True)
         self.r, self.worker_id, self.manager = client, worker_id, manager
+        self.rq = rq_client
+        """Where media jobs wait (rq); None: this worker sees no media demand."""
         self.servable = servable
         """Callable -> names this worker could load (cached by the worker)."""
         self.period_s, self.live_window_s, self.stopping = period_s, live_window_s, stopping
@@ -96,7 +98,7 @@ class DemandWatcher(threading.Thread):
         candidates = [self.manager.registry[n] for n in self.servable() if self.manager.state(n) is None]
         if not candidates:
             return []
-        waiting = waiting_work(self.r, candidates)
+        waiting = waiting_work(self.r, candidates, self.rq)
         wanted = [s for s in candidates if waiting[s.name] > 0]
         if not wanted:
             return []

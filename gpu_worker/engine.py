@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from broker.messages import ErrorEvent, TokenEvent
-from scheduler.claimed import Claimed
+from broker.messages import Claimed, ErrorEvent, TokenEvent
 
 
 @dataclass(slots=True)

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass, field
 
 from broker import keys, messages
-from broker.connection import UNAVAILABLE, Outage
+from broker.connection import UNAVAILABLE, Outage, SubscriptionLost, next_message, refresh_topology, server_ids
 from broker.messages import ErrorEvent, TokenEvent, encode_heartbeat
 from gpu_worker.engine import Engine, Outgoing
 from metrics.lifecycle import Claim, WorkerRecorder
+from scheduler import keys as qkeys
 from scheduler.queue import FairQueue
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ def _mode(o: Outgoing) -> str:
 
 
 class Publisher(threading.Thread):
-    """Ships each step's events in one pipelined round trip: per API process one fenced
-    emit (append to the output logs, publish the batch: ``lua/emit.lua``), then release
+    """Ships each step's events in one pipelined round trip: per API process and model
+    one fenced emit (append to the output logs, then SPUBLISH the batch on the process's
+    reply channel for the model, which is in the model's slot: on a Cluster the events
+    leave from the node that holds the logs, after them: ``lua/emit.lua``), then release
     finished requests' leases and hand requests back to the queue (preempted, or held
     by a failed step: ``lua/requeue.lua``); the lifecycle events of claims and releases
     (``metrics.lifecycle``) ride along in the same round trip, those of requests handed
@@ -82,7 +85,10 @@ class Publisher(threading.Thread):
     loop pauses once ``max_buffered`` events wait: ``backlogged``), and ships it when
     Redis is back, after re-appending whatever a restarted Redis lost of what had been
     shipped already. An outage longer than ``give_up_s`` calls ``on_give_up`` (the
-    clients' streams have ended by then) and drops the buffer."""
+    clients' streams have ended by then) and drops the buffer. A failover (a replica
+    taking over a primary's slots, Sentinel naming a new primary) is a short outage of
+    the same kind: a round trip cut short may have run in part, so it is sent again and
+    some events are appended twice, which readers drop by offset."""
 
     MAX_ROUND_TRIP = 4096
     """Most outgoing items per round trip (a buffer flushed after an outage goes in slices)."""
@@ -95,7 +101,6 @@ class Publisher(threading.Thread):
         self.index_ttl_s = index_ttl_s
         self.recorder = WorkerRecorder(worker_id, events_maxlen)
         self.q: queue.Queue[list[Outgoing | Claim] | None] = queue.Queue()
-        self._complete = fq._scripts["complete"]  # noqa: SLF001 - same script, pipelined
         self._on_lost = on_lost
         self._on_give_up = on_give_up
         self.max_buffered, self.give_up_s = max_buffered, give_up_s
@@ -182,6 +187,7 @@ class Publisher(threading.Thread):
             # twice (readers drop repeats by offset); a restarted Redis may have lost some.
             self._reconcile_due = True
             pause = self.outage.failed(exc)
+            refresh_topology(self.r)  # a Cluster failing over: the next try goes to the new primary
             if self.outage.elapsed() > self.give_up_s and not self._gave_up:
                 self._gave_up = True  # once per outage: what is buffered after it (releases) waits
                 log.error("Redis unavailable for %.0f s: dropping %d unshipped events and every request held",
@@ -229,16 +235,16 @@ class Publisher(threading.Thread):
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
         for model, ops in p.index_ops:
-            self.fq.kv_index(model, self.worker_id, ops, self.index_ttl_s, client=pipe)
+            self.fq.kv_index(model, self.worker_id, ops, self.index_ttl_s, pipe=pipe)
         emitted = []
         for (model, channel), events in p.emits.items():
             emitted.append((model, len(pipe)))
-            self.fq.emit(model, self.worker_id, channel, events, client=pipe)
+            self.fq.emit(model, self.worker_id, channel, events, pipe=pipe)
         for model, rid in p.done:
-            self._complete(args=[keys.tag(model), self.worker_id, rid, self.fq.s.output_log_ttl_s], client=pipe)
+            self.fq.complete(model, self.worker_id, rid, pipe=pipe)
         requeued_at = len(pipe)  # after their last tokens
         for o in p.requeue:
-            self.fq.requeue(o.model, self.worker_id, o.request_id, o.requeue, client=pipe, now=now)
+            self.fq.requeue(o.model, self.worker_id, o.request_id, o.requeue, pipe=pipe, now=now)
         p.deferred.replay(pipe)
         results = pipe.execute()
         for model, rid_list in ((m, results[i]) for m, i in emitted):
@@ -278,24 +284,21 @@ class Publisher(threading.Thread):
         return p
 
     def _reconcile(self) -> None:
-        """After an outage: re-append what a restarted Redis lost of the events already
-        shipped for requests still in flight (an AOF synced every second loses the last
-        writes before a crash), so the output logs have no gap before the buffered rest."""
+        """After an outage: re-append what a restarted Redis (or a replica that took over
+        before it had everything) lost of the events already shipped for requests still
+        in flight (an AOF synced every second loses the last writes before a crash), so
+        the output logs have no gap before the buffered rest."""
         if not self._shipped:
             return
         rids = list(self._shipped)
+        logs = self.fq.output_logs([(self._shipped[rid].model, rid) for rid in rids])
         pipe = self.r.pipeline(transaction=False)
-        for rid in rids:
-            pipe.lrange(keys.output_log(self._shipped[rid].model, rid), 0, -1)
-        logs = pipe.execute()
-        pipe = self.r.pipeline(transaction=False)
-        lost = 0
-        for rid, raw in zip(rids, logs):
+        sent: list[tuple[str, int]] = []  # (model, events) per emit, in pipeline order
+        for rid, logged in zip(rids, logs):
             shipped = self._shipped[rid]
             have: dict[int, int] = {}
             ended: set[int] = set()
-            for x in raw:
-                ev = messages.decode(x)
+            for ev in logged:
                 if isinstance(ev, TokenEvent):
                     have[ev.choice] = max(have.get(ev.choice, 0), ev.start + len(ev.token_ids))
                     if ev.finish_reason:
@@ -303,18 +306,73 @@ class Publisher(threading.Thread):
             missing = [(rid, "owned", enc) for ev, enc in shipped.events
                        if ev.choice not in ended and ev.start >= have.get(ev.choice, 0)]
             if missing:
-                lost += len(missing)
-                self.fq.emit(shipped.model, self.worker_id, shipped.channel, missing, client=pipe)
-        if lost:
-            log.warning("re-appending %d events a restarted Redis lost", lost)
-            pipe.execute()
+                sent.append((shipped.model, len(missing)))
+                self.fq.emit(shipped.model, self.worker_id, shipped.channel, missing, pipe=pipe)
+        if not sent:
+            return
+        appended = 0
+        for (model, n), lost in zip(sent, pipe.execute()):
+            if lost:  # no longer ours (requeued while we were away): its new owner resumes it
+                for rid in lost:
+                    self._shipped.pop(rid, None)
+                self._on_lost(model, list(lost))
+            else:
+                appended += n
+        if appended:
+            log.warning("re-appended %d events Redis lost", appended)
+
+
+class Doorbells:
+    """Wakes an idle claimer when work for one of its models arrives.
+
+    One thread per model blocks on that model's doorbells: a BLPOP of the model's bell
+    and of this worker's own (rung for requests reserved for it), which share the
+    model's slot, where one BLPOP over several models' bells would span slots (refused
+    on a Redis Cluster). The threads take rings only while the claimer waits, so a
+    busy worker leaves them to idle ones, and one ring wakes one claim round."""
+
+    BLPOP_S = 0.25
+
+    def __init__(self, fq: FairQueue, worker_id: str, stopping: threading.Event):
+        self.fq, self.worker_id, self.stopping = fq, worker_id, stopping
+        self._rang = threading.Event()
+        self._listening = threading.Event()
+        self._models: set[str] = set()
+        self._threads: dict[str, threading.Thread] = {}
+
+    def wait(self, models, timeout: float) -> bool:
+        """Block until a doorbell of ``models`` rings (True) or ``timeout`` passes. A ring
+        taken while the claimer was busy returns at once."""
+        self._models = set(models)
+        for model in self._models:
+            if model not in self._threads or not self._threads[model].is_alive():
+                self._threads[model] = threading.Thread(target=self._listen, args=(model,), daemon=True,
+                                                        name=f"doorbell-{model}")
+                self._threads[model].start()
+        self._listening.set()
+        try:
+            return self._rang.wait(timeout)
+        finally:
+            self._listening.clear()
+            self._rang.clear()
+
+    def _listen(self, model: str) -> None:
+        while model in self._models and not self.stopping.is_set():
+            if not self._listening.wait(0.5):
+                continue
+            try:
+                if self.fq.wait_for_work(model, self.worker_id, self.BLPOP_S):
+                    self._rang.set()
+            except Exception:  # noqa: BLE001 - Redis blips must not end the thread; the claimer polls too
+                log.debug("doorbell wait for %s failed", model, exc_info=True)
+                self.stopping.wait(0.5)
 
 
 class Claimer(threading.Thread):
     """Claims work whenever an engine has free capacity; sleeps on the models'
-    doorbells (BLPOP) when the queues are empty, so idle workers cost nothing. While
-    an engine is full it looks, once per step, for waiting requests that may preempt
-    part of its batch (``FairQueue.claim_preempting``)."""
+    doorbells (``Doorbells``) when the queues are empty, so idle workers cost nothing.
+    While an engine is full it looks, once per step, for waiting requests that may
+    preempt part of its batch (``FairQueue.claim_preempting``)."""
 
     def __init__(self, client, fq: FairQueue, worker_id: str, engines: dict[str, Engine],
                  wake: threading.Event, publisher: Publisher, stopping: threading.Event):
@@ -324,6 +382,7 @@ class Claimer(threading.Thread):
         self.capacity_freed = threading.Event()
         self.paused = threading.Event()
         self.claimed = 0
+        self.bells = Doorbells(fq, worker_id, stopping)
         self.outage = Outage(f"worker {worker_id} claimer", log)
         self._hold_until = 0.0
         self._looked: dict[str, int] = {}
@@ -345,11 +404,9 @@ class Claimer(threading.Thread):
                 if got:
                     continue
                 if had_room:
-                    # Each ready model's doorbell, and this worker's own (rung for requests
-                    # reserved for it). Models come and go (the model manager loads and
-                    # evicts them), so the list is taken afresh each time.
-                    bells = [b for m in self.engines for b in (keys.doorbell(m), keys.worker_doorbell(m, self.worker_id))]
-                    self.r.blpop(bells, timeout=0.25)
+                    # Models come and go (the model manager loads and evicts them), so the
+                    # list is taken afresh each time.
+                    self.bells.wait(list(self.engines), timeout=0.25)
                 else:
                     self.capacity_freed.wait(0.05)
                     self.capacity_freed.clear()
@@ -408,7 +465,9 @@ class Heartbeat(threading.Thread):
         self.outage = Outage(f"worker {worker_id} heartbeat", log)
         self.connected_since = time.monotonic()
         """Since when this worker's beats have gone through without a break."""
-        self.redis_run_id: str | None = None
+        self.redis_run_ids: frozenset[str] | None = None
+        """Run ids of the primaries: a new one means a restart or a failover, either of
+        which may have lost the last writes (AOF ``everysec``, asynchronous replicas)."""
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -418,6 +477,7 @@ class Heartbeat(threading.Thread):
                     self.connected_since = time.monotonic()
             except UNAVAILABLE as exc:
                 self.outage.failed(exc)
+                refresh_topology(self.r)
             except Exception:  # noqa: BLE001
                 log.exception("heartbeat failed")
             self.stopping.wait(self.period_s)
@@ -435,23 +495,14 @@ class Heartbeat(threading.Thread):
         pipe.pexpire(keys.worker(self.worker_id), int(self.ttl_s * 1000))
         pipe.zadd(keys.WORKERS, {self.worker_id: now})
         pipe.zremrangebyscore(keys.WORKERS, "-inf", now - self.ttl_s)
-        pipe.info("server")
-        run_id = pipe.execute()[-1].get("run_id")
-        if run_id != self.redis_run_id:
-            if self.redis_run_id is not None:
-                log.warning("Redis restarted (run id %s -> %s); checking the output logs of what is in flight",
-                            self.redis_run_id, run_id)
-                self.publisher.reconcile_soon()
-                self.connected_since = time.monotonic()  # the others need a beat or two too
-            self.redis_run_id = run_id
+        pipe.execute()
         for model, engine in self.engines.items():
             for rid in self.fq.extend_leases(model, self.worker_id, engine.request_ids()):
                 engine.abort(rid)
             refresh = getattr(engine, "index_refresh_ops", None)
             if refresh:
                 self.fq.kv_index(model, self.worker_id, refresh(), self.ttl_s)
-            if self.may_reap() and self.r.set(keys.reaper_lock(model), self.worker_id, nx=True,
-                                              px=int(self.period_s * 1000)):
+            if self.may_reap() and self.fq.reap_lock(model, self.worker_id, self.period_s):
                 requeued, failed = self.fq.reap(model)
                 if requeued:
                     log.warning("requeued %d requests of %s from dead workers or lapsed leases", len(requeued), model)
@@ -462,9 +513,30 @@ class Heartbeat(threading.Thread):
                             type="server_error", code="worker_failed", status=500), owned=False)
                         for req in failed
                     ])
+        self._check_restart()
+
+    def _check_restart(self) -> None:
+        try:
+            run_ids = server_ids(self.r)
+        except UNAVAILABLE:  # a Cluster primary failing over: look again next beat
+            return
+        if run_ids != self.redis_run_ids:
+            if self.redis_run_ids is not None:
+                log.warning("Redis restarted or failed over (primaries' run ids %s -> %s); checking the output logs "
+                            "of what is in flight", sorted(self.redis_run_ids), sorted(run_ids))
+                self.publisher.reconcile_soon()
+                self.connected_since = time.monotonic()  # the others need a beat or two too
+            self.redis_run_ids = run_ids
 
 
 class CancelListener(threading.Thread):
+    """Drops cancelled requests at the next step: subscribed (sharded) to the cancel
+    channel of each model this worker holds, which ``lua/cancel.lua`` announces on.
+    A subscription lost (Redis away, or its slot moved to another node in a failover)
+    is made again, with backoff while Redis does not answer; cancels announced
+    meanwhile are not lost: the request's cancelled flag makes the next lease renewal
+    drop it."""
+
     def __init__(self, client, engines: dict[str, Engine], stopping: threading.Event):
         super().__init__(name="cancels", daemon=True)
         self.r, self.engines, self.stopping = client, engines, stopping
@@ -472,21 +544,34 @@ class CancelListener(threading.Thread):
     def run(self) -> None:
         outage = Outage("cancel listener", log)
         while not self.stopping.is_set():
-            pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.r.pubsub()
+            subscribed: set[str] = set()
             try:
-                pubsub.subscribe(keys.CANCEL_CHANNEL)
-                outage.ok()
                 while not self.stopping.is_set():
-                    msg = pubsub.get_message(timeout=0.5)
-                    if msg and msg["type"] == "message":
+                    wanted = {qkeys.cancel_channel(m) for m in list(self.engines)}
+                    if wanted - subscribed:
+                        pubsub.ssubscribe(*(wanted - subscribed))
+                    if subscribed - wanted:
+                        pubsub.sunsubscribe(*(subscribed - wanted))
+                    subscribed = wanted
+                    outage.ok()
+                    if not subscribed:
+                        self.stopping.wait(0.5)
+                        continue
+                    msg = next_message(pubsub, timeout=0.5)
+                    if msg and msg["type"] == "smessage":
                         for engine in self.engines.values():
                             engine.abort(msg["data"])
             except UNAVAILABLE as exc:
-                # Cancels announced meanwhile are not lost: the request's cancelled flag
-                # makes the next lease renewal drop it.
                 self.stopping.wait(outage.failed(exc))
-            except Exception:  # noqa: BLE001
-                log.exception("cancel listener failed; resubscribing")
-                time.sleep(0.5)
+            except SubscriptionLost as exc:
+                log.warning("cancel listener: %s; subscribing again", exc)
+            except Exception:  # noqa: BLE001 - nothing here may kill the worker
+                log.exception("cancel listener failed; subscribing again")
+                self.stopping.wait(0.5)
             finally:
-                pubsub.close()
+                try:
+                    pubsub.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            refresh_topology(self.r)  # a Cluster: subscribe where the slots are now

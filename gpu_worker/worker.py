@@ -17,7 +17,7 @@ import psutil
 import torch
 
 from broker import keys
-from broker.connection import sync_client
+from broker.connection import check_server, sync_client
 from gpu_worker.demand import JOB_MODALITIES, DemandWatcher
 from gpu_worker.engine import Engine, FatalEngineError, Outgoing
 from gpu_worker.io import CancelListener, Claimer, Heartbeat, Publisher
@@ -128,7 +128,8 @@ class Worker:
         self.device = device
         self._servable: list[str] = []
         self._servable_at = 0.0
-        self.r = sync_client(settings.redis_url)
+        redis = settings.redis  # standalone, sentinel or cluster (broker.connection)
+        self.r = sync_client(redis)
         self.fq = FairQueue(self.r, sched)
         if 0 < sched.worker_dead_s < 2 * settings.heartbeat_s:
             log.warning("INFERSTACK_WORKER_DEAD_S=%g is under two heartbeats (INFERSTACK_HEARTBEAT_S=%g): live "
@@ -139,23 +140,27 @@ class Worker:
         """1 after a fatal engine failure (a tensor-parallel peer lost): restart me."""
         self.wake = threading.Event()
         self.started_at = time.time()
-        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_lost=self._lost,
+        self.publisher = Publisher(sync_client(redis), self.fq, self.id, on_lost=self._lost,
                                    index_ttl_s=settings.heartbeat_ttl_s, events_maxlen=settings.events_maxlen,
                                    max_buffered=settings.outage_buffer_events, give_up_s=settings.redis_outage_s,
                                    on_give_up=self._drop_everything)
         self.metrics_server = None
-        self.claimer = Claimer(sync_client(settings.redis_url), FairQueue(sync_client(settings.redis_url), sched),
+        self.claimer = Claimer(sync_client(redis), FairQueue(sync_client(redis), sched),
                                self.id, self.engines, self.wake, self.publisher, self.stopping)
-        self.heartbeat = Heartbeat(sync_client(settings.redis_url), self.fq, self.id, self.engines, self.info,
+        self.heartbeat = Heartbeat(sync_client(redis), self.fq, self.id, self.engines, self.info,
                                    settings.heartbeat_s, settings.heartbeat_ttl_s, self.publisher, self.halt)
-        self.cancels = CancelListener(sync_client(settings.redis_url), self.engines, self.halt)
-        self.demand = DemandWatcher(sync_client(settings.redis_url), self.id, self.models, self.servable,
-                                    settings.heartbeat_s, settings.heartbeat_ttl_s, self.stopping)
+        self.cancels = CancelListener(sync_client(redis), self.engines, self.halt)
         self.jobs = None
         if any(self.models.registry[n].modality in JOB_MODALITIES for n in self.servable()):
             from gpu_worker.media.jobs import JobConsumer
 
-            self.jobs = JobConsumer(settings.redis_url, self.id, self.models, self.stopping)
+            if settings.rq_redis is None:
+                log.warning("media jobs are off: rq cannot use the Redis Cluster; set INFERSTACK_RQ_REDIS_URL")
+            else:
+                self.jobs = JobConsumer(settings.rq_redis, sync_client(redis), self.id, self.models, self.stopping)
+        self.demand = DemandWatcher(sync_client(redis), self.id, self.models, self.servable,
+                                    settings.heartbeat_s, settings.heartbeat_ttl_s, self.stopping,
+                                    rq_client=self.jobs.conn if self.jobs else None)
 
     def _lost(self, model: str, request_ids: list[str]) -> None:
         """The publisher found requests this worker no longer owns: stop them now."""
@@ -229,6 +234,7 @@ class Worker:
             log.info("worker %s: Prometheus metrics on %s:%d/metrics", self.id, self.s.metrics_host,
                      self.s.metrics_port)
         step_seconds = prom.worker_metrics().step
+        check_server(self.r)
         for t in (self.publisher, self.heartbeat, self.cancels):
             t.start()
         self.heartbeat.beat()  # visible (and /ready) before the first claim

@@ -159,7 +159,7 @@ class HostSupervisor:
                  clock: Callable[[], float] = time.monotonic):
         self.s = settings or HostSettings()
         self.env = dict(os.environ if env is None else env)
-        self.r = client or sync_client(self.s.redis_url)
+        self.r = client or sync_client(self.s.redis)
         self.registry = Registry.load(self.s.models_file)
         self.devices = host_devices(self.s.host_devices)
         self.clock = clock

@@ -180,10 +180,9 @@ def closed_loop(submit, wait_finished, work: list[list[int]], concurrency: int, 
 
 def run_inferstack(model_dir: Path, name: str, device: torch.device, dtype: torch.dtype, levels: list[int],
                    args, deadline: float, record) -> None:
-    from broker.messages import ErrorEvent, GenerateRequest, SamplingParams
+    from broker.messages import Claimed, ErrorEvent, GenerateRequest, SamplingParams
     from gpu_worker.text.engine import TextEngine
     from inferstack.registry import Modality, ModelSpec
-    from scheduler.claimed import Claimed
 
     context = args.prompt_tokens + args.output_tokens + 8
     spec = ModelSpec(name=name, modality=Modality.TEXT, path=str(model_dir), max_batch=max(levels),

@@ -1,7 +1,8 @@
 """What publishing one generated token costs, on each side of Redis, without a model:
 
 * worker: ``gpu_worker.io.Publisher``'s round trip for one engine step of ``--batch``
-  requests (RPUSH to each output log, one PUBLISH, lifecycle bookkeeping), against a
+  requests (one fenced emit: RPUSH to each output log, one SPUBLISH; the releases;
+  lifecycle bookkeeping), against a
   real redis-server; wall time (includes the Redis round trip) and this thread's CPU;
 * API: what one API process does with such a step: ``TokenRelay.dispatch`` (decode,
   fan out to per-request queues), each request's ``Generation.events()`` (order,
@@ -44,12 +45,12 @@ def step_events(reqs, step: int, steps: int):
 
 
 def worker_side(batch: int, steps: int) -> dict:
-    from broker import keys
     from broker.connection import sync_client
     from gpu_worker.engine import Outgoing
     from gpu_worker.io import Publisher
     from inferstack.redis_server import RedisServer
     from metrics.lifecycle import Claim
+    from scheduler import keys
     from scheduler.queue import FairQueue
     from scheduler.settings import SchedulerSettings
 
@@ -57,15 +58,18 @@ def worker_side(batch: int, steps: int) -> dict:
     try:
         client = sync_client(server.url)
         fq = FairQueue(client, SchedulerSettings())
-        pub = Publisher(client, fq, "bench-worker", on_error=lambda exc: None)
-        reqs = requests(batch, steps, keys.reply_channel("bench-api"))
-        pub._ship([Claim(MODEL, r, 1, batch, time.time()) for r in reqs])  # noqa: SLF001 - the thread's body
+        pub = Publisher(client, fq, "bench-worker", on_lost=lambda model, rids: None)
+        reqs = requests(batch, steps, keys.reply_channel(MODEL, "bench-api"))
+        for r in reqs:  # queued and claimed for real: the emits are fenced by lease owner
+            fq.enqueue(r)
+        claimed = fq.claim_batch(MODEL, "bench-worker", batch).claimed
+        pub.ship_now([Claim(MODEL, c, batch, time.time()) for c in claimed])
         wall = cpu = 0.0
         for step in range(steps):
             out = [Outgoing(MODEL, r.reply_to, r.id, ev, request_done=ev.finish_reason is not None)
                    for r, ev in zip(reqs, step_events(reqs, step, steps))]
             w0, c0 = time.perf_counter(), time.thread_time()
-            pub._ship(out)  # noqa: SLF001
+            pub.ship_now(out)
             wall += time.perf_counter() - w0
             cpu += time.thread_time() - c0
         tokens = batch * steps
@@ -90,9 +94,9 @@ async def api_side(batch: int, steps: int) -> dict:
     from broker import messages
     from scheduler.settings import SchedulerSettings
 
-    relay = TokenRelay("redis://127.0.0.1:1/0", "bench-api")  # never started: fed by dispatch()
+    relay = TokenRelay("redis://127.0.0.1:1/0", "bench-api", [MODEL])  # never started: fed by dispatch()
     state = SimpleNamespace(relay=relay, sched=SchedulerSettings(), events=None, queue=_AdmitAll())
-    reqs = requests(batch, steps, relay.channel)
+    reqs = requests(batch, steps, relay.channel_for(MODEL))
     payloads = [messages.encode_batch(step_events(reqs, s, steps)) for s in range(steps)]  # what PUBLISH carries
     gens = [Generation(state, r) for r in reqs]
     for g in gens:
@@ -103,9 +107,9 @@ async def api_side(batch: int, steps: int) -> dict:
         chunks = ChatChunks(gen.req.id, {"created": 0, "model": MODEL, "prompt_tokens": 64, "include_usage": True})
         async for ev in gen.events():
             for chunk in chunks.render(0, ev):
-                sent[0] += len(sse_data(chunk))
+                sent[0] += len(sse_data(chunk, f"{ev.start + 1}"))
         for chunk in chunks.finish():
-            sent[0] += len(sse_data(chunk))
+            sent[0] += len(sse_data(chunk, "usage"))
 
     tasks = [asyncio.create_task(client(g)) for g in gens]
     await asyncio.sleep(0)

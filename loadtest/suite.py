@@ -203,7 +203,7 @@ def markdown(result: dict) -> str:
     if result["overhead"]:
         o = result["overhead"]
         lines += ["", "| per generated token (c=max) | value |", "|---|---|",
-                  f"| worker publisher (pipelined RPUSH + PUBLISH) | {o['publish_ms_per_token']:.3f} ms |",
+                  f"| worker publisher (pipelined RPUSH + SPUBLISH) | {o['publish_ms_per_token']:.3f} ms |",
                   f"| publisher round trips | {o['publish_round_trips_per_token']:.3f} |",
                   f"| API process CPU (relay + SSE) | {o['api_cpu_ms_per_token']:.3f} ms |",
                   f"| redis-server CPU | {o['redis_cpu_ms_per_token']:.3f} ms |"]

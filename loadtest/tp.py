@@ -97,8 +97,7 @@ def follower(args) -> int:
 
 def run_engine(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, list[list[int]]]:
     """All prompts at once; returns (first step's seconds, total seconds, outputs)."""
-    from broker.messages import GenerateRequest, SamplingParams
-    from scheduler.queue import Claimed
+    from broker.messages import Claimed, GenerateRequest, SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     outputs: dict[str, list[int]] = {}

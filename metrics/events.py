@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from broker import keys
-from broker.connection import UNAVAILABLE, Outage
+from broker.connection import UNAVAILABLE, Outage, arefresh_topology
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class EventSink:
                 add_to_pipeline(pipe, ev, self.maxlen)
             await pipe.execute()
         except UNAVAILABLE as exc:
+            await arefresh_topology(self.r)  # a Cluster failing over: the next try goes to the new primary
             await asyncio.sleep(self._outage.failed(exc))
             return False
         except Exception:  # noqa: BLE001 - metrics are best effort; requests go on

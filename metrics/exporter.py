@@ -35,7 +35,7 @@ import redis
 from prometheus_client import REGISTRY
 
 from broker import keys
-from broker.connection import UNAVAILABLE, Outage, sync_client
+from broker.connection import UNAVAILABLE, Outage, refresh_topology, sync_client
 from inferstack.registry import Registry
 from metrics import prom
 from metrics.events import Kind, LifecycleEvent
@@ -142,6 +142,7 @@ class Exporter:
                 n = self.step(block=not burst)
                 outage.ok()
             except UNAVAILABLE as exc:
+                refresh_topology(self.r)  # a Cluster failing over: the next try goes to the new primary
                 stop.wait(outage.failed(exc))
                 continue
             except Exception as exc:  # noqa: BLE001 - the store is down or refused the batch: retry it
@@ -155,6 +156,11 @@ class Exporter:
                         self.ensure_group()
                     except UNAVAILABLE:
                         pass  # the next step finds Redis away and waits
+                    continue
+                if isinstance(exc, redis.ResponseError) and str(exc).startswith("UNBLOCKED"):
+                    # A failover ended its blocking read (the primary became a replica):
+                    # read again where the stream is now.
+                    refresh_topology(self.r)
                     continue
                 log.exception("writing a batch failed; its events stay pending and are retried")
                 stop.wait(2.0)
@@ -281,7 +287,7 @@ def main(settings: ExporterSettings | None = None) -> None:
             stop.wait(2.0)
     if store is None:
         return
-    client = sync_client(settings.redis_url)
+    client = sync_client(settings.redis)
     if settings.metrics_port:
         models = Registry.load(settings.models_file).names()
         # The one place the queue depth is exported (see metrics/prom.py).

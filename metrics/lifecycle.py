@@ -14,11 +14,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
+from broker.messages import Claimed, ErrorEvent, GenerateRequest, TokenEvent
 from metrics import tracing
 from metrics.events import EventSink, Kind, add_to_pipeline, event
 from metrics.prom import api_metrics, worker_metrics
-from scheduler.claimed import Claimed
 
 
 

@@ -25,8 +25,10 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-RANK = {"high": 2, "normal": 1, "low": 0}
-TIERS = ("high", "normal", "low")
+from broker.messages import Batch, Running, Tier
+
+TIERS = tuple(t.value for t in Tier)
+RANK = {t.value: t.rank for t in Tier}
 PREEMPT_SCAN_USERS = 64
 """Users per tier (in fair order) a preempting claim looks at."""
 
@@ -115,11 +117,6 @@ class FairQueueModel:
             running.append(Running(item.rid, item.user, item.tier, item.weight, item.seqs, 0, 0))
             out.append((item.rid, [v.rid for v in victims], reason))
 
-    def _fair_head(self, tier: str) -> _Waiting:
-        heads = [q[0] for (t, _), q in self.queues.items() if t == tier and q]
-        # Redis sorted sets order equal scores by member name: do the same.
-        return min(heads, key=lambda w: (w.start, w.user))
-
     def claim(self, n: int, now: float) -> list[str]:
         """Request ids in claim order, until they bring ``n`` sequences."""
         out, taken = [], 0
@@ -161,32 +158,6 @@ class FairQueueModel:
 #   thrash guard).
 # * Victims: the lowest tier first, then the user most over its share, then the
 #   request that loses least work (fewest computed tokens), then the id.
-
-
-@dataclass(frozen=True, slots=True)
-class Running:
-    """One request in a worker's batch, as the preemption policy sees it."""
-
-    rid: str
-    user: str
-    tier: str
-    weight: float
-    seqs: int
-    """Rows it holds (its ``n`` choices still running)."""
-    work: int
-    """Tokens whose KV it has computed: what a recompute would redo."""
-    steps: int
-    """Engine steps since it was admitted or resumed (the thrash guard)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    slots: int
-    running: tuple[Running, ...]
-
-    def to_json(self) -> dict:
-        return {"slots": self.slots,
-                "running": [[r.rid, r.user, RANK[r.tier], r.weight, r.seqs, r.work, r.steps] for r in self.running]}
 
 
 def pick_victims(batch: Batch, user: str, tier: str, weight: float, need: int,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from broker.messages import Tier
 from inferstack.settings import CommonSettings
 
 
@@ -39,4 +40,4 @@ class SchedulerSettings(CommonSettings):
         "preempted (the thrash guard); a qualifying newcomer starts within this plus 2 steps.")
 
     def tier_share(self, tier: str) -> float:
-        return {"high": 1.0, "normal": self.tier_share_normal, "low": self.tier_share_low}[tier]
+        return {Tier.HIGH: 1.0, Tier.NORMAL: self.tier_share_normal, Tier.LOW: self.tier_share_low}[Tier(tier)]

@@ -30,6 +30,53 @@ def rclient(redis_url):
 
 
 @pytest.fixture(scope="session")
+def redis_cluster():
+    """A real Redis Cluster on local ports (three primaries, three replicas), shared by
+    the session; tests that fail nodes over leave it healed (``LocalCluster.heal``)."""
+    from tests.redis_topologies import LocalCluster
+
+    cluster = LocalCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_target(redis_cluster):
+    """The session's cluster, emptied and whole, as ``INFERSTACK_REDIS_*`` would name it."""
+    from broker.connection import RedisMode, RedisTarget
+
+    redis_cluster.heal()
+    redis_cluster.flush()
+    return RedisTarget(redis_cluster.url, RedisMode.CLUSTER)
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def topology_target(request):
+    """A clean plain Redis (its URL), then the clean Redis Cluster (its target)."""
+    return request.getfixturevalue("redis_url" if request.param == "standalone" else "cluster_target")
+
+
+@pytest.fixture
+def topology_client(topology_target):
+    """A sync client (decoded) on each of :func:`topology_target`."""
+    from broker.connection import sync_client
+
+    client = sync_client(topology_target)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel():
+    """A primary, its replica and one sentinel on local ports, shared by the session."""
+    from tests.redis_topologies import LocalSentinel
+
+    sentinel = LocalSentinel()
+    yield sentinel
+    sentinel.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from tests.tiny import build_tiny_llama
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from broker.messages import GenerateRequest
-from scheduler.queue import Claimed
+from broker.messages import Claimed, GenerateRequest
 
 
 def run_schedule(engine, schedule: dict[int, list[GenerateRequest]], max_steps: int = 2000) -> dict:

@@ -13,6 +13,7 @@ import uvicorn
 
 from api.app import create_app
 from api.settings import ApiSettings
+from broker.connection import RedisTarget
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.worker import Worker, build_engine
 from inferstack.redis_server import free_port
@@ -62,17 +63,21 @@ class WorkerThread:
 
 
 class Stack:
-    def __init__(self, redis_url: str, models_file: Path, cache_dir: Path, *, sched: SchedulerSettings | None = None,
-                 workers: int = 1, worker_kw: dict | None = None, api_kw: dict | None = None, key: str | None = None):
-        """``key``: an API key of the keys file (``api_kw["keys_file"]``), for the
-        stack's own probes (/ready needs one then)."""
+    def __init__(self, redis_url: str | RedisTarget, models_file: Path, cache_dir: Path, *,
+                 sched: SchedulerSettings | None = None, workers: int = 1, worker_kw: dict | None = None,
+                 api_kw: dict | None = None, key: str | None = None):
+        """``redis_url``: a plain Redis's URL, or a ``RedisTarget`` (sentinel, cluster).
+        ``key``: an API key of the keys file (``api_kw["keys_file"]``), for the stack's
+        own probes (/ready needs one then)."""
+        target = redis_url if isinstance(redis_url, RedisTarget) else RedisTarget(redis_url)
+        redis = dict(redis_url=target.url, redis_mode=target.mode, redis_sentinel_master=target.sentinel_master)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.sched = sched or SchedulerSettings(redis_url=redis_url, lease_s=3)
+        self.sched = sched or SchedulerSettings(**redis, lease_s=3)
         self.registry = Registry.load(models_file)
-        self.api_settings = ApiSettings(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
+        self.api_settings = ApiSettings(**redis, models_file=models_file, cache_dir=cache_dir,
                                         port=free_port(), **(api_kw or {}))
         self.api = ApiThread(self.api_settings, self.sched)
-        self.worker_kw = {**dict(redis_url=redis_url, models_file=models_file, cache_dir=cache_dir,
+        self.worker_kw = {**dict(**redis, models_file=models_file, cache_dir=cache_dir,
                                  worker_models=",".join(self.registry.names()), heartbeat_s=0.2), **(worker_kw or {})}
         self.workers = [self.add_worker() for _ in range(workers)]
         self.url = self.api.url

@@ -66,3 +66,14 @@ max_prefill_tokens = {max_prefill_tokens}
 reasoning = {str(reasoning).lower()}
 """)
     return path
+
+
+TWO_SLOTS = ("tiny", "tiny-2")
+"""Two names for the tiny model whose hash slots (``is:{tiny}``, ``is:{tiny-2}``) fall in
+different thirds of the slot space: different primaries of a three-primary Cluster."""
+
+
+def two_models_toml(path: Path, model_dir: Path, max_batch: int = 8) -> Path:
+    path.write_text("".join(f'[models."{m}"]\nmodality = "text"\npath = "{model_dir}"\nmax_batch = {max_batch}\n\n'
+                            for m in TWO_SLOTS))
+    return path

@@ -234,7 +234,8 @@ class TextJob:
         kind, extra = (VisionRequest, {"images": images}) if images else (GenerateRequest, {})
         req = kind(
             id=request_id, model=model.spec.name, prompt_token_ids=prompt_ids, params=params,
-            reply_to=self.state.relay.channel, user=self.identity.user, tier=tier, created_at=time.time(),
+            reply_to=self.state.relay.channel_for(model.spec.name), user=self.identity.user, tier=tier,
+            created_at=time.time(),
             session_key=session_key(self.identity.user, self.session_id or self.body.session_id),
             cache_scope=self.identity.scope, prefix_hashes=prefix_hashes(prompt_ids, self.identity.scope),
             reasoning=reasoning, **extra,
@@ -448,6 +449,15 @@ async def _events(job: TextJob, chunks: Chunks, after: list[int] | str | None) -
             raise
         job.ended()
         yield sse_data(exc.body(), ERROR_ID)
+        yield DONE
+        return
+    except Exception:  # noqa: BLE001 - never end a stream silently, whatever went wrong
+        if not sent and after is None:
+            raise
+        log.exception("stream of %s failed", [g.req.id for g in job.gens])
+        job.cancel_in_background()
+        yield sse_data(OpenAIError(500, "The stream failed on the server; retry the request.", type="server_error",
+                                   code="stream_failed").body(), ERROR_ID)
         yield DONE
         return
     job.ended()

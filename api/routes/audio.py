@@ -53,7 +53,7 @@ async def create_speech(body: SpeechRequestBody, request: Request):
     identity = state.keys.identify(request.headers.get("authorization"), body.user)
     spec = await media_spec(state, body.model, Modality.SPEECH)
     req = SpeechRequest(id=new_id("speech"), model=spec.name, input=body.input, voice=body.voice,
-                        reply_to=state.relay.channel, speed=body.speed, user=identity.user,
+                        reply_to=state.relay.channel_for(spec.name), speed=body.speed, user=identity.user,
                         tier=identity.with_priority(body.priority), created_at=time.time())
     gen = SpeechGeneration(state, req, weight=identity.weight, user_cap=identity.max_queued)
     await gen.admit()

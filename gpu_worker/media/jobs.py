@@ -25,7 +25,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis
 from rq import Queue
 from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
@@ -34,6 +33,7 @@ from rq.timeouts import JobTimeoutException
 from rq.worker import SimpleWorker
 
 from broker import keys, messages
+from broker.connection import RedisTarget, sync_client
 from broker.messages import JobEvent, MediaRequest, Tier
 from gpu_worker.demand import JOB_MODALITIES
 
@@ -64,11 +64,13 @@ class _Running:
 
 
 class JobConsumer(threading.Thread):
-    def __init__(self, redis_url: str, worker_id: str, manager, stopping: threading.Event, *,
+    def __init__(self, rq_redis: RedisTarget | str, replies, worker_id: str, manager, stopping: threading.Event, *,
                  poll_s: int = 1, progress_interval_s: float = 0.0):
+        """``rq_redis``: where the jobs are (standalone or sentinel); ``replies``: a
+        client of the shared Redis, where API processes wait for their jobs' ends."""
         super().__init__(name="jobs", daemon=True)
-        self.conn = redis.Redis.from_url(redis_url)  # rq keeps bytes (files, serialized jobs)
-        self.text = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.conn = sync_client(rq_redis, decode_responses=False)  # rq keeps bytes (files, serialized jobs)
+        self.replies = replies
         self.manager, self.stopping = manager, stopping
         self.poll_s, self.progress_interval_s = poll_s, progress_interval_s
         self.rq = SimpleWorker([], connection=self.conn, name=f"{worker_id}-jobs-{uuid.uuid4().hex[:6]}",
@@ -221,8 +223,6 @@ class JobConsumer(threading.Thread):
         self._ended(r, "cancelled")
 
     def _ended(self, r: _Running, status: str) -> None:
-        pipe = self.text.pipeline(transaction=False)
-        pipe.zrem(keys.user_jobs(r.request.user), r.job.id)
+        self.conn.zrem(keys.user_jobs(r.request.user), r.job.id)
         if r.request.reply_to:
-            pipe.publish(r.request.reply_to, messages.encode_batch([JobEvent(r.job.id, status)]))
-        pipe.execute()
+            self.replies.spublish(r.request.reply_to, messages.encode_batch([JobEvent(r.job.id, status)]))

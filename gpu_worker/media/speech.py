@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from broker.messages import AudioChunk, ErrorEvent, SpeechRequest
+from broker.messages import AudioChunk, Claimed, ErrorEvent, SpeechRequest
 from gpu_worker.engine import Emit, Outgoing, handed_back
 from inferstack.registry import ModelSpec
-from scheduler.claimed import Claimed
 
 log = logging.getLogger(__name__)
 

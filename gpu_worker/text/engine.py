@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
+from broker.messages import Batch, Claimed, ErrorEvent, GenerateRequest, Running, TokenEvent
 from broker.prefix import BLOCK
 from gpu_worker.engine import Emit, Outgoing, handed_back
 from gpu_worker.text.grammar import GrammarCache, new_matcher
@@ -38,8 +38,6 @@ from gpu_worker.text.runner import ModelRunner
 from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
-from scheduler.claimed import Claimed
-from scheduler.policy import Batch, Running
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +294,14 @@ class TextEngine:
 
     def _admit(self, claimed: Claimed, log_events: list[TokenEvent], out: list[Outgoing]) -> None:
         req = claimed.request
+        stale = self._requests.pop(req.id, None)
+        if stale is not None:
+            # Claimed again while still held here: its lease lapsed (Redis was failing over)
+            # and came back to this worker. The new claim owns it now and resumes from the
+            # log; the old copy leaves without a release, which would end the new claim.
+            for seq in stale.seqs:
+                self._release_restore(seq)
+                self.planner.retire(seq)
         limit = self.context_length
         if len(req.prompt_token_ids) >= limit:
             out.append(Outgoing(self.model, req.reply_to, req.id, ErrorEvent(

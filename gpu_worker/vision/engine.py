@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
+from broker.messages import Claimed, ErrorEvent, GenerateRequest, TokenEvent
 from gpu_worker.engine import Emit, Outgoing, handed_back
 from gpu_worker.text.kvcache import cache_kwarg
 from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
-from scheduler.claimed import Claimed
 
 log = logging.getLogger(__name__)
 

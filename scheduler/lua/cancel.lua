@@ -1,7 +1,7 @@
--- Cancel a request. ARGV: prefix, rid
--- Returns "dequeued" (it never ran), "running" (flagged; the worker drops it at its
--- next step) or "gone" (finished or unknown).
-local rid = ARGV[2]
+-- Cancel a request. ARGV: rid
+-- Returns "dequeued" (it never ran), "running" (flagged and announced on the model's
+-- cancel channel; its worker drops it at its next step) or "gone" (finished or unknown).
+local rid = ARGV[1]
 local rk = k_req(rid)
 local f = redis.call("HMGET", rk, "state", "tier", "user")
 if f[1] == "queued" then
@@ -10,6 +10,7 @@ if f[1] == "queued" then
   return "dequeued"
 elseif f[1] == "running" then
   redis.call("HSET", rk, "cancelled", "1")
+  redis.call("SPUBLISH", C_CANCEL, rid)
   return "running"
 end
 return "gone"

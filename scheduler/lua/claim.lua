@@ -3,12 +3,12 @@
 -- queueing), move each to in-flight with a lease. The next request in policy order
 -- that would overshoot n ends the claim, unless nothing was claimed yet (so a request
 -- wider than the free room still runs once it is first in line).
--- ARGV: prefix, worker, n, lease_s, aging_max_wait_s, now(optional)
+-- ARGV: worker, n, lease_s, aging_max_wait_s, now(optional)
 -- Returns {claimed, expired}: claimed = {{rid, payload, attempts, weight, preemptions,
 -- preempted_ms, preempted_at}, ...} (see `take`), expired = {payload, ...} (deadline
 -- passed before start: never run late).
-local worker, n, lease_s, max_wait = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local now = now_s(ARGV[6])
+local worker, n, lease_s, max_wait = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = now_s(ARGV[5])
 local claimed, expired = {}, {}
 local blocked = {}  -- tiers whose candidates are all reserved for other workers
 local SCAN_USERS, SCAN_DEPTH = 16, 4
@@ -40,7 +40,7 @@ while taken < n do
     if h and RANK[t] < top_rank and h[2] >= max_wait and h[2] > od_wait then od_tier, od_wait = t, h[2] end
   end
   local rid, best_tier, overdue = nil, nil, false
-  if od_tier and redis.call("HGET", K_STATE, "last_overdue") ~= "1" and eligible(heads[od_tier][1], worker, now) then
+  if od_tier and redis.call("HGET", K_STATE, F_LAST_OVERDUE) ~= "1" and eligible(heads[od_tier][1], worker, now) then
     best_tier, rid, overdue = od_tier, heads[od_tier][1], true
   else
     for _, t in ipairs(TIERS) do
@@ -60,7 +60,7 @@ while taken < n do
     local seqs = num(redis.call("HGET", k_req(rid), "seqs"), 1)
     full = taken > 0 and taken + seqs > n
     if not full then
-      redis.call("HSET", K_STATE, "last_overdue", overdue and "1" or "0")
+      redis.call("HSET", K_STATE, F_LAST_OVERDUE, overdue and "1" or "0")
       local entry, cost = take(rid, best_tier, worker, lease_s, now)
       if entry then
         table.insert(claimed, entry)
@@ -74,7 +74,7 @@ while taken < n do
     blocked[best_tier] = true
   end
   if full or taken >= n then
-    backlogged = num(redis.call("HGET", K_STATE, "len"), 0) > 0
+    backlogged = waiting() > 0
     break
   end
 end

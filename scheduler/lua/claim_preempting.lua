@@ -3,17 +3,17 @@
 -- low, users in fair order (start tags), each user's head request only; the batch
 -- summary is updated after each claim, so one call never plans a row twice.
 -- (Python twin: scheduler.policy.FairQueueModel.claim_preempting.)
--- ARGV: prefix, worker, lease_s, batch (JSON {"slots": rows, "running": [[rid, user,
+-- ARGV: worker, lease_s, batch (JSON {"slots": rows, "running": [[rid, user,
 --       rank, weight, seqs, work, steps], ...]}), min_run_steps, now(optional)
 -- Returns {claimed, expired}: claimed = {{<take's entry>..., reason, victim rid...}, ...},
 -- expired = {payload, ...}.
-local worker, lease_s = ARGV[2], tonumber(ARGV[3])
-local batch = cjson.decode(ARGV[4])
-local min_run = tonumber(ARGV[5])
-local now = now_s(ARGV[6])
+local worker, lease_s = ARGV[1], tonumber(ARGV[2])
+local batch = cjson.decode(ARGV[3])
+local min_run = tonumber(ARGV[4])
+local now = now_s(ARGV[5])
 local claimed, expired = {}, {}
 local SCAN_USERS = 64  -- scheduler.policy.PREEMPT_SCAN_USERS
-if num(redis.call("HGET", K_STATE, "len"), 0) == 0 then return {claimed, expired} end
+if waiting() == 0 then return {claimed, expired} end
 
 while true do
   local pick = nil

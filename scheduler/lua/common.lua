@@ -1,8 +1,6 @@
--- Shared helpers, prepended to every script. Every key lives under the model's hash
--- tag (ARGV[1] = "is:{model}"), so a script touches one Cluster slot.
-local P = ARGV[1]
-local TIERS = {"high", "normal", "low"}
-local RANK = {high = 2, normal = 1, low = 0}
+-- Shared helpers, after the prelude rendered from scheduler/keys.py (keys, channels,
+-- state fields, tiers) and before each script. Every key is under the model's hash
+-- tag, so a script touches one Cluster slot.
 
 local function now_s(arg)
   if arg and arg ~= "" then return tonumber(arg) end
@@ -10,22 +8,22 @@ local function now_s(arg)
   return tonumber(t[1]) + tonumber(t[2]) / 1e6
 end
 
-local function k_req(rid) return P .. ":req:" .. rid end
-local function k_uq(tier, user) return P .. ":uq:" .. tier .. ":" .. user end
-local function k_tu(tier) return P .. ":tu:" .. tier end
-local function k_age(tier) return P .. ":age:" .. tier end
-local function k_fin(tier) return P .. ":fin:" .. tier end
-local function k_out(rid) return P .. ":out:" .. rid end
-local K_STATE = P .. ":state"
-local K_UCOUNT = P .. ":ucount"
-local K_LEASES = P .. ":leases"
-local K_ALIVE = P .. ":alive"
-local K_DRAIN = P .. ":drain"
-local K_BELL = P .. ":bell"
-
 local function num(v, default)
   if v == false or v == nil then return default end
   return tonumber(v) or default
+end
+
+-- Requests waiting: in one tier, or in all of them (no tier).
+local function waiting(tier)
+  return num(redis.call("HGET", K_STATE, tier and f_waiting_tier(tier) or F_WAITING), 0)
+end
+
+-- Ring a doorbell list (BLPOP wakes one waiting worker); a few rings are kept for
+-- workers that are busy claiming right now.
+local function ring(bell, ttl_s)
+  redis.call("LPUSH", bell, "1")
+  redis.call("LTRIM", bell, 0, 63)
+  if ttl_s then redis.call("EXPIRE", bell, ttl_s) end
 end
 
 -- Put a request (already described by its hash) into the waiting structures.
@@ -37,9 +35,9 @@ local function insert_waiting(rid, tier, user, start, enq, front)
   local head_start = (head == rid) and start or num(redis.call("HGET", k_req(head), "start"), 0)
   redis.call("ZADD", k_tu(tier), head_start, user)
   redis.call("ZADD", k_age(tier), enq, rid)
-  redis.call("HINCRBY", K_STATE, "len", 1)
-  redis.call("HINCRBY", K_STATE, "len:" .. tier, 1)
-  redis.call("HINCRBYFLOAT", K_STATE, "cost:" .. tier, redis.call("HGET", k_req(rid), "cost"))
+  redis.call("HINCRBY", K_STATE, F_WAITING, 1)
+  redis.call("HINCRBY", K_STATE, f_waiting_tier(tier), 1)
+  redis.call("HINCRBYFLOAT", K_STATE, f_cost_tier(tier), redis.call("HGET", k_req(rid), "cost"))
   redis.call("HINCRBY", K_UCOUNT, user, 1)
 end
 
@@ -54,17 +52,17 @@ local function remove_waiting(rid, tier, user)
     redis.call("ZREM", k_tu(tier), user)
   end
   redis.call("ZREM", k_age(tier), rid)
-  redis.call("HINCRBY", K_STATE, "len", -1)
-  if redis.call("HINCRBY", K_STATE, "len:" .. tier, -1) <= 0 then
+  redis.call("HINCRBY", K_STATE, F_WAITING, -1)
+  if redis.call("HINCRBY", K_STATE, f_waiting_tier(tier), -1) <= 0 then
     -- The tier's busy period ends (start-time fair queueing): the virtual time moves to
     -- the largest finish tag, so every user's tag means the same as none: drop them all.
     local last = redis.call("ZRANGE", k_fin(tier), -1, -1, "WITHSCORES")
-    if last[2] and tonumber(last[2]) > num(redis.call("HGET", K_STATE, "v:" .. tier), 0) then
-      redis.call("HSET", K_STATE, "v:" .. tier, last[2])
+    if last[2] and tonumber(last[2]) > num(redis.call("HGET", K_STATE, f_vtime(tier)), 0) then
+      redis.call("HSET", K_STATE, f_vtime(tier), last[2])
     end
     redis.call("DEL", k_fin(tier))
   end
-  redis.call("HINCRBYFLOAT", K_STATE, "cost:" .. tier, -num(redis.call("HGET", k_req(rid), "cost"), 0))
+  redis.call("HINCRBYFLOAT", K_STATE, f_cost_tier(tier), -num(redis.call("HGET", k_req(rid), "cost"), 0))
   if redis.call("HINCRBY", K_UCOUNT, user, -1) <= 0 then redis.call("HDEL", K_UCOUNT, user) end
 end
 
@@ -83,8 +81,8 @@ local function take(rid, tier, worker, lease_s, now)
     "preemptions", "preempted_ms", "preempted_at")
   remove_waiting(rid, tier, f[2])
   local start = num(f[3], 0)
-  if start > num(redis.call("HGET", K_STATE, "v:" .. tier), 0) then
-    redis.call("HSET", K_STATE, "v:" .. tier, tostring(start))
+  if start > num(redis.call("HGET", K_STATE, f_vtime(tier)), 0) then
+    redis.call("HSET", K_STATE, f_vtime(tier), tostring(start))
     -- finish tags the virtual time has passed mean the same as none
     redis.call("ZREMRANGEBYSCORE", k_fin(tier), "-inf", start)
   end
@@ -119,11 +117,6 @@ local function requeue_front(rid, now)
   redis.call("HSET", rk, "state", "queued")
   redis.call("HDEL", rk, "worker")
   insert_waiting(rid, f[2], f[1], num(f[3], 0), num(f[4], now), true)
-end
-
-local function ring_bell()
-  redis.call("LPUSH", K_BELL, "1")
-  redis.call("LTRIM", K_BELL, 0, 63)
 end
 
 -- The preemption rule (twin: scheduler.policy.pick_victims). `batch` =

@@ -1,14 +1,14 @@
 -- Keep the KV-cache routing index in step with one worker's DRAM store.
--- ARGV: prefix, worker, ttl_s, now(optional), then repeated (op, kind, key, tokens):
+-- ARGV: worker, ttl_s, now(optional), then repeated (op, kind, key, tokens):
 --   op: "put" (this worker now holds it), "del" (evicted), "refresh" (still held);
 --   kind: "s" session (key = session key), "p" prefix (key = block hash).
 -- Each index hash maps worker -> "expiry:tokens"; readers ignore expired fields, a
 -- refresh drops them, and the key itself expires with its last live holder.
-local worker, ttl = ARGV[2], tonumber(ARGV[3])
-local now = now_s(ARGV[4])
-for i = 5, #ARGV, 4 do
+local worker, ttl = ARGV[1], tonumber(ARGV[2])
+local now = now_s(ARGV[3])
+for i = 4, #ARGV, 4 do
   local op, kind, key, tokens = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local k = P .. ((kind == "s") and ":kvs:" or ":kvp:") .. key
+  local k = (kind == "s") and k_kvs(key) or k_kvp(key)
   if op == "del" then
     redis.call("HDEL", k, worker)
   elseif op == "put" or redis.call("HEXISTS", k, worker) == 1 then

@@ -2,11 +2,13 @@
 -- renewal) for dead_s, a few missed heartbeats, or their lease lapsed (the backstop:
 -- a worker that lives but no longer renews a request). They go back to the head of
 -- their user's queue with their original start tag and enqueue time, so they run next.
--- ARGV: prefix, max_attempts, now(optional), dead_s (0 = leases only)
+-- ARGV: max_attempts, now(optional), log_ttl_s (how long the log of a request that
+-- failed stays readable), dead_s (0 = leases only)
 -- Returns {requeued_rids, failed = flat {rid, payload}} (out of attempts; a claim that
--- ended in a preemption is not a failed attempt).
-local max_attempts = tonumber(ARGV[2])
-local now = now_s(ARGV[3])
+-- ended in a preemption or a drain is not a failed attempt).
+local max_attempts = tonumber(ARGV[1])
+local now = now_s(ARGV[2])
+local log_ttl = tonumber(ARGV[3])
 local dead_s = tonumber(ARGV[4] or "0") or 0
 local requeued, failed, back = {}, {}, {}
 
@@ -39,7 +41,7 @@ for i = 1, #leased, 2 do
       table.insert(failed, rid)
       table.insert(failed, f[1])
       redis.call("DEL", rk)
-      redis.call("EXPIRE", k_out(rid), 60)
+      redis.call("EXPIRE", k_out(rid), log_ttl)
     else
       table.insert(back, {rid, num(f[2], 0), num(f[3], now)})
     end
@@ -56,5 +58,5 @@ end
 if any_dead and #leased < 2 * MAX_SCAN then
   for w in pairs(dead) do redis.call("HDEL", K_ALIVE, w) end
 end
-if #requeued > 0 then ring_bell() end
+if #requeued > 0 then ring(K_BELL) end
 return {requeued, failed}

@@ -1,7 +1,8 @@
 -- A worker hands a running request back to the queue, at the head of its user's queue
 -- with its original tags, keeping its output log (whoever claims it next resumes from
 -- there), and releases its lease, all at once.
--- ARGV: prefix, worker, rid, kind, max_attempts, now(optional)
+-- ARGV: worker, rid, kind, max_attempts, now(optional), log_ttl_s (how long the log of
+-- a request that failed stays readable)
 -- kind "preempted": its rows went to another request; not a failed attempt.
 -- kind "drained": its worker stopped with it unfinished (a drain that timed out, a host's
 -- mode switch); not a failed attempt either.
@@ -9,8 +10,9 @@
 -- tensor-parallel group); a failed attempt: once the request is out of attempts it fails instead.
 -- Returns "requeued", "failed" (the caller reports the error), "cancelled" (dropped:
 -- the client is gone) or "gone" (not this worker's any more).
-local worker, rid, kind, max_attempts = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local now = now_s(ARGV[6])
+local worker, rid, kind, max_attempts = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now = now_s(ARGV[5])
+local log_ttl = tonumber(ARGV[6])
 local rk = k_req(rid)
 local f = redis.call("HMGET", rk, "worker", "state", "cancelled")
 if f[1] ~= worker or f[2] ~= "running" then return "gone" end
@@ -26,9 +28,9 @@ elseif kind == "drained" then
   redis.call("HINCRBY", rk, "drains", 1)
 elseif failed_attempts(rk) >= max_attempts then
   redis.call("DEL", rk)
-  redis.call("EXPIRE", k_out(rid), 60)
+  redis.call("EXPIRE", k_out(rid), log_ttl)
   return "failed"
 end
 requeue_front(rid, now)
-ring_bell()
+ring(K_BELL)
 return "requeued"

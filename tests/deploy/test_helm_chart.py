@@ -44,7 +44,8 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring-podmonitor.json",
 }
 # Settings that hold secrets: in a container's env they must come from a Secret.
-SECRET_ENV = {"INFERSTACK_ADMIN_KEY", "INFERSTACK_REDIS_URL", "REDIS_URL", "INFERSTACK_CLICKHOUSE_URL",
+SECRET_ENV = {"INFERSTACK_ADMIN_KEY", "INFERSTACK_REDIS_URL", "REDIS_URL", "INFERSTACK_RQ_REDIS_URL",
+              "INFERSTACK_CLICKHOUSE_URL",
               "REDIS_PASSWORD", "REDISCLI_AUTH", "CLICKHOUSE_PASSWORD"}
 # What the chart sets besides settings fields (the log level is read before any settings).
 OTHER_ENV = {"INFERSTACK_LOG_LEVEL", "HF_HOME", "HF_HUB_OFFLINE", "HOME", "REDIS_PASSWORD", "REDISCLI_AUTH", "CLICKHOUSE_DB",
@@ -135,7 +136,7 @@ all_values = pytest.mark.parametrize("values_file", [p.name for p in VALUES_FILE
 def test_the_matrix_covers_the_deployment_shapes():
     assert {p.name for p in VALUES_FILES} >= {
         "default-values.yaml", "external-redis-values.yaml", "bundled-clickhouse-values.yaml",
-        "two-gpu-pools-values.yaml", "keyed-values.yaml", "existing-secrets-values.yaml"}
+        "two-gpu-pools-values.yaml", "keyed-values.yaml", "existing-secrets-values.yaml", "redis-cluster-values.yaml"}
 
 
 # -- lint and schema -----------------------------------------------------------------
@@ -167,6 +168,8 @@ def test_lint_reports_a_schema_violation():
     ({"env": {"INFERSTACK_REDIS_URL": "redis://:pw@host:6379/0"}}, "INFERSTACK_REDIS_URL"),
     ({"keda": {"prometheus": {"authModes": "bearer"}}}, "authSecret"),
     ({"redis": {"bundled": {"password": "p@ss/word"}}}, "password"),
+    ({"redis": {"mode": "replicated"}}, "mode"),
+    ({"redis": {"rq": {"mode": "cluster"}}}, "mode"),
     ({"models": {"storage": {"type": "nfs"}}}, "type"),
 ])
 def test_schema_rejects_bad_values(values, where):
@@ -187,6 +190,10 @@ def test_values_files_follow_the_schema(values_file):
      "used twice"),
     ({"redis": {"bundled": {"enabled": False}}}, "set exactly one of redis"),
     ({"redis": {"url": "redis://elsewhere:6379/0"}}, "set exactly one of redis"),
+    ({"redis": {"mode": "cluster"}}, "the bundled one is standalone"),
+    ({"redis": {"mode": "cluster", "bundled": {"enabled": False}, "url": "redis://n1:6379,n2:6379"}},
+     'the media model "cogvideox-2b"'),
+    ({"redis": {"rq": {"url": "redis://media:6379/0", "existingSecret": "rq"}}}, "at most one of redis.rq"),
     ({"clickhouse": {"bundled": {"enabled": True}}}, "clickhouse.bundled.password is required"),
     ({"clickhouse": {"url": "http://ch:8123", "existingSecret": "ch"}}, "at most one of clickhouse"),
     ({"metrics": {"serviceMonitor": {"enabled": True, "apiBearerToken": True}}}, "needs an admin key"),
@@ -496,7 +503,7 @@ def test_secrets_stay_in_secrets(values_file):
             assert not [s for s in secrets if s in text], f"{obj['kind']}/{obj['metadata']['name']} holds a secret"
     owned = chart_secret(objects)
     assert set(secrets) <= {s for value in owned.values() for s in secrets if s in value}
-    existing = {merged["auth"]["existingSecret"], merged["redis"]["existingSecret"],
+    existing = {merged["auth"]["existingSecret"], merged["redis"]["existingSecret"], merged["redis"]["rq"]["existingSecret"],
                 merged["clickhouse"]["existingSecret"], merged["keda"]["prometheus"]["authSecret"]} - {""}
     for _, template in pod_templates(objects):
         for container in containers(template):
@@ -518,6 +525,29 @@ def test_secret_urls_are_the_ones_given():
     _, objects = rendered("external-redis-values.yaml")
     assert chart_secret(objects)["redis-url"] == "redis://:ci-redis-password-3141@redis.example.internal:6379/2"
     assert find(objects, "StatefulSet", f"{RELEASE}-redis") == []
+
+
+def test_redis_mode_and_the_media_jobs_own_redis_reach_every_component():
+    _, objects = rendered("redis-cluster-values.yaml")
+    owned = chart_secret(objects)
+    assert owned["redis-url"].startswith("redis://:ci-cluster-password-1729@redis-0.")
+    assert owned["rq-redis-url"].startswith("redis://:ci-rq-password-2357@sentinel-0.")
+    for _, template in pod_templates(objects):
+        for container in containers(template):
+            if container["name"] not in SETTINGS_OF:
+                continue
+            env = env_of(container)
+            assert env["INFERSTACK_REDIS_MODE"]["value"] == "cluster"
+            assert env["INFERSTACK_RQ_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "rq-redis-url"
+            assert env["INFERSTACK_RQ_REDIS_MODE"]["value"] == "sentinel"
+            assert env["INFERSTACK_RQ_SENTINEL_MASTER"]["value"] == "media"
+            settings = WorkerSettings(**{k.removeprefix("INFERSTACK_").lower(): e["value"] for k, e in env.items()
+                                         if k in ("INFERSTACK_REDIS_MODE", "INFERSTACK_RQ_REDIS_MODE")},
+                                      redis_url=owned["redis-url"], rq_redis_url=owned["rq-redis-url"])
+            assert settings.rq_redis.mode == "sentinel" and settings.redis.mode == "cluster"
+    _, objects = rendered("default-values.yaml")
+    env = env_of(api_container(objects))
+    assert env["INFERSTACK_REDIS_MODE"]["value"] == "standalone" and "INFERSTACK_RQ_REDIS_URL" not in env
 
 
 def settings_env_names(*classes) -> set[str]:

@@ -12,6 +12,8 @@ import pytest
 from api.auth import hash_key
 from broker import keys
 from metrics.events import Kind
+from scheduler import keys as qkeys
+from scheduler.queue import depths
 from scheduler.settings import SchedulerSettings
 from tests.stack import Stack
 
@@ -19,7 +21,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello world"}
 
 
 def queued(rclient) -> int:
-    return int(rclient.hget(keys.tier_state("tiny"), "len") or 0)
+    return sum(depths(rclient, ["tiny"])["tiny"].values())
 
 
 def wait_for(cond, timeout=10.0):
@@ -121,7 +123,7 @@ def test_deadline_passes_in_queue_503_and_dequeued(redis_url, tiny_registry, tmp
         r = httpx.post(f"{stack.url}/v1/chat/completions", json={**CHAT, "max_tokens": 3, "deadline_s": 0.5},
                        timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "deadline_exceeded"
-        assert queued(rclient) == 0 and not list(rclient.scan_iter(match=f"{keys.tag('tiny')}:req:*"))
+        assert queued(rclient) == 0 and not list(rclient.scan_iter(match=f"{qkeys.tag('tiny')}:req:*"))
         # a worker arriving later never runs it
         stack.workers.append(stack.add_worker())
         stack.wait_ready()
@@ -138,7 +140,7 @@ def test_cancel_while_queued(redis_url, tiny_registry, tmp_path, rclient):
         wait_for(lambda: queued(rclient) == 1)
         request.close()
         wait_for(lambda: queued(rclient) == 0)
-        assert not list(rclient.scan_iter(match=f"{keys.tag('tiny')}:req:*"))
+        assert not list(rclient.scan_iter(match=f"{qkeys.tag('tiny')}:req:*"))
     finally:
         stack.stop()
 
@@ -158,7 +160,7 @@ def test_cancel_while_running_frees_the_slot(redis_url, tiny_registry, tmp_path,
         wait_for(lambda: not engine.request_ids())  # dropped at a step, long before 400 tokens
         assert engine.capacity() == engine.planner.max_seqs
         assert engine.tokens_generated < 300
-        wait_for(lambda: rclient.zcard(keys.leases("tiny")) == 0)
+        wait_for(lambda: rclient.zcard(qkeys.leases("tiny")) == 0)
     finally:
         stack.stop()
 

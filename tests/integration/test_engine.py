@@ -5,11 +5,10 @@ joining and leaving mid-flight, chunked prefill and row moves, on the tiny model
 import pytest
 import torch
 
-from broker.messages import GenerateRequest, SamplingParams
+from broker.messages import Claimed, GenerateRequest, SamplingParams
 from gpu_worker.text.engine import TextEngine
 from gpu_worker.text.kvcache import cache_kwarg
 from inferstack.registry import Modality, ModelSpec
-from scheduler.queue import Claimed
 from tests.engines import run_schedule
 
 
@@ -108,6 +107,33 @@ def test_resume_from_output_log_continues_exactly(engine_factory):
         engine.step(lambda batch: events.extend(o.event for o in batch if o.event is not None))
     assert events[0].start == 5
     assert full[:5] + [t for e in events for t in e.token_ids] == full
+
+
+def test_a_request_claimed_again_while_held_runs_once(engine_factory):
+    """Its lease lapsed (Redis failing over) and the claim came back to this worker:
+    the old copy leaves without a release (which would end the new claim), the new
+    one resumes from the log; one release, every token once."""
+    engine = engine_factory(max_seqs=4)
+    req = request(0, [7, 8, 9, 10], 14)
+    full = reference_greedy(engine.runner.model, req.prompt_token_ids, 14)
+    events, done = [], []
+
+    def emit(batch):
+        events.extend(o.event for o in batch if o.event is not None)
+        done.extend(o.request_id for o in batch if o.request_done)
+
+    engine.add(Claimed(req, 1), [])
+    while sum(len(e.token_ids) for e in events) < 5:
+        engine.step(emit)
+    engine.add(Claimed(req, 2), list(events))  # the log holds what was published
+    while engine.has_work():
+        engine.step(emit)
+    assert done == ["r0"] and engine.request_ids() == []
+    tokens = {}
+    for e in events:  # as the API reads them: by offset, repeats dropped
+        for i, t in enumerate(e.token_ids):
+            tokens.setdefault(e.start + i, t)
+    assert [tokens[i] for i in range(len(tokens))] == full
 
 
 def test_more_rows_than_the_initial_allocation(engine_factory):

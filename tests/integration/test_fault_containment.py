@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from broker import messages
-from broker.messages import GenerateRequest, SamplingParams, TokenEvent
-from scheduler.queue import Claimed, FairQueue
+from broker.messages import Claimed, GenerateRequest, SamplingParams, TokenEvent
+from scheduler.queue import FairQueue
 from scheduler.settings import SchedulerSettings
 from tests.integration.test_engine import reference_greedy
 from tests.sse import errors as error_events
@@ -153,7 +153,7 @@ def test_a_poisoned_request_in_the_batch_leaves_its_neighbours_untouched(stack, 
     alone = [completion(stack.url, p).json()["choices"][0]["text"] for p in NEIGHBOURS]
     fq = FairQueue(rclient, stack.sched)
     replies = rclient.pubsub(ignore_subscribe_messages=True)
-    replies.subscribe("is:reply:poisoned")
+    replies.ssubscribe("is:reply:poisoned")  # workers publish on sharded channels
     claimer = stack.workers[0].worker.claimer
     claimer.paused.set()  # let the whole batch gather, then run it together
     try:

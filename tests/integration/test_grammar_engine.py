@@ -11,11 +11,10 @@ import jsonschema
 import pytest
 import torch
 
-from broker.messages import Constraint, GenerateRequest, SamplingParams, TokenEvent
+from broker.messages import Claimed, Constraint, GenerateRequest, SamplingParams, TokenEvent
 from gpu_worker.text.engine import TextEngine
 from inferstack.registry import Modality, ModelSpec
 from inferstack.structured import choice_ebnf
-from scheduler.queue import Claimed
 
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},

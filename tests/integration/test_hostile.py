@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from api.auth import hash_key
-from broker import keys
+from scheduler import keys as qkeys
+from scheduler.queue import depths
 from tests.stack import Stack
 from tests.tiny import registry_toml
 
@@ -35,7 +36,7 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None)
 
 
 def queued(rclient, model="tiny") -> int:
-    return int(rclient.hget(keys.tier_state(model), "len") or 0)
+    return sum(depths(rclient, [model])[model].values())
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_hostile_requests_get_an_openai_4xx_and_enqueue_nothing(idle, rclient, c
         r = httpx.post(url, json=body, timeout=30)
     assert_openai_error(r, status, code)
     assert queued(rclient) == 0
-    assert not list(rclient.scan_iter(f"{keys.tag('tiny')}:req:*"))
+    assert not list(rclient.scan_iter(f"{qkeys.tag('tiny')}:req:*"))
 
 
 def _raw(url: str, head: list[str], body: bytes = b"") -> bytes:

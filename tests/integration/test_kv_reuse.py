@@ -6,12 +6,12 @@ import time
 import pytest
 import torch
 
-from broker import keys
-from broker.messages import GenerateRequest, SamplingParams
+from broker.messages import Claimed, GenerateRequest, SamplingParams
 from broker.prefix import BLOCK, prefix_hashes
 from gpu_worker.text.engine import TextEngine
 from inferstack.registry import Modality, ModelSpec
-from scheduler.queue import Claimed, FairQueue
+from scheduler import keys as qkeys
+from scheduler.queue import FairQueue
 from scheduler.settings import SchedulerSettings
 from tests.integration.test_engine import reference_greedy, run
 
@@ -106,7 +106,7 @@ def test_affinity_offers_the_owner_first_then_anyone(rclient):
     fq = FairQueue(rclient, SchedulerSettings(affinity_window_s=2.0))
     fq.kv_index("m", "W", [("put", "s", "sess", 500)], ttl_s=30, now=100.0)
     fq.enqueue(greq("r1", session="sess"), now=100.0)
-    assert rclient.llen(keys.worker_doorbell("m", "W")) == 1  # the owner is woken
+    assert rclient.llen(qkeys.worker_doorbell("m", "W")) == 1  # the owner is woken
     assert claim_ids(fq, "X", 100.5) == []  # reserved for W within the window
     assert claim_ids(fq, "W", 100.6) == ["r1"]
     fq.enqueue(greq("r2", session="sess"), now=101.0)
@@ -119,11 +119,11 @@ def test_dead_owner_means_no_affinity_and_the_index_entry_disappears(rclient):
     fq = FairQueue(rclient, SchedulerSettings(affinity_window_s=2.0))
     now = time.time()
     fq.kv_index("m", "W", [("put", "s", "sess", 500)], ttl_s=0.3, now=now)
-    assert rclient.exists(keys.kv_session("m", "sess"))
+    assert rclient.exists(qkeys.kv_session("m", "sess"))
     fq.enqueue(greq("r1", session="sess"), now=now + 1.0)  # W stopped refreshing: expired
     assert claim_ids(fq, "X", now + 1.0) == ["r1"]
     time.sleep(0.5)  # Redis expires the key itself once its last holder stops refreshing
-    assert not rclient.exists(keys.kv_session("m", "sess"))
+    assert not rclient.exists(qkeys.kv_session("m", "sess"))
 
 
 def test_prefix_holders_are_preferred_and_the_longest_wins(rclient):
@@ -134,7 +134,7 @@ def test_prefix_holders_are_preferred_and_the_longest_wins(rclient):
     assert claim_ids(fq, "A", 100.1) == [] and claim_ids(fq, "B", 100.2) == ["r1"]
     fq.kv_index("m", "B", [("del", "p", "h2", 0)], ttl_s=30, now=100.0)
     fq.enqueue(greq("r2", hashes=["h1", "h2"]), now=100.5)
-    assert rclient.hget(keys.request("m", "r2"), "aff") in ("A", "B")  # h1 is held by both
+    assert rclient.hget(qkeys.request("m", "r2"), "aff") in ("A", "B")  # h1 is held by both
 
 
 # -- through the API ---------------------------------------------------------------

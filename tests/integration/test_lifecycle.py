@@ -7,10 +7,10 @@ import time
 import httpx
 import pytest
 
-from broker import keys
 from metrics.exporter import Exporter
 from metrics.settings import ExporterSettings
 from metrics.store import ChdbStore
+from scheduler.queue import depths
 from scheduler.settings import SchedulerSettings
 from tests.stack import Stack
 
@@ -69,7 +69,7 @@ def test_finished_rejected_and_cancelled_requests_become_rows(stack, export, rcl
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{stack.url}/v1/chat/completions", timeout=1.0, json={**CHAT, "max_tokens": 4, "user": "carol"})
     deadline = time.monotonic() + 10
-    while rclient.hget(keys.tier_state("tiny"), "len:normal") not in (None, "0"):  # the API dequeues it
+    while depths(rclient, ["tiny"])["tiny"]["normal"]:  # the API dequeues it
         assert time.monotonic() < deadline, "the abandoned request was never dequeued"
         time.sleep(0.05)
     worker.claimer.paused.clear()

@@ -16,6 +16,7 @@ from broker.messages import GenerateRequest, SamplingParams, TokenEvent
 from gpu_worker.engine import Outgoing, handed_back
 from gpu_worker.io import Heartbeat, Publisher
 from inferstack.redis_server import RedisServer
+from scheduler import keys as qkeys
 from scheduler.queue import FairQueue
 from scheduler.settings import SchedulerSettings
 from tests.sse import errors, stream, texts
@@ -160,7 +161,7 @@ def test_a_worker_re_appends_what_a_restarted_redis_lost(redis_url, rclient):
     heartbeat = Heartbeat(sync_client(redis_url), fq, "w", {}, lambda: {"id": "w"}, 0.5, 5.0, publisher,
                           threading.Event())
     publisher.start()
-    log = keys.output_log("m", "r1")
+    log = qkeys.output_log("m", "r1")
 
     def tokens(lo, hi):
         publisher.submit([Outgoing("m", "is:reply:t", "r1", TokenEvent("r1", 0, i, [100 + i], f"t{i}"))
@@ -173,7 +174,7 @@ def test_a_worker_re_appends_what_a_restarted_redis_lost(redis_url, rclient):
     try:
         tokens(0, 6)
         rclient.ltrim(log, 0, 2)  # "lost": the events of tokens 3..5 ...
-        heartbeat.redis_run_id = "before-the-crash"  # ... in a crash the heartbeat now notices
+        heartbeat.redis_run_ids = frozenset({"before-the-crash"})  # ... in a crash the heartbeat now notices
         heartbeat.beat()
         tokens(6, 8)
         starts = sorted(messages.decode(x).start for x in rclient.lrange(log, 0, -1))
@@ -206,7 +207,7 @@ class TwoClaimed:
         return [Outgoing("m", "is:reply:t", rid, TokenEvent(rid, 0, i, [100 + i], f"t{i}")) for i in range(lo, hi)]
 
     def log(self, rid: str) -> list:
-        return [messages.decode(x) for x in self.r.lrange(keys.output_log("m", rid), 0, -1)]
+        return [messages.decode(x) for x in self.r.lrange(qkeys.output_log("m", rid), 0, -1)]
 
     def wait(self, cond) -> None:
         deadline = time.monotonic() + 20
@@ -257,7 +258,7 @@ def test_requests_handed_back_while_redis_is_away_go_back_after_their_tokens():
     first, then it is requeued with its log (a resume continues from there), or, out of
     attempts, ends with its error in the log too (a resuming client sees it)."""
     t = TwoClaimed()
-    t.r.hset(keys.request("m", "r2"), "attempts", t.fq.s.max_attempts)  # its last attempt
+    t.r.hset(qkeys.request("m", "r2"), "attempts", t.fq.s.max_attempts)  # its last attempt
     try:
         t.server.shutdown()
         t.publisher.submit(t.tokens("r1", 0, 3) + t.tokens("r2", 0, 3))
@@ -266,13 +267,13 @@ def test_requests_handed_back_while_redis_is_away_go_back_after_their_tokens():
         time.sleep(0.3)
         t.server.start()
         t.wait(lambda: {"preempted", "released"} <= {f["kind"] for _, f in t.r.xrange(keys.EVENTS)})
-        r1 = t.r.hgetall(keys.request("m", "r1"))
+        r1 = t.r.hgetall(qkeys.request("m", "r1"))
         assert (r1["state"], r1["preemptions"]) == ("queued", "1") and "worker" not in r1
         assert [ev.start for ev in t.log("r1")] == [0, 1, 2]
         assert t.fq.claim_batch("m", "w2", 1).claimed[0].request.id == "r1"  # next in line
         *tokens, error = t.log("r2")
         assert [ev.start for ev in tokens] == [0, 1, 2] and error.code == "engine_error"
-        assert not t.r.exists(keys.request("m", "r2"))
+        assert not t.r.exists(qkeys.request("m", "r2"))
         [released] = [f for _, f in t.r.xrange(keys.EVENTS) if f["kind"] == "released"]
         assert (released["request_id"], released["error"]) == ("r2", "engine_error")
     finally:
@@ -288,7 +289,7 @@ def test_a_stopping_worker_hands_back_from_its_own_thread():
         t.publisher.stop()
         t.publisher.join(5)
         t.publisher.ship_now(t.tokens("r1", 0, 2) + [Outgoing("m", "is:reply:t", "r1", None, requeue="drained")])
-        r1 = t.r.hgetall(keys.request("m", "r1"))
+        r1 = t.r.hgetall(qkeys.request("m", "r1"))
         assert r1["state"] == "queued" and "worker" not in r1 and r1["attempts"] == "1"
         assert [ev.start for ev in t.log("r1")] == [0, 1]
         assert t.fq.claim_batch("m", "w2", 1).claimed[0].request.id == "r1"

@@ -7,6 +7,8 @@ import httpx
 import pytest
 
 from broker import keys
+from scheduler import keys as qkeys
+from scheduler.queue import depths
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello world"}]}
 
@@ -77,8 +79,8 @@ def test_rejections_are_openai_shaped_and_enqueue_nothing(tiny_stack, rclient, b
     assert r.status_code == status
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
-    assert rclient.hget(keys.tier_state("tiny"), "len") in (None, "0")
-    assert not list(rclient.scan_iter(match=f"{keys.tag('tiny')}:req:*"))
+    assert sum(depths(rclient, ["tiny"])["tiny"].values()) == 0
+    assert not list(rclient.scan_iter(match=f"{qkeys.tag('tiny')}:req:*"))
 
 
 def test_malformed_json_is_400(tiny_stack):

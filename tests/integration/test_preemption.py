@@ -11,8 +11,8 @@ import httpx
 import pytest
 import torch
 
-from broker.messages import GenerateRequest, SamplingParams, TokenEvent
-from scheduler.queue import Claimed, FairQueue
+from broker.messages import Claimed, GenerateRequest, SamplingParams, TokenEvent
+from scheduler.queue import FairQueue
 from scheduler.settings import SchedulerSettings
 from tests.integration.test_engine import reference_greedy
 from tests.stack import Stack

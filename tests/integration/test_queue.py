@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from broker import keys
-from broker.messages import GenerateRequest, SamplingParams, Tier
-from scheduler.policy import Batch, FairQueueModel, Running
+from broker.messages import Batch, GenerateRequest, Running, SamplingParams, Tier
+from scheduler import keys as qkeys
+from scheduler.policy import FairQueueModel
 from scheduler.queue import FairQueue
 from scheduler.settings import SchedulerSettings
 
@@ -17,6 +17,12 @@ def req(i, user="a", tier="normal", prompt=10, max_tokens=10, n=1):
     return GenerateRequest(id=f"r{i}", model=MODEL, prompt_token_ids=[1] * prompt,
                            params=SamplingParams(max_tokens=max_tokens, n=n), reply_to="is:reply:t", user=user,
                            tier=Tier(tier))
+
+
+@pytest.fixture
+def rclient(topology_client):
+    """Every test here runs on a plain Redis and on a Redis Cluster."""
+    return topology_client
 
 
 @pytest.fixture
@@ -32,8 +38,8 @@ def test_claim_moves_to_in_flight_with_lease(fq, rclient):
     fq.enqueue(req(1), now=100.0)
     res = fq.claim_batch(MODEL, "w1", 4, now=101.0)
     assert ids(res) == ["r1"] and res.claimed[0].attempt == 1
-    assert rclient.zscore(keys.leases(MODEL), "r1") == pytest.approx(106.0)
-    assert rclient.hget(keys.request(MODEL, "r1"), "worker") == "w1"
+    assert rclient.zscore(qkeys.leases(MODEL), "r1") == pytest.approx(106.0)
+    assert rclient.hget(qkeys.request(MODEL, "r1"), "worker") == "w1"
     assert fq.depth(MODEL) == {"high": 0, "normal": 0, "low": 0}
     assert ids(fq.claim_batch(MODEL, "w2", 4, now=101.0)) == []  # nobody claims it twice
 
@@ -72,7 +78,7 @@ def test_cancel_queued_and_running(fq, rclient):
     assert fq.cancel(MODEL, "r2") == "running"
     assert fq.extend_leases(MODEL, "w", ["r2"], now=101.0) == ["r2"]  # the worker learns to drop it
     assert fq.cancel(MODEL, "nope") == "gone"
-    assert rclient.hgetall(keys.user_counts(MODEL)) == {}
+    assert rclient.hgetall(qkeys.user_counts(MODEL)) == {}
 
 
 def test_lapsed_lease_is_requeued_first_and_resumable(rclient):
@@ -101,7 +107,7 @@ def test_a_worker_silent_for_a_few_heartbeats_is_dead_long_before_its_lease(rcli
     assert fq.reap(MODEL, now=101.4) == ([], [])  # 1.4 s of silence: not yet
     requeued, failed = fq.reap(MODEL, now=102.0)  # 2 s: dead, 8 s before its leases lapse
     assert sorted(requeued) == ["r1", "r2"] and failed == []
-    assert rclient.zrange(keys.leases(MODEL), 0, -1) == ["r3"]
+    assert rclient.zrange(qkeys.leases(MODEL), 0, -1) == ["r3"]
     res = fq.claim_batch(MODEL, "lives", 2, now=102.0)
     assert ids(res) == ["r1", "r2"] and [c.attempt for c in res.claimed] == [2, 2]
     # the worker was only slow: it hears at its next renewal that it lost them
@@ -111,22 +117,24 @@ def test_a_worker_silent_for_a_few_heartbeats_is_dead_long_before_its_lease(rcli
 
 def test_emit_is_fenced_by_lease_owner(fq, rclient):
     from broker import messages
+    from broker.connection import next_message
     from broker.messages import ErrorEvent, TokenEvent
 
     fq.enqueue(req(1), now=100.0)
     fq.claim_batch(MODEL, "w1", 1, now=100.0)
-    pubsub = rclient.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe("is:reply:t")
+    channel = qkeys.reply_channel(MODEL, "t")  # sharded, in the model's slot
+    pubsub = rclient.pubsub()
+    pubsub.ssubscribe(channel)
     ev = messages.encode(TokenEvent("r1", 0, 0, [5], "hi"))
-    assert fq.emit(MODEL, "w1", "is:reply:t", [("r1", "owned", ev)]) == []
-    assert fq.emit(MODEL, "w2", "is:reply:t", [("r1", "owned", ev), ("r1", "owned", ev)]) == ["r1"]
+    assert fq.emit(MODEL, "w1", channel, [("r1", "owned", ev)]) == []
+    assert fq.emit(MODEL, "w2", channel, [("r1", "owned", ev), ("r1", "owned", ev)]) == ["r1"]
     err = messages.encode(ErrorEvent("r9", "deadline passed", code="deadline_exceeded"))
-    assert fq.emit(MODEL, "w2", "is:reply:t", [("r9", "final", err)]) == []  # the scheduler's own verdict
-    assert rclient.lrange(keys.output_log(MODEL, "r1"), 0, -1) == [ev.decode()]
-    assert 0 < rclient.ttl(keys.output_log(MODEL, "r9")) <= fq.s.output_log_ttl_s
+    assert fq.emit(MODEL, "w2", channel, [("r9", "final", err)]) == []  # the scheduler's own verdict
+    assert rclient.lrange(qkeys.output_log(MODEL, "r1"), 0, -1) == [ev.decode()]
+    assert 0 < rclient.ttl(qkeys.output_log(MODEL, "r9")) <= fq.s.output_log_ttl_s
     got = []
-    for _ in range(20):  # the subscribe confirmation reads as None too
-        msg = pubsub.get_message(timeout=0.1)
+    for _ in range(20):
+        msg = next_message(pubsub, timeout=0.1)
         if msg is not None:
             got += messages.decode_batch(msg["data"])
     assert [type(e).__name__ for e in got] == ["TokenEvent", "ErrorEvent"]
@@ -147,7 +155,7 @@ def test_out_of_attempts_fails(rclient):
         assert ids(fq.claim_batch(MODEL, "w", 1, now=t)) == ["r1"]
         fq.reap(MODEL, now=t + 1.5)
     assert fq.depth(MODEL)["normal"] == 0
-    assert not rclient.exists(keys.request(MODEL, "r1"))
+    assert not rclient.exists(qkeys.request(MODEL, "r1"))
 
 
 def test_deadline_passed_in_queue_is_expired_not_run(fq):
@@ -172,7 +180,7 @@ def test_backpressure_sheds_lower_tiers_first(rclient):
     assert fq.enqueue(req(70, tier="high"), now=100.0).admitted
     assert fq.enqueue(req(71, tier="high"), now=100.0).admitted
     assert fq.enqueue(req(72, tier="high"), now=100.0).reason == "queue_full"
-    assert not rclient.exists(keys.request(MODEL, "r72"))  # nothing half-enqueued
+    assert not rclient.exists(qkeys.request(MODEL, "r72"))  # nothing half-enqueued
 
 
 def test_per_user_cap(rclient):
@@ -185,7 +193,7 @@ def test_per_user_cap(rclient):
 
 
 def test_estimated_wait_beyond_deadline_is_refused(fq, rclient):
-    rclient.hset(keys.drain(MODEL), mapping={"rate": "10", "t0": "0", "acc": "0"})  # 10 tokens/s
+    rclient.hset(qkeys.drain(MODEL), mapping={"rate": "10", "t0": "0", "acc": "0"})  # 10 tokens/s
     for i in range(5):
         assert fq.enqueue(req(i, user=f"u{i}"), timeout_s=100, now=1.0).admitted  # 20 tokens each
     refused = fq.enqueue(req(9, user="x"), timeout_s=5, now=1.0)  # 100 tokens ahead = 10 s > 5 s
@@ -274,12 +282,12 @@ def test_per_user_state_is_dropped_once_nothing_waits(fq, rclient):
         fq.enqueue(req(i, user=f"user{i}"), now=100.0 + i)
         if i % 10 == 9:
             assert len(ids(fq.claim_batch(MODEL, "w", 10, now=100.0 + i))) == 10
-    user_keys = [k for k in rclient.scan_iter(f"{keys.tag(MODEL)}:*") if "user" in k]
+    user_keys = [k for k in rclient.scan_iter(f"{qkeys.tag(MODEL)}:*") if "user" in k]
     assert user_keys == []
-    state = rclient.hgetall(keys.tier_state(MODEL))
+    state = rclient.hgetall(qkeys.state(MODEL))
     assert not [f for f in state if "user" in f], state
-    assert rclient.hlen(keys.user_counts(MODEL)) == 0
-    assert rclient.zcard(keys.finish_tags(MODEL, "normal")) == 0
+    assert rclient.hlen(qkeys.user_counts(MODEL)) == 0
+    assert rclient.zcard(qkeys.finish_tags(MODEL, "normal")) == 0
 
 
 def test_finish_tags_the_virtual_time_passed_are_compacted_while_busy(fq, rclient):
@@ -289,8 +297,8 @@ def test_finish_tags_the_virtual_time_passed_are_compacted_while_busy(fq, rclien
     for i in range(20):
         fq.enqueue(req(i, user="busy"), now=100.0)
     fq.claim_batch(MODEL, "w", 3, now=101.0)
-    assert rclient.zscore(keys.finish_tags(MODEL, "normal"), "gone") is None
-    assert rclient.zscore(keys.finish_tags(MODEL, "normal"), "busy") is not None
+    assert rclient.zscore(qkeys.finish_tags(MODEL, "normal"), "gone") is None
+    assert rclient.zscore(qkeys.finish_tags(MODEL, "normal"), "busy") is not None
 
 
 def test_the_claimer_fills_an_engine_by_sequences_not_requests(fq):
@@ -329,22 +337,22 @@ def test_preempted_request_goes_back_first_keeps_its_log_and_is_not_a_failed_att
     fq = FairQueue(rclient, SchedulerSettings(lease_s=5, max_attempts=2))
     fq.enqueue(req(1), now=100.0)
     fq.enqueue(req(2), now=101.0)
-    rclient.rpush(keys.output_log(MODEL, "r1"), "tokens so far")
+    rclient.rpush(qkeys.output_log(MODEL, "r1"), "tokens so far")
     for t in (102.0, 104.0, 106.0):  # preempted three times: more than max_attempts claims
         res = fq.claim_batch(MODEL, "w", 1, now=t)
         assert ids(res) == ["r1"]  # back at the head of its user's queue each time
         assert fq.requeue(MODEL, "w", "r1", "preempted", now=t + 1) == "requeued"
-        assert rclient.zscore(keys.leases(MODEL), "r1") is None  # lease released with the requeue
+        assert rclient.zscore(qkeys.leases(MODEL), "r1") is None  # lease released with the requeue
     res = fq.claim_batch(MODEL, "w2", 1, now=110.0)
     c = res.claimed[0]
     assert (c.request.id, c.attempt, c.preemptions, c.preempted_at) == ("r1", 4, 3, 107.0)
     assert c.preempted_s == pytest.approx(1.0 + 1.0 + 3.0)
-    assert rclient.lrange(keys.output_log(MODEL, "r1"), 0, -1) == ["tokens so far"]
+    assert rclient.lrange(qkeys.output_log(MODEL, "r1"), 0, -1) == ["tokens so far"]
     assert fq.requeue(MODEL, "w", "r1", "preempted") == "gone"  # only the lease owner may
     assert fq.reap(MODEL, now=200.0) == (["r1"], [])  # one failed attempt so far: requeued
     assert ids(fq.claim_batch(MODEL, "w3", 1, now=200.0)) == ["r1"]
     assert fq.requeue(MODEL, "w3", "r1", "failed", now=201.0) == "failed"  # the second failure is the last
-    assert not rclient.exists(keys.request(MODEL, "r1"))
+    assert not rclient.exists(qkeys.request(MODEL, "r1"))
     assert ids(fq.claim_batch(MODEL, "w", 1, now=202.0)) == ["r2"]
 
 
@@ -355,8 +363,8 @@ def test_a_failed_worker_hands_back_and_a_cancelled_request_is_dropped(fq, rclie
     assert fq.cancel(MODEL, "r2") == "running"
     assert fq.requeue(MODEL, "w", "r1", "failed", now=101.0) == "requeued"
     assert fq.requeue(MODEL, "w", "r2", "failed", now=101.0) == "cancelled"
-    assert not rclient.exists(keys.request(MODEL, "r2"))
-    assert rclient.zcard(keys.leases(MODEL)) == 0
+    assert not rclient.exists(qkeys.request(MODEL, "r2"))
+    assert rclient.zcard(qkeys.leases(MODEL)) == 0
     res = fq.claim_batch(MODEL, "w", 2, now=102.0)
     assert ids(res) == ["r1"] and res.claimed[0].attempt == 2 and res.claimed[0].preemptions == 0
 

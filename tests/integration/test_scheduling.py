@@ -5,8 +5,8 @@ import multiprocessing as mp
 import random
 
 import pytest
-import redis
 
+from broker.connection import sync_client
 from broker.messages import GenerateRequest, SamplingParams, Tier
 from scheduler.queue import FairQueue
 from scheduler.settings import SchedulerSettings
@@ -93,8 +93,8 @@ def test_normal_tier_is_not_starved_either(rclient):
     assert t <= 9.0
 
 
-def _worker_process(url: str, wid: str, seed: int, out: mp.Queue):
-    client = redis.Redis.from_url(url, decode_responses=True)
+def _worker_process(target, wid: str, seed: int, out: mp.Queue):
+    client = sync_client(target)
     fq = FairQueue(client, settings(lease_s=0.5, max_attempts=100))
     rng = random.Random(seed)
     completed, idle = [], 0
@@ -103,7 +103,7 @@ def _worker_process(url: str, wid: str, seed: int, out: mp.Queue):
         if not res.claimed:
             idle += 1
             fq.reap(MODEL)
-            client.blpop(["is:{m}:bell"], timeout=0.02)
+            fq.wait_for_work(MODEL, wid, 0.02)
             continue
         idle = 0
         for c in res.claimed:
@@ -114,13 +114,14 @@ def _worker_process(url: str, wid: str, seed: int, out: mp.Queue):
     out.put(completed)
 
 
-def test_many_worker_processes_one_queue_nothing_twice_nothing_lost(redis_url):
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+def test_many_worker_processes_one_queue_nothing_twice_nothing_lost(topology_target):
+    """On a plain Redis and on a Redis Cluster."""
+    client = sync_client(topology_target)
     fq = FairQueue(client, settings())
     ids = [f"r{i}" for i in range(400)]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker_process, args=(redis_url, f"w{i}", i, out)) for i in range(4)]
+    procs = [ctx.Process(target=_worker_process, args=(topology_target, f"w{i}", i, out)) for i in range(4)]
     for p in procs:
         p.start()
     rng = random.Random(0)

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import redis
 
-from broker import keys
+from scheduler import keys as qkeys
 from tests.integration.test_pipeline import sse_events
 from tests.stack import Stack, script_output
 from tests.tiny import registry_toml
@@ -143,7 +143,7 @@ def test_bad_constraints_are_400_before_anything_is_enqueued(stack, redis_server
     assert (err["param"], err["code"]) == (param, code), err
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        assert client.hget(keys.tier_state("tiny"), "len") in (None, "0")
+        assert client.hget(qkeys.state("tiny"), qkeys.state_field("waiting")) in (None, "0")
     finally:
         client.close()
 

@@ -10,8 +10,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from broker import keys, messages
+from broker import messages
 from metrics import tracing
+from scheduler import keys as qkeys
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_worker_spans_join_the_api_trace_through_redis(spans, tiny_stack, rclien
             "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "ignore_eos": True})))
     client.start()
     deadline = time.monotonic() + 10
-    while not (queued := list(rclient.scan_iter(match=f"{keys.tag('tiny')}:req:*"))):
+    while not (queued := list(rclient.scan_iter(match=f"{qkeys.tag('tiny')}:req:*"))):
         assert time.monotonic() < deadline, "the request never reached the queue"
         time.sleep(0.02)
     payload = messages.decode(rclient.hget(queued[0], "payload"))

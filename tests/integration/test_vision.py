@@ -15,10 +15,9 @@ import torch
 from PIL import Image
 
 from api.vision import vision_tokens
-from broker.messages import GenerateRequest, SamplingParams, VisionRequest
+from broker.messages import Claimed, GenerateRequest, SamplingParams, VisionRequest
 from gpu_worker.vision.engine import VisionEngine
 from inferstack.registry import Modality, ModelSpec
-from scheduler.queue import Claimed
 from tests.stack import Stack
 
 

@@ -1,5 +1,6 @@
 from broker import keys, messages
 from broker.messages import ErrorEvent, GenerateRequest, SamplingParams, Tier, TokenEvent
+from scheduler import keys as qkeys
 
 
 def test_request_roundtrip_keeps_types():
@@ -21,12 +22,10 @@ def test_batch_roundtrip_mixed_events():
 
 def test_keys_share_the_model_hash_tag():
     model = "smollm2-135m"
-    touched = [keys.request(model, "r"), keys.output_log(model, "r"), keys.user_queue(model, "high", "u"),
-               keys.tier_users(model, "low"), keys.tier_age(model, "normal"), keys.tier_state(model),
-               keys.user_counts(model), keys.leases(model), keys.doorbell(model), keys.drain(model)]
-    assert all("{smollm2-135m}" in k for k in touched)
+    touched = [k(model, *(f"<{p}>" for p in k.params)) for k in qkeys.TABLE]
+    assert all(k.startswith("is:{smollm2-135m}:") for k in touched)
     assert len(set(touched)) == len(touched)
-    assert all(k.startswith("is:") for k in touched + [keys.WORKERS, keys.worker("w"), keys.reply_channel("a")])
+    assert all(k.startswith("is:") for k in [keys.WORKERS, keys.worker("w"), keys.EVENTS, keys.user_jobs("u")])
 
 
 def test_tier_rank_order():

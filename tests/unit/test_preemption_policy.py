@@ -1,6 +1,7 @@
 """The preemption rule (scheduler.policy.pick_victims) on hand-made batches."""
 
-from scheduler.policy import Batch, Running, pick_victims
+from broker.messages import Batch, Running
+from scheduler.policy import pick_victims
 
 
 def run(rid, user, tier="normal", *, weight=1.0, seqs=1, work=100, steps=50):

@@ -28,7 +28,7 @@ def test_a_preemption_shows_in_the_trace_and_the_events():
 
     from broker.messages import TokenEvent
     from metrics.lifecycle import Claim, WorkerRecorder
-    from scheduler.queue import Claimed
+    from broker.messages import Claimed
 
     class Pipe:
         def __init__(self):

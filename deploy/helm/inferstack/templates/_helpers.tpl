@@ -62,6 +62,16 @@ name: {{ .Values.redis.existingSecret | default (include "inferstack.secretName"
 key: {{ ternary .Values.redis.existingSecretKey "redis-url" (ne .Values.redis.existingSecret "") }}
 {{- end -}}
 
+{{/* Whether media jobs (rq) have a Redis of their own. */}}
+{{- define "inferstack.hasRqRedis" -}}
+{{- if or .Values.redis.rq.url .Values.redis.rq.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{- define "inferstack.rqRedisUrlRef" -}}
+name: {{ .Values.redis.rq.existingSecret | default (include "inferstack.secretName" .) }}
+key: {{ ternary .Values.redis.rq.existingSecretKey "rq-redis-url" (ne .Values.redis.rq.existingSecret "") }}
+{{- end -}}
+
 {{- define "inferstack.hasClickhouse" -}}
 {{- if or .Values.clickhouse.bundled.enabled .Values.clickhouse.url .Values.clickhouse.existingSecret -}}true{{- end -}}
 {{- end -}}
@@ -97,6 +107,19 @@ key: {{ ternary .Values.clickhouse.existingSecretKey "clickhouse-url" (ne .Value
 {{- if .Values.redis.existingSecret -}}{{- $redis = add1 $redis -}}{{- end -}}
 {{- if ne $redis 1 -}}
 {{- fail "redis: set exactly one of redis.bundled.enabled, redis.url or redis.existingSecret" -}}
+{{- end -}}
+{{- if and .Values.redis.bundled.enabled (ne .Values.redis.mode "standalone") -}}
+{{- fail (printf "redis.mode %s needs an external Redis (redis.url or redis.existingSecret): the bundled one is standalone" .Values.redis.mode) -}}
+{{- end -}}
+{{- if and .Values.redis.rq.url .Values.redis.rq.existingSecret -}}
+{{- fail "redis.rq: set at most one of redis.rq.url or redis.rq.existingSecret" -}}
+{{- end -}}
+{{- if and (eq .Values.redis.mode "cluster") (not (include "inferstack.hasRqRedis" .)) -}}
+{{- range $name, $spec := (include "inferstack.registry" . | fromJson) -}}
+{{- if has (get $spec "modality") (list "image" "video") -}}
+{{- fail (printf "models.registry has the media model %q, whose jobs (rq) cannot run on a Redis Cluster (redis.mode cluster): set redis.rq.url or redis.rq.existingSecret to a standalone or Sentinel-managed Redis" $name) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- $ch := 0 -}}
 {{- if .Values.clickhouse.bundled.enabled -}}{{- $ch = add1 $ch -}}{{- end -}}
@@ -192,6 +215,24 @@ key: {{ ternary .Values.clickhouse.existingSecretKey "clickhouse-url" (ne .Value
   valueFrom:
     secretKeyRef:
       {{- include "inferstack.redisUrlRef" . | nindent 6 }}
+- name: INFERSTACK_REDIS_MODE
+  value: {{ .Values.redis.mode | quote }}
+{{- if eq .Values.redis.mode "sentinel" }}
+- name: INFERSTACK_REDIS_SENTINEL_MASTER
+  value: {{ .Values.redis.sentinelMaster | quote }}
+{{- end }}
+{{- if include "inferstack.hasRqRedis" . }}
+- name: INFERSTACK_RQ_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      {{- include "inferstack.rqRedisUrlRef" . | nindent 6 }}
+- name: INFERSTACK_RQ_REDIS_MODE
+  value: {{ .Values.redis.rq.mode | quote }}
+{{- if eq .Values.redis.rq.mode "sentinel" }}
+- name: INFERSTACK_RQ_SENTINEL_MASTER
+  value: {{ .Values.redis.rq.sentinelMaster | default .Values.redis.sentinelMaster | quote }}
+{{- end }}
+{{- end }}
 - name: INFERSTACK_MODELS_FILE
   value: /etc/inferstack/models/models.toml
 - name: INFERSTACK_CACHE_DIR
