@@ -25,7 +25,7 @@ from broker.prefix import BLOCK
 from gpu_worker.engine import Emit, Outgoing, handed_back
 from gpu_worker.text.kvstore import KvStore
 from gpu_worker.text.output import OutputProcessor
-from gpu_worker.text.planner import StepPlanner
+from gpu_worker.text.planner import StepPlan, StepPlanner
 from gpu_worker.text.runner import ModelRunner
 from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
@@ -153,47 +153,40 @@ class TextEngine:
         self._take_inbox(out)
         self._retire_finished(out)  # aborted ones leave before they cost a forward pass
         plan = self.planner.schedule()
-        if plan.prefill:
-            seqs, chunks = plan.prefill, plan.chunks
-            token_chunks = [s.all_ids[s.num_computed: s.num_computed + n] for s, n in zip(seqs, chunks)]
-            logits = self.runner.forward(seqs[0].slot, token_chunks, [s.num_computed for s in seqs],
-                                         self.planner.num_admitted, self.planner.used_len())
-            done = []
-            for row, (seq, n) in enumerate(zip(seqs, chunks)):
-                seq.num_computed += n
-                if seq.pending_prefill == 0:
-                    done.append(row)
-            if done:
-                finished_prefill = [seqs[i] for i in done]
-                for seq in finished_prefill:
-                    self._maybe_store_prefix(seq)
-                self._sample_and_emit(logits[done], finished_prefill, out)
-                for seq in sorted(finished_prefill, key=lambda s: s.slot):
-                    if not seq.status.finished:
-                        self.planner.promote(seq)
-            if out:
-                emit(out)  # first tokens go out now, not after the decode pass
-                out = []
-        if plan.decode:
-            seqs = plan.decode
-            logits = self.runner.forward(0, [[s.output_ids[-1]] for s in seqs],
-                                         [s.num_computed for s in seqs], self.planner.num_admitted,
-                                         self.planner.used_len())
-            for seq in seqs:
-                seq.num_computed += 1
-            self._sample_and_emit(logits, seqs, out)
+        if not plan.empty:
+            self._run(plan, out)
         self._retire_finished(out)
         if self._index_ops:
             out.insert(0, Outgoing(self.model, "", "", None, index_ops=self._index_ops))
             self._index_ops = []
-        if not self.planner.slots or self.steps % 64 == 0:
-            self.runner.cache.shrink(self.planner.num_admitted, self.planner.used_len())
+        if not self.planner.admitted or self.steps % 64 == 0:
+            self.runner.cache.shrink()
         view = self._running_view(self.steps + 1)
         with self._lock:
             self._view = view
         self.steps += 1  # after the view: a claimer that sees this step sees its batch
         if out:
             emit(out)
+
+    def _run(self, plan: StepPlan, out: list[Outgoing]) -> None:
+        """One packed forward pass: every decoding sequence's next token and this step's
+        prefill chunks; sample where a sequence has a next token to choose."""
+        seqs = plan.decode + plan.prefill
+        chunks = [[s.output_ids[-1]] for s in plan.decode]
+        chunks += [s.token_slice(s.num_computed, n) for s, n in zip(plan.prefill, plan.chunks)]
+        completes = [s.num_computed + n == s.length for s, n in zip(plan.prefill, plan.chunks)]
+        done = [s for s, c in zip(plan.prefill, completes) if c]
+        rows = list(range(len(plan.decode))) + [len(plan.decode) + j for j, c in enumerate(completes) if c]
+        logits = self.runner.forward([s.slot for s in seqs], chunks, [s.num_computed for s in seqs], rows)
+        for seq, chunk in zip(seqs, chunks):
+            seq.num_computed += len(chunk)
+        for seq in done:
+            self._maybe_store_prefix(seq)
+        if rows:
+            self._sample_and_emit(logits, plan.decode + done, out)
+        for seq in done:
+            if not seq.status.finished:
+                self.planner.promote(seq)
 
     def gauges(self) -> dict[str, float]:
         out = {"batch_size": self.planner.num_admitted, "kv_cache_bytes": self.runner.cache.nbytes}
@@ -213,12 +206,8 @@ class TextEngine:
             for seq in state.seqs:
                 self._release_restore(seq)
         self._requests.clear()
-        self.planner.waiting.clear()
-        for seq in self.planner.slots:
-            seq.slot = -1
-        self.planner.slots.clear()
-        self.planner.n_running = 0
-        self.runner.cache.shrink(0, 0)
+        self.planner.clear()
+        self.runner.cache.shrink()
         emit(handed_back(self.model, held, message))
 
     # -- internals --------------------------------------------------------------
@@ -418,8 +407,7 @@ class TextEngine:
             return
         entry, n = seq.restore
         started = time.perf_counter()
-        self.runner.cache.ensure(seq.slot + 1, max(n, 1), seq.slot, self.planner.used_len())
-        self.runner.cache.from_layers(seq.slot, entry.layers, n)
+        self.runner.restore_kv(entry.key, seq.slot, entry.layers, n)
         seq.num_computed = n
         seq.num_cached = 0 if entry.kind == "preempted" else n  # usage reports prompt reuse only
         stats = self.kv_store.stats
@@ -438,7 +426,7 @@ class TextEngine:
     def _store(self, key: str, kind: str, seq: Sequence, length: int) -> None:
         started = time.perf_counter()
         entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length],
-                                           self.runner.cache.to_layers(seq.slot, length), seq.request.cache_scope)
+                                           self.runner.save_kv(key, seq.slot, length), seq.request.cache_scope)
         self.kv_store.stats.save_s += time.perf_counter() - started
         for old in evicted:
             if old.kind == "session":

@@ -157,9 +157,9 @@ def test_a_failing_step_hands_its_requests_back_and_the_engine_recovers(engine_f
     assert run(engine, {0: [b]})["r1"] == reference_greedy(engine.runner.model, b.prompt_token_ids, 4)
 
 
-def test_slot_rows_interchange_with_dynamic_cache_and_legacy_tuples(engine_factory):
-    """A cache computed by plain transformers (DynamicCache) continues in the engine's
-    slot rows, and a slot row continues in plain transformers, token for token."""
+def test_cache_slots_interchange_with_dynamic_cache_and_legacy_tuples(engine_factory):
+    """A cache computed by plain transformers (DynamicCache) continues in a slot of the
+    engine's paged cache, and a slot continues in plain transformers, token for token."""
     from gpu_worker.text.kvcache import dynamic_cache_to_layers, layers_to_dynamic_cache
 
     engine = engine_factory(max_seqs=4)
@@ -172,11 +172,11 @@ def test_slot_rows_interchange_with_dynamic_cache_and_legacy_tuples(engine_facto
         layers = dynamic_cache_to_layers(out.past_key_values)
         legacy = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
         assert all(torch.equal(a[0], b[0]) for a, b in zip(layers, dynamic_cache_to_layers(legacy)))
-    runner.cache.ensure(2, 64, 0, 0)
+    runner.cache.open(1, 64)
     runner.cache.from_layers(1, layers, len(prompt))
     tokens, pos = [first], len(prompt)
     for _ in range(7):
-        logits = runner.forward(1, [[tokens[-1]]], [pos], 2, pos)
+        logits = runner.forward([1], [[tokens[-1]]], [pos])
         tokens.append(int(logits[0].argmax()))
         pos += 1
     assert tokens == ref
@@ -185,6 +185,7 @@ def test_slot_rows_interchange_with_dynamic_cache_and_legacy_tuples(engine_facto
     with torch.inference_mode():
         nxt = model(input_ids=torch.tensor([[tokens[-1]]]), **{cache_kwarg(model): dyn}, use_cache=True)
     assert int(nxt.logits[0, -1].argmax()) == reference_greedy(model, prompt, 9)[-1]
+    runner.cache.close(1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
