@@ -289,6 +289,7 @@ def torch_varlen_kernel(paged: bool) -> Callable | None:
     return varlen_attn if needed <= set(params) else None
 
 
+@torch.inference_mode()
 def probe(backend: Backend, make_cache: Callable, heads: int, dtype: torch.dtype) -> str | None:
     """Run ``backend`` and ``sdpa`` on the same small random problem (two sequences,
     one continuing from a cached prefix and one decoding); None if they agree, else why not."""

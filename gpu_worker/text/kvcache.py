@@ -147,7 +147,8 @@ class PagedKVCache:
         self.values: list[torch.Tensor] = []
         self.capacity = 0
         """Blocks the pool tensors hold now, the null block included."""
-        self._resize(budget_blocks + 1 if not self.grow else min(budget_blocks + 1, max(2, init_blocks)))
+        self._min_capacity = budget_blocks + 1 if not self.grow else min(budget_blocks + 1, max(2, init_blocks))
+        self._resize(self._min_capacity)
 
     @staticmethod
     def token_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -192,8 +193,8 @@ class PagedKVCache:
         if not self.grow:
             return
         used = self.pool.highest_used() + 1
-        if used * 4 <= self.capacity and self.capacity > 64:
-            self._resize(max(64, 2 * used))
+        if used * 4 <= self.capacity and self.capacity > self._min_capacity:
+            self._resize(max(self._min_capacity, 2 * used))
 
     @property
     def nbytes(self) -> int:
