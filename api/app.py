@@ -15,11 +15,12 @@ from api.catalog import Catalog
 from api.relay import TokenRelay
 from api.jobs import JobService
 from api.offload import Offload
-from api.routes import audio, chat, completions, images, jobs, observability, system, videos
+from api.routes import admin, audio, chat, completions, images, jobs, observability, system, videos
 from api.routes._text import key_gate
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.settings import ApiSettings
 from api.state import AppState
+from api.streams import StreamStore
 from broker.connection import async_client
 from inferstack import __version__
 from inferstack.registry import Modality, Registry
@@ -50,6 +51,7 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
         app.state.inferstack = AppState(
             settings=settings, sched=sched, redis=redis, relay=relay, queue=AsyncFairQueue(redis, sched),
             catalog=catalog, keys=keys, offload=offload, events=events, jobs=JobService(settings, relay),
+            streams=StreamStore(redis, settings.stream_grace_s, sched.output_log_ttl_s),
         )
         for spec in registry:  # warm the tokenizers of the text models this host has
             if spec.modality is Modality.TEXT:
@@ -79,6 +81,7 @@ def create_app(settings: ApiSettings | None = None, sched: SchedulerSettings | N
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(observability.router)
+    app.include_router(admin.router)
     app.include_router(images.router)
     app.include_router(audio.router)
     app.include_router(videos.router)

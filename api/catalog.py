@@ -12,7 +12,7 @@ from pathlib import Path
 
 from api.errors import OpenAIError, model_not_found
 from api.offload import Offload
-from inferstack import modelstore
+from inferstack import modelstore, structured
 from inferstack.registry import Modality, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -26,14 +26,28 @@ class TextModel:
     offload: Offload
     """Templating and tokenizing run here, never on the event loop."""
 
-    async def render_chat(self, messages: list[dict]) -> list[int]:
-        return await self.offload(self._render_chat, messages)
+    @property
+    def native_tools(self) -> bool:
+        """The chat template renders ``tools``, tool calls and tool results itself."""
+        template = self.tokenizer.chat_template
+        return isinstance(template, str) and "tools" in template
+
+    async def render_chat(self, messages: list[dict], tools: list[dict] | None = None, tool_format=None,
+                          **template_kwargs) -> list[int]:
+        """``tools`` (OpenAI function tools) go to the template; a template without tool
+        support gets ``tool_format``'s fallback (tools in the system message, calls and
+        results as text: ``api.tool_calls``)."""
+        return await self.offload(self._render_chat, messages, tools, tool_format, template_kwargs)
 
     async def encode(self, texts: list[str]) -> list[list[int]]:
         return await self.offload(lambda: [self.tokenizer(t)["input_ids"] for t in texts])
 
-    def _render_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def _render_chat(self, messages: list[dict], tools: list[dict] | None = None, tool_format=None,
+                     template_kwargs: dict | None = None) -> list[int]:
+        if not self.native_tools and (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)):
+            messages, tools = tool_format.fallback_messages(messages, tools), None
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                                                  **(template_kwargs or {}))
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
@@ -86,5 +100,6 @@ class Catalog:
             config = json.loads((Path(path) / "config.json").read_text())
             config = config.get("text_config", config)
             context = int(config.get("max_position_embeddings", 4096))
+        structured.warm()  # here, off the event loop, not in the first structured request
         log.info("tokenizer for %s loaded (context %d)", spec.name, context)
         return TextModel(spec, tokenizer, context, self.offload)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -32,21 +35,52 @@ def body_too_large(max_bytes: int | None) -> OpenAIError:
                        code="request_too_large")
 
 
+CUSTOM_CODES = ("unsupported_parameter", "unsupported_value", "invalid_json_schema")
+"""Error types the request schemas raise themselves: the type is the OpenAI ``code`` and
+the message is theirs (``api.schemas``)."""
+
+
+# Pydantic puts union members and validators into error locations ("str",
+# "list[ContentPart]", "function-after[...]"); our field names are never like these.
+_NOT_A_FIELD = re.compile(r"^(str|int|float|bool|none|[A-Z]\w*|\w+-\w+|\w*\[.*\])$")
+
+
+def param_path(loc) -> str | None:
+    """Pydantic's error location as OpenAI writes a param: ``messages[1].content``."""
+    out = ""
+    for i, part in enumerate(loc):
+        if i == 0 and part == "body":
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _NOT_A_FIELD.match(str(part)):
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
     errors = exc.errors()
     if not errors:
         return OpenAIError(400, "Invalid request body.")
-    first = errors[0]
-    if first.get("type") == "json_invalid":
+    # A refused field says more than the union members that failed around it.
+    first = next((e for e in errors if e.get("type") in CUSTOM_CODES + ("extra_forbidden",)), errors[0])
+    kind = first.get("type")
+    if kind == "json_invalid":
         return OpenAIError(400, "We could not parse the JSON body of your request: "
                            f"{first.get('ctx', {}).get('error', 'invalid JSON')}.", code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    param = ".".join(loc) or None
+    param = param_path(first.get("loc", ()))
     msg = first.get("msg", "invalid value")
+    if kind == "extra_forbidden":
+        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                           code="unsupported_parameter")
+    if kind in CUSTOM_CODES:
+        return OpenAIError(400, msg, param=param, code=kind)
     if param is None:
         return OpenAIError(400, f"Invalid request body: {msg}.", code="invalid_value")
-    if first.get("type") == "missing":
-        return OpenAIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind == "missing":
+        detail = f": {msg}" if msg and msg != "Field required" else ""
+        return OpenAIError(400, f"Missing required parameter: '{param}'{detail}.", param=param,
+                           code="missing_required_parameter")
     return OpenAIError(400, f"Invalid value for '{param}': {msg}.", param=param, code="invalid_value")
 
 
@@ -65,6 +99,13 @@ def install(app: FastAPI, max_body_bytes: int | None = None) -> None:
             return body_too_large(max_body_bytes).response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return OpenAIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_unavailable(_: Request, exc: Exception):
+        # Redis is restarting or unreachable (a stream already open rides that out instead).
+        return OpenAIError(503, "The request queue (Redis) is unavailable right now; retry shortly.",
+                           type="server_error", code="redis_unavailable", headers={"Retry-After": "2"}).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -1,6 +1,16 @@
 """One admitted text request inside the API: enqueue it, read its events in order
 (dropping duplicates a resumed request may repeat, refilling gaps from the output
-log), enforce its start deadline, and cancel it when the client goes away."""
+log), enforce its start deadline, ride out a Redis outage, and cancel it when the
+client goes away.
+
+Events reach a reader through the process's relay (live) and, after anything that
+may have dropped some, from the request's output log (``is:{m}:out:<id>``), which
+holds every event a worker published. A reader that is not in the process the
+workers publish to (a client resumed its stream on another API replica) follows the
+log alone. Whatever arrives twice is dropped by offset; whatever arrives early waits
+for the gap before it to fill. When the request's state is gone (a Redis that came
+back without it) the reader fails with ``request_lost`` instead of waiting forever.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +22,7 @@ from collections.abc import AsyncIterator
 from api.errors import OpenAIError
 from api.state import AppState
 from broker import keys, messages
+from broker.connection import UNAVAILABLE, backoff
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from metrics.lifecycle import RequestRecorder
 
@@ -24,26 +35,59 @@ REFUSALS = {
                              "retry after {retry} s or allow a longer deadline_s.",
 }
 
+POLL_S = 0.2
+"""How often the log is read while it is the source (a reader on another replica, a
+gap waiting to fill, a request that seems gone, Redis away)."""
+LOST_AFTER_S = 1.0
+"""A request must look gone (no state, no end in its log) this long before its reader
+gives up: the scheduler deletes a request a moment before its final error is logged."""
+
+
+def redis_unavailable(outage_s: float) -> OpenAIError:
+    return OpenAIError(503, f"Redis has been unavailable for more than {outage_s:g} s; this request's state "
+                       "cannot be reached. Retry later.", type="server_error", code="redis_unavailable",
+                       headers={"Retry-After": "5"})
+
 
 class Generation:
     def __init__(self, state: AppState, req: GenerateRequest, *, weight: float = 1.0,
-                 deadline_s: float | None = None, user_cap: int | None = None):
+                 deadline_s: float | None = None, user_cap: int | None = None, resumed: bool = False):
         self.state = state
         self.req = req
         self.weight = weight
         self.deadline_s = deadline_s or state.sched.default_deadline_s
         self.user_cap = user_cap
+        self.resumed = resumed
+        """A reader of a request someone else admitted (a resumed stream): it starts from the log."""
+        self.follow = resumed and req.reply_to != state.relay.channel
+        """Its events are published to another API process: read them from the log."""
         self.enqueued_at = 0.0
         self.first_event_at: float | None = None
+        self.detached = False
+        """The client left early but its request goes on (a resumable stream's grace period)."""
         self._queue: asyncio.Queue | None = None
         self._next: dict[int, int] = {}
+        self._ahead: dict[int, dict[int, TokenEvent]] = {}
         self._finished: set[int] = set()
         self._closed = False
-        self.rec = RequestRecorder(state.events, req)  # lifecycle events, Prometheus, trace span
+        self._log_read = 0          # log entries already read
+        self._checked_at = 0.0      # last log read (monotonic)
+        self._gap_since: float | None = None
+        self._gone_since: float | None = None
+        self._down_since: float | None = None
+        self._down_failures = 0
+        self._progress_at = 0.0
+        self.rec = RequestRecorder(state.events, req, resumed=resumed)  # lifecycle events, Prometheus, trace span
+        self._queued_again_at: float | None = None
 
     @property
     def done(self) -> bool:
         return len(self._finished) >= self.req.params.n
+
+    @property
+    def progress(self) -> dict[int, int]:
+        """Tokens relayed so far, per choice."""
+        return self._next
 
     async def admit(self) -> None:
         """Enqueue, or raise 429 with Retry-After. Subscribed before enqueueing: the
@@ -65,56 +109,192 @@ class Generation:
                               headers={"Retry-After": str(adm.retry_after_s)})
         self.rec.enqueued()
 
+    def attach(self) -> None:
+        """Read a request someone else admitted (a resumed stream): live events when they
+        come to this process, the log in any case."""
+        self._queue = asyncio.Queue() if self.follow else self.state.relay.register(self.req.id)
+        self.enqueued_at = time.monotonic()
+        self.first_event_at = self.enqueued_at  # its start deadline is its first reader's business
+
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Token events in order, each exactly once, until every choice has finished."""
         assert self._queue is not None
-        stall = self.state.sched.lease_s * self.state.sched.max_attempts + 30
+        self._progress_at = time.monotonic()
+        check = self.resumed  # a resumed reader starts from the log
         while not self.done:
-            if self.first_event_at is None:
-                timeout = max(0.05, self.deadline_s + 1.0 - (time.monotonic() - self.enqueued_at))
-            else:
-                timeout = stall
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
-                if self.first_event_at is None:
-                    await self._deadline_passed()
+            if check or self._log_due():
+                check = False
+                try:
+                    logged, exists = await self._read_log()
+                except UNAVAILABLE:
+                    self._unavailable()
                     continue
-                self.rec.failed("stalled")
-                raise OpenAIError(504, "The worker stopped sending tokens for this request.",
-                                  type="server_error", code="stalled") from None
-            if item is None:  # relay reconnected: whatever was missed is in the log
-                for ev in await self._from_log(0):
-                    for out in self._accept(ev):
+                for ev in logged:
+                    for out in self._take(ev):
                         yield out
+                self._note_state(exists)
                 continue
-            if isinstance(item, ErrorEvent):
-                self.rec.failed(item.code or item.type)
-                raise OpenAIError(item.status, item.message, type=item.type, code=item.code)
-            for out in self._accept(item):
+            try:
+                if self._queue.empty():
+                    # asyncio.timeout, not wait_for: wait_for wraps the get in a new Task (3.11)
+                    async with asyncio.timeout(self._wait_s()):
+                        item = await self._queue.get()
+                else:
+                    item = self._queue.get_nowait()
+            except TimeoutError:
+                await self._timed_out()
+                continue
+            if item is None:  # the relay lost (or regained) its subscription: the log has what it missed
+                check = True
+                self._progress_at = time.monotonic()
+                continue
+            for out in self._take(item):
                 yield out
 
-    def _accept(self, ev: TokenEvent) -> list[TokenEvent]:
-        expected = self._next.get(ev.choice, 0)
-        if ev.choice in self._finished or ev.start + len(ev.token_ids) <= expected and ev.token_ids:
-            return []  # a resumed worker repeating what we already have
-        if ev.start > expected:
-            # Missed events (a dropped subscription): schedule a refill from the log.
-            self._queue.put_nowait(None)
-            return []
-        if self.first_event_at is None:
-            self.first_event_at = time.monotonic()
-        self._next[ev.choice] = ev.start + len(ev.token_ids)
-        self.rec.tokens(ev)
-        if ev.finish_reason:
-            self._finished.add(ev.choice)
-            if self.done:
-                self.rec.finished()
-        return [ev]
+    # -- what arrives ----------------------------------------------------------------
 
-    async def _from_log(self, since: int) -> list[TokenEvent]:
-        raw = await self.state.redis.lrange(keys.output_log(self.req.model, self.req.id), since, -1)
-        return [messages.decode(x) for x in raw]
+    def _take(self, item) -> list[TokenEvent]:
+        if isinstance(item, ErrorEvent):
+            self.rec.failed(item.code or item.type)
+            raise OpenAIError(item.status, item.message, type=item.type, code=item.code)
+        out = self._accept(item)
+        if out:
+            self._queued_again_at = None
+            self._progress_at = time.monotonic()
+            self.first_event_at = self.first_event_at or self._progress_at
+        return out
+
+    def _accept(self, ev: TokenEvent) -> list[TokenEvent]:
+        out: list[TokenEvent] = []
+        todo = [ev]
+        while todo:
+            ev = todo.pop()
+            c = ev.choice
+            expected = self._next.get(c, 0)
+            if c in self._finished or ev.start + len(ev.token_ids) <= expected and ev.token_ids:
+                continue  # a resumed worker (or the log) repeating what we already have
+            if ev.start > expected:
+                # Early: events before it were missed (a dropped subscription); they are in
+                # the log, or about to be. It waits for them.
+                self._ahead.setdefault(c, {})[ev.start] = ev
+                self._gap_since = self._gap_since or time.monotonic()
+                continue
+            self._next[c] = ev.start + len(ev.token_ids)
+            self.rec.tokens(ev)
+            out.append(ev)
+            if ev.finish_reason:
+                self._finished.add(c)
+                if self.done:
+                    self.rec.finished()
+            ahead = self._ahead.get(c)
+            if ahead:
+                todo += [ahead.pop(s) for s in sorted(ahead, reverse=True) if s <= self._next[c]]
+                if not ahead:
+                    del self._ahead[c]
+        if not self._ahead:
+            self._gap_since = None
+        return out
+
+    # -- the log and the request's state -------------------------------------------------
+
+    async def _read_log(self) -> tuple[list, bool]:
+        """What the log holds beyond what was read, and whether the request is still
+        queued or running, read together."""
+        self._checked_at = time.monotonic()
+        pipe = self.state.redis.pipeline(transaction=True)
+        pipe.exists(keys.request(self.req.model, self.req.id))
+        pipe.llen(keys.output_log(self.req.model, self.req.id))
+        pipe.lrange(keys.output_log(self.req.model, self.req.id), self._log_read, -1)
+        exists, length, raw = await pipe.execute()
+        if length < self._log_read:  # a restarted Redis lost its tail: read it all again
+            self._log_read = 0
+            return await self._read_log()
+        self._log_read += len(raw)
+        self._down_since, self._down_failures = None, 0
+        return [messages.decode(x) for x in raw], bool(exists)
+
+    def _note_state(self, exists: bool) -> None:
+        if self.done or exists:
+            self._gone_since = None
+            return
+        now = time.monotonic()
+        self._gone_since = self._gone_since or now
+        if now - self._gone_since >= LOST_AFTER_S:
+            self.rec.failed("request_lost")
+            raise OpenAIError(503, "This request's state is gone (Redis restarted without it) and it cannot go on. "
+                              "Retry the request.", type="server_error", code="request_lost",
+                              headers={"Retry-After": "1"})
+
+    def _log_due(self) -> bool:
+        polling = self.follow or self._gap_since is not None or self._gone_since is not None
+        if self._down_since is not None:
+            return time.monotonic() - self._checked_at >= backoff().compute(self._down_failures)
+        return polling and time.monotonic() - self._checked_at >= POLL_S
+
+    def _unavailable(self) -> None:
+        """A log read failed: Redis is away. Retry with backoff until the outage limit."""
+        self._down_since = self._down_since or time.monotonic()
+        self._down_failures += 1
+        if time.monotonic() - self._down_since > self.state.settings.redis_outage_s:
+            self.rec.failed("redis_unavailable")
+            raise redis_unavailable(self.state.settings.redis_outage_s)
+
+    # -- waiting -------------------------------------------------------------------------
+
+    @property
+    def _stall_s(self) -> float:
+        return self.state.sched.lease_s * self.state.sched.max_attempts + 30
+
+    def _outage_s(self) -> float:
+        own = 0.0 if self._down_since is None else time.monotonic() - self._down_since
+        relay = 0.0 if self.follow else self.state.relay.outage.elapsed()
+        return max(own, relay)
+
+    def _wait_s(self) -> float:
+        now = time.monotonic()
+        if self.follow or self._gap_since is not None or self._gone_since is not None or self._outage_s():
+            return POLL_S
+        if self.first_event_at is None:
+            return max(0.05, self.deadline_s + 1.0 - (now - self.enqueued_at))
+        return max(0.05, self._stall_s - (now - self._progress_at))
+
+    async def _timed_out(self) -> None:
+        now = time.monotonic()
+        outage = self._outage_s()
+        if outage:
+            if outage > self.state.settings.redis_outage_s:
+                self.rec.failed("redis_unavailable")
+                raise redis_unavailable(self.state.settings.redis_outage_s)
+            self._progress_at = now  # the stall clock starts again when Redis is back
+            return
+        if self.first_event_at is None:
+            if now - self.enqueued_at >= self.deadline_s + 1.0:
+                try:
+                    await self._deadline_passed()
+                except UNAVAILABLE:
+                    self._unavailable()
+            return
+        if now - self._progress_at >= self._stall_s:
+            try:
+                if await self._waiting_again():
+                    self._progress_at = now  # look again after another stall period
+                    return
+            except UNAVAILABLE:
+                self._unavailable()
+                return
+            self.rec.failed("stalled")
+            raise OpenAIError(504, "The worker stopped sending tokens for this request.", type="server_error",
+                              code="stalled")
+
+    async def _waiting_again(self) -> bool:
+        """No token for a while because the request went back to the queue (preempted, its
+        worker drained for a mode switch, or its tensor-parallel group broke): it waits
+        for a worker like a new request, up to its deadline again, resuming from its log."""
+        if await self.state.queue.state(self.req.model, self.req.id) != "queued":
+            return False
+        now = time.monotonic()
+        self._queued_again_at = self._queued_again_at or now
+        return now - self._queued_again_at < self.deadline_s
 
     async def _deadline_passed(self) -> None:
         result = await self.state.queue.cancel(self.req.model, self.req.id)
@@ -126,23 +306,49 @@ class Generation:
         # running: it started just now; gone: it finished or a worker reported it. Keep reading.
         self.first_event_at = self.first_event_at or time.monotonic()
 
-    async def cancel(self) -> None:
-        """The client went away: dequeue it, or stop it at its worker's next step."""
+    # -- the end ---------------------------------------------------------------------------
+
+    async def cancel(self) -> str:
+        """The client went away: dequeue it, or stop it at its worker's next step.
+        Returns what the queue said (``dequeued``, ``running``, ``gone``), or ``done``."""
         if self.done:
-            return
+            return "done"
         self.rec.cancelled()
         try:
             result = await self.state.queue.cancel(self.req.model, self.req.id)
             if result == "running":
                 await self.state.redis.publish(keys.CANCEL_CHANNEL, self.req.id)
+            return result
         except Exception:  # noqa: BLE001 - best effort; the lease reaper covers the rest
             log.exception("cancel of %s failed", self.req.id)
+            return "failed"
+
+    async def abandon(self) -> None:
+        """Nobody resumed the stream within the grace period: cancel the request, or, if
+        it ended meanwhile, record how (its log says)."""
+        if self.done:
+            return
+        try:
+            result = await self.state.queue.cancel(self.req.model, self.req.id)
+            if result == "running":
+                await self.state.redis.publish(keys.CANCEL_CHANNEL, self.req.id)
+            if result == "gone":
+                logged, _ = await self._read_log()
+                for ev in logged:
+                    self._take(ev)
+        except OpenAIError:
+            return  # it failed: recorded
+        except Exception:  # noqa: BLE001 - best effort, as for an immediate cancel
+            log.exception("cancel of %s failed", self.req.id)
+        self.rec.cancelled()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.state.relay.unregister(self.req.id)
-            self.rec.cancelled()  # the client is gone; a no-op unless admitted and not yet ended
+            if self._queue is not None and not self.follow:
+                self.state.relay.unregister(self.req.id, self._queue)
+            if not self.detached:
+                self.rec.cancelled()  # the client is gone; a no-op unless admitted and not yet ended
 
 
 async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, TokenEvent]]:

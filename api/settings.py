@@ -34,6 +34,9 @@ class ApiSettings(StoreSettings):
         60.0, description="POST /v1/images/generations waits this long for the result, then answers 202 with the job.")
     fetch_timeout_s: float = Field(10.0, description="Time limit for fetching an http(s) image URL of a chat message.")
     fetch_max_bytes: int = Field(20 * 1024 * 1024, description="Size limit of one image in a chat message.")
+    stream_grace_s: float = Field(
+        10.0, description="A streaming client that disconnects before the end leaves its request generating this long, "
+                          "resumable with Last-Event-ID; then it is cancelled. 0 = cancel at once.")
     fetch_allow_hosts: str = Field(
         "", description="Comma-separated hosts image URLs may name (`img.example.com`, or `.example.com` for its "
                         "subdomains); empty = any public host.")

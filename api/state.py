@@ -10,6 +10,7 @@ from api.jobs import JobService
 from api.offload import Offload
 from api.relay import TokenRelay
 from api.settings import ApiSettings
+from api.streams import StreamStore
 from metrics.events import EventSink
 from scheduler.queue import AsyncFairQueue
 from scheduler.settings import SchedulerSettings
@@ -26,6 +27,8 @@ class AppState:
     keys: KeyStore
     offload: Offload
     """The bounded pool for parsing, templating and tokenizing (never on the event loop)."""
+    streams: StreamStore
+    """Records of resumable SSE streams."""
     events: EventSink | None = None
     """Lifecycle events for the metrics exporter."""
     stats_store: object = None

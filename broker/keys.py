@@ -64,6 +64,13 @@ def leases(model: str) -> str:
     return f"{tag(model)}:leases"
 
 
+def alive(model: str) -> str:
+    """Hash: worker id -> unix time it last claimed or renewed leases of this model. The
+    reaper requeues the requests of a worker silent for ``worker_dead_s`` (a few missed
+    heartbeats) without waiting for their leases to lapse."""
+    return f"{tag(model)}:alive"
+
+
 def doorbell(model: str) -> str:
     """List used only to wake idle workers (BLPOP) when work arrives."""
     return f"{tag(model)}:bell"
@@ -111,6 +118,14 @@ def reply_channel(api_instance: str) -> str:
     return f"{PREFIX}:reply:{api_instance}"
 
 
+def stream(stream_id: str) -> str:
+    """Hash: an SSE stream a client may resume (``GET /v1/chat/completions/<id>/stream``):
+    its owner, how to render it, its request ids and reply channel, how many clients
+    read it now. Kept while it generates and ``output_log_ttl_s`` after it ends, like the
+    output logs it is replayed from."""
+    return f"{PREFIX}:stream:{stream_id}"
+
+
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Pub/sub channel: API processes announce cancelled request ids; workers drop them."""
 
@@ -121,6 +136,21 @@ processes and workers with ``XADD MAXLEN ~``, consumed by the metrics exporter."
 
 EVENTS_GROUP = "exporter"
 """Consumer group of :data:`EVENTS` that the metrics exporters share."""
+
+
+HOSTS = f"{PREFIX}:hosts"
+"""Sorted set: host id -> unix time of its supervisor's last status (``inferstack host``)."""
+
+
+def host(host_id: str) -> str:
+    """Hash with a TTL: a host supervisor's status (devices, mode, its workers, the
+    mode change it is applying and how that went)."""
+    return f"{PREFIX}:host:{host_id}"
+
+
+def host_commands(host_id: str) -> str:
+    """List: mode changes for one host's supervisor (the admin API pushes, it pops)."""
+    return f"{PREFIX}:host:{host_id}:commands"
 
 
 def load_claim(model: str) -> str:

@@ -10,6 +10,7 @@ Grouped by who receives them:
 * API -> worker (fair queue) :class:`SpeechRequest`; worker -> API: :class:`AudioChunk`.
 * API -> workers (rq job argument): :class:`MediaRequest`; worker -> API (reply
   channel) when the job ends: :class:`JobEvent`.
+* admin API -> a host supervisor (its command list): :class:`ModeChange`.
 
 JSON keeps the wire readable with ``redis-cli MONITOR``; each message is a pair
 ``[tag, fields]``, the tag naming its type.
@@ -38,6 +39,21 @@ class Tier(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Constraint:
+    """What a request's output must match, enforced by constrained decoding
+    (``inferstack.structured`` turns it into a grammar)."""
+
+    kind: str
+    """``json_object`` (any JSON object), ``json_schema``, ``regex``, ``ebnf`` or
+    ``structural_tag`` (xgrammar's format, as tool calls use it)."""
+    spec: str = ""
+    """The schema or structural tag as JSON text, the regex or the grammar."""
+    strict: bool = True
+    """``json_schema`` only: no object properties beyond those the schema lists
+    (OpenAI's ``strict``); False follows JSON Schema (extra properties allowed)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
@@ -57,6 +73,10 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit), OpenAI's ``logit_bias``."""
+    constraint: Constraint | None = None
+    """Structured output (response_format, structured_outputs, forced tool calls)."""
 
     @property
     def greedy(self) -> bool:
@@ -223,6 +243,28 @@ class JobEvent:
     status: str
 
 
+# -- admin -> host supervisor --------------------------------------------------------
+
+
+class HostMode(StrEnum):
+    INDIVIDUAL = "individual"
+    """One worker per device."""
+    TP = "tp"
+    """One tensor-parallel group over ``size`` devices serving one model (the rest individual)."""
+
+
+@dataclass(slots=True)
+class ModeChange:
+    """Switch a host between independent workers and a tensor-parallel group
+    (``POST /v1/admin/hosts/{host}/mode`` -> the host's command list)."""
+
+    id: str
+    mode: HostMode
+    model: str | None = None
+    size: int | None = None
+    at: float = 0.0
+
+
 _TYPES: dict[str, type] = {
     "req": GenerateRequest,
     "tok": TokenEvent,
@@ -232,6 +274,7 @@ _TYPES: dict[str, type] = {
     "speech": SpeechRequest,
     "vision": VisionRequest,
     "audio": AudioChunk,
+    "mode": ModeChange,
 }
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 
@@ -242,9 +285,14 @@ def _build(tag: str, d: dict[str, Any]) -> Any:
         p = d["params"]
         p["stop"] = tuple(p.get("stop", ()))
         p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
+        p["logit_bias"] = tuple(tuple(pair) for pair in p.get("logit_bias", ()))
+        if p.get("constraint") is not None:
+            p["constraint"] = Constraint(**p["constraint"])
         d["params"] = SamplingParams(**p)
     if "tier" in d:
         d["tier"] = Tier(d["tier"])
+    if cls is ModeChange:
+        d["mode"] = HostMode(d["mode"])
     return cls(**d)
 
 
@@ -272,6 +320,12 @@ def decode(raw: str | bytes) -> Any:
 
 def encode_batch(msgs: list[Any]) -> bytes:
     return orjson.dumps([[_TAGS[type(m)], m] for m in msgs])
+
+
+def join_encoded(encoded: list[bytes]) -> bytes:
+    """``encode_batch`` of messages already ``encode``d one by one (the same bytes):
+    the publisher writes each token event to its output log and reuses that encoding."""
+    return b"[" + b",".join(encoded) + b"]"
 
 
 def decode_batch(raw: str | bytes) -> list[Any]:

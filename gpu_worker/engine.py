@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from broker.messages import ErrorEvent, TokenEvent
-from scheduler.queue import Claimed
+from scheduler.claimed import Claimed
 
 
 @dataclass(slots=True)
@@ -21,10 +21,14 @@ class Outgoing:
     """All choices of the request are finished: release its lease."""
     index_ops: list[tuple[str, str, str, int]] | None = None
     """KV-index changes (op, kind, key, tokens) to write before the events go out."""
+    owned: bool = True
+    """Sent as the request's lease owner (the event is dropped if this worker lost it).
+    False for errors about requests the scheduler itself already ended (deadline passed
+    before the start, out of attempts): nobody owns those any more."""
     requeue: str | None = None
     """Hand the request back to the queue instead of releasing it (``lua/requeue.lua``),
     after its events: ``preempted`` (its rows went to another request; not a failed
-    attempt) or ``failed`` (the engine step failed; ``event``, an ErrorEvent, reaches
+    attempt), ``drained`` (its worker stopped; not a failed attempt either) or ``failed`` (the engine step failed; ``event``, an ErrorEvent, reaches
     the client only once the request is out of attempts)."""
     reason: str = ""
     """Why it was preempted: ``tier`` or ``share``."""
@@ -33,12 +37,19 @@ class Outgoing:
 Emit = Callable[[list[Outgoing]], None]
 
 
-def handed_back(model: str, requests: list, message: str) -> list[Outgoing]:
-    """What an engine emits for the requests it held when its step failed: each goes
-    back to the queue, or fails with ``message`` once it is out of attempts."""
+class FatalEngineError(RuntimeError):
+    """An engine step failed in a way the engine cannot recover from in this process
+    (a tensor-parallel peer died or hung): the worker hands every request it holds back
+    to the queue and exits, and its supervisor starts it again."""
+
+
+def handed_back(model: str, requests: list, message: str, kind: str = "failed") -> list[Outgoing]:
+    """What an engine emits for the requests it held when its step failed (``kind``
+    ``failed``: each goes back to the queue, or fails with ``message`` once it is out of
+    attempts) or when its worker stops with them unfinished (``drained``)."""
     return [Outgoing(model, r.reply_to, r.id, ErrorEvent(
         r.id, f"the worker failed while serving it: {message}", type="server_error", code="engine_error",
-        status=500), requeue="failed") for r in requests]
+        status=500), requeue=kind) for r in requests]
 
 
 class Engine(Protocol):
@@ -63,10 +74,11 @@ class Engine(Protocol):
     def request_ids(self) -> list[str]:
         """Requests this engine holds (their leases are extended by the heartbeat)."""
 
-    def requeue_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit, kind: str = "failed") -> None:
         """A step raised (out of memory, a device error): start clean, handing every
         held request back to the queue (``Outgoing.requeue = "failed"``, with an
-        ErrorEvent saying ``message`` for when it is out of attempts)."""
+        ErrorEvent saying ``message`` for when it is out of attempts). The worker also
+        calls it with ``kind="drained"`` when it stops with requests unfinished."""
 
     def gauges(self) -> dict[str, float]:
         """For /metrics, read from another thread: ``batch_size`` (sequences running)

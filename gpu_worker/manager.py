@@ -114,8 +114,12 @@ class ModelManager(Mapping):
     eviction and the state the heartbeat advertises."""
 
     def __init__(self, registry: Registry, build: Callable[[ModelSpec], object], *, probe: MemoryProbe,
-                 budget_bytes: int | None = None, reserve_bytes: int = 0, serves: set[str] | None = None):
+                 budget_bytes: int | None = None, reserve_bytes: int = 0, serves: set[str] | None = None,
+                 shards: int = 1):
         self.registry = registry
+        self.shards = shards
+        """This worker leads a tensor-parallel group of ``shards`` devices: a model costs
+        this device its share of the registry estimate."""
         self._build = build
         self.probe = probe
         self.budget = budget_bytes
@@ -201,7 +205,7 @@ class ModelManager(Mapping):
     def estimate(self, name: str) -> int:
         """Bytes a model is expected to need: max(registry estimate, last measured footprint)."""
         spec = self.registry[name]
-        return max(int(spec.memory_gb * GiB), self._measured.get(name, 0))
+        return max(int(spec.memory_gb * GiB) // self.shards, self._measured.get(name, 0))
 
     def capacity_bytes(self) -> int:
         """The most this worker could ever give to models."""
@@ -374,3 +378,16 @@ class ModelManager(Mapping):
 
     def stop(self) -> None:
         self._jobs.put(None)
+
+    def close(self) -> None:
+        """The worker is exiting: let every engine release what it holds (a
+        tensor-parallel leader stops its followers)."""
+        with self._lock:
+            engines = [s.engine for s in self._slots.values() if s.engine is not None]
+        for engine in engines:
+            close = getattr(engine, "close", None)
+            if close:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - exiting anyway
+                    log.exception("closing %s failed", getattr(engine, "model", engine))

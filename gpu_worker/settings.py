@@ -19,7 +19,9 @@ class WorkerSettings(MetricsServerSettings):
         None, description="Most memory the worker's models may take together (default: free device memory).")
     memory_reserve_gb: float = Field(0.5, description="Device memory the model manager always leaves free.")
     device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:N.")
-    dtype: str | None = Field(None, description="Overrides the registry dtype (float32, bfloat16, float16).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] | None = Field(
+        None, description="Overrides the registry dtype; auto = bfloat16 where the GPU or CPU computes it natively "
+        "(avx512_bf16, amx_bf16), else float32 (see gpu_worker.precision).")
     max_batch: int | None = Field(None, description="Overrides the registry's max_batch (sequences per step).")
     max_prefill_tokens: int | None = Field(None, description="Overrides the registry's prefill budget per step.")
     kv_cache_bytes: int | None = Field(
@@ -33,10 +35,24 @@ class WorkerSettings(MetricsServerSettings):
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="static = admit only into an empty batch (the baseline for benchmarks)."
     )
-    heartbeat_s: float = Field(1.0, description="Heartbeat, lease renewal and reaper period.")
+    heartbeat_s: float = Field(
+        0.5, description="Heartbeat, lease renewal and reaper period; a worker silent for INFERSTACK_WORKER_DEAD_S is "
+                         "dead.")
     heartbeat_ttl_s: float = Field(5.0, description="A worker silent this long is considered dead.")
+    outage_buffer_events: int = Field(
+        50_000, description="Events a worker keeps while Redis is unreachable; at the cap it pauses generating.")
     drain_timeout_s: float = Field(10.0, description="On SIGTERM, how long running requests may finish.")
     torch_threads: int | None = Field(None, description="torch intra-op threads (default: torch's choice).")
+    host_id: str = Field(default_factory=socket.gethostname,
+                         description="The host (supervisor) this worker belongs to, as the admin API names it.")
+    tp_size: int = Field(1, description="Ranks of this worker's tensor-parallel group (1: no group; the host "
+                         "supervisor sets these for the ranks it starts).")
+    tp_rank: int = Field(0, description="This process's rank: 0 claims, plans and publishes; the others follow.")
+    tp_master: str = Field("127.0.0.1:29500", description="host:port where the group's ranks meet (rank 0 listens).")
+    tp_devices: str = Field("", description="Every rank's device, comma-separated (what the heartbeat shows).")
+    tp_timeout_s: float = Field(
+        60.0, description="A collective, or an idle follower's wait for rank 0, failing or lasting longer takes the "
+        "group down (its requests go back to the queue).")
 
     @property
     def model_names(self) -> list[str]:

@@ -4,6 +4,8 @@ heartbeats and cancellations run beside this loop (``gpu_worker.io``)."""
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import signal
@@ -17,9 +19,10 @@ import torch
 from broker import keys
 from broker.connection import sync_client
 from gpu_worker.demand import JOB_MODALITIES, DemandWatcher
-from gpu_worker.engine import Engine
+from gpu_worker.engine import Engine, FatalEngineError, Outgoing
 from gpu_worker.io import CancelListener, Claimer, Heartbeat, Publisher
 from gpu_worker.manager import GiB, MemoryProbe, ModelManager, NotEnoughMemory
+from gpu_worker.precision import choose_dtype
 from gpu_worker.settings import WorkerSettings
 from inferstack import modelstore
 from inferstack.registry import Modality, ModelSpec, Registry
@@ -56,13 +59,20 @@ def engine_available(spec: ModelSpec, settings: WorkerSettings) -> bool:
     return not missing_packages(spec) and modelstore.available(spec, settings.cache_dir)
 
 
-def build_engine(spec: ModelSpec, settings: WorkerSettings, device: torch.device, model_dir=None) -> Engine:
-    from gpu_worker.text.runner import pick_dtype
+def engine_dtype(spec: ModelSpec, settings: WorkerSettings, device: torch.device) -> torch.dtype:
+    """The dtype a model runs in on ``device`` (``gpu_worker.precision``): every rank of a
+    tensor-parallel group picks the same."""
+    return choose_dtype(device, spec.dtype, settings.dtype).dtype
 
+
+def build_engine(spec: ModelSpec, settings: WorkerSettings, device: torch.device, model_dir=None,
+                 tp_group=None) -> Engine:
+    """``tp_group``: this process leads a tensor-parallel group (``gpu_worker.group``)."""
     model_dir = model_dir or modelstore.resolve(spec, settings.cache_dir)
-    dtype = pick_dtype(settings.dtype or spec.dtype, device)
-    if device.type == "cpu" and dtype is torch.float16:
-        dtype = torch.float32  # fp16 registry dtypes are for GPUs; CPUs lack most half kernels
+    choice = choose_dtype(device, spec.dtype, settings.dtype)
+    dtype = choice.dtype
+    if spec.modality is not Modality.SPEECH:
+        log.info("%s: %s on %s (%s)", spec.name, choice.name, device, choice.reason)
     max_batch = settings.max_batch or spec.max_batch
     if spec.modality is Modality.TEXT:
         from gpu_worker.text.engine import TextEngine
@@ -71,7 +81,9 @@ def build_engine(spec: ModelSpec, settings: WorkerSettings, device: torch.device
                           max_prefill_tokens=settings.max_prefill_tokens, static=settings.batching == "static",
                           kv_cache_bytes=settings.kv_cache_bytes,
                           kv_dram_bytes=settings.kv_dram_bytes if settings.kv_reuse else 0,
-                          prefix_min_hits=settings.prefix_min_hits)
+                          prefix_min_hits=settings.prefix_min_hits, tp_group=tp_group)
+    if tp_group is not None:
+        raise NotImplementedError(f"{spec.name}: tensor parallelism runs text models only")
     if spec.modality is Modality.VISION:
         from gpu_worker.vision.engine import VisionEngine
 
@@ -91,12 +103,13 @@ def build_engine(spec: ModelSpec, settings: WorkerSettings, device: torch.device
     raise NotImplementedError(f"{spec.name}: no engine for modality {spec.modality}")
 
 
-def make_manager(registry: Registry, settings: WorkerSettings, device: torch.device) -> ModelManager:
+def make_manager(registry: Registry, settings: WorkerSettings, device: torch.device, tp_group=None) -> ModelManager:
     budget = settings.memory_budget_gb
     return ModelManager(
-        registry, lambda spec: build_engine(spec, settings, device), probe=MemoryProbe(device),
+        registry, lambda spec: build_engine(spec, settings, device, tp_group=tp_group), probe=MemoryProbe(device),
         budget_bytes=None if budget is None else int(budget * GiB),
-        reserve_bytes=int(settings.memory_reserve_gb * GiB), serves=settings.serve_names,
+        reserve_bytes=int(settings.memory_reserve_gb * GiB),
+        serves=set(settings.model_names) if tp_group else settings.serve_names, shards=settings.tp_size,
     )
 
 
@@ -117,12 +130,19 @@ class Worker:
         self._servable_at = 0.0
         self.r = sync_client(settings.redis_url)
         self.fq = FairQueue(self.r, sched)
+        if 0 < sched.worker_dead_s < 2 * settings.heartbeat_s:
+            log.warning("INFERSTACK_WORKER_DEAD_S=%g is under two heartbeats (INFERSTACK_HEARTBEAT_S=%g): live "
+                        "workers will be taken for dead", sched.worker_dead_s, settings.heartbeat_s)
         self.stopping = threading.Event()   # stop claiming
         self.halt = threading.Event()       # stop stepping
+        self.exit_code = 0
+        """1 after a fatal engine failure (a tensor-parallel peer lost): restart me."""
         self.wake = threading.Event()
         self.started_at = time.time()
-        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_error=lambda e: None,
-                                   index_ttl_s=settings.heartbeat_ttl_s, events_maxlen=settings.events_maxlen)
+        self.publisher = Publisher(sync_client(settings.redis_url), self.fq, self.id, on_lost=self._lost,
+                                   index_ttl_s=settings.heartbeat_ttl_s, events_maxlen=settings.events_maxlen,
+                                   max_buffered=settings.outage_buffer_events, give_up_s=settings.redis_outage_s,
+                                   on_give_up=self._drop_everything)
         self.metrics_server = None
         self.claimer = Claimer(sync_client(settings.redis_url), FairQueue(sync_client(settings.redis_url), sched),
                                self.id, self.engines, self.wake, self.publisher, self.stopping)
@@ -137,13 +157,30 @@ class Worker:
 
             self.jobs = JobConsumer(settings.redis_url, self.id, self.models, self.stopping)
 
+    def _lost(self, model: str, request_ids: list[str]) -> None:
+        """The publisher found requests this worker no longer owns: stop them now."""
+        engine = self.engines.get(model)
+        if engine is not None:
+            for rid in request_ids:
+                engine.abort(rid)
+
+    def _drop_everything(self) -> None:
+        """Redis stayed away past the outage limit: the clients' streams have ended, so
+        stop what this worker holds. Their releases go out once Redis answers, so they
+        are not requeued and run again for nobody."""
+        for engine in self.engines.values():
+            for rid in engine.request_ids():
+                engine.abort(rid)
+
     def servable(self) -> list[str]:
         """Models this worker could load (weights and packages here, fits its memory);
         rechecked every 30 s, since weights can appear on the host."""
         if time.monotonic() - self._servable_at > 30:
             on_gpu = self.device.type == "cuda"
+            # A model the registry shards over N devices needs a group of at least N.
             self._servable = self.models.servable(
-                lambda spec: spec.device in ("any", "cuda" if on_gpu else "cpu") and engine_available(spec, self.s))
+                lambda spec: spec.device in ("any", "cuda" if on_gpu else "cpu") and engine_available(spec, self.s)
+                and spec.tensor_parallel <= self.s.tp_size)
             self._servable_at = time.monotonic()
         return self._servable
 
@@ -158,6 +195,10 @@ class Worker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "device": str(self.device),
+            "host_id": self.s.host_id,
+            "mode": "tp" if self.s.tp_size > 1 else "individual",
+            "tp_size": self.s.tp_size,
+            "devices": self.s.tp_devices.split(",") if self.s.tp_devices else [str(self.device)],
             "models": list(self.engines),
             "states": self.models.states(),
             "can_load": self.servable(),
@@ -201,6 +242,10 @@ class Worker:
         idle_since = None
         try:
             while not self.halt.is_set():
+                if self.publisher.backlogged:  # Redis away and the buffer full: wait for it
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+                    continue
                 busy = False
                 for model, engine in self.engines.items():
                     if engine.has_work():
@@ -208,6 +253,11 @@ class Worker:
                         try:
                             with step_seconds.labels(model).time():
                                 engine.step(self.publisher.submit)
+                        except FatalEngineError as exc:  # shutdown hands its requests back
+                            log.error("%s: %s; handing every request back to the queue and stopping", model, exc)
+                            self.exit_code = 1
+                            self.halt.set()
+                            break
                         except Exception as exc:  # noqa: BLE001 - hand the batch back, keep the worker
                             log.exception("%s: engine step failed; handing its requests back to the queue", model)
                             engine.requeue_all(f"{type(exc).__name__}: {exc}", self.publisher.submit)
@@ -232,9 +282,27 @@ class Worker:
         finally:
             self.shutdown()
 
+    def hand_back(self) -> None:
+        """Hand every request this worker still holds back to the queue (the drain timed
+        out, or the engine failed for good): each resumes on the next worker that claims
+        it, from its output log. Runs once nothing steps, the publisher has written every
+        event and the heartbeat renews no lease."""
+        kind, why = (("failed", "its tensor-parallel group broke") if self.exit_code
+                     else ("drained", "it stopped before the request finished"))
+        out: list[Outgoing] = []
+        for model, engine in self.engines.items():
+            if engine.request_ids():
+                engine.requeue_all(f"the worker handed it back: {why}", out.extend, kind)
+        if out:
+            try:
+                self.publisher.ship_now(out)
+                log.warning("handed %d unfinished requests back to the queue (%s)", len(out), kind)
+            except Exception:  # noqa: BLE001 - their leases lapse and the reaper requeues them
+                log.exception("could not hand back %d requests; their leases will lapse", len(out))
+
     def request_stop(self) -> None:
         """First call: stop claiming and let running requests finish (up to the drain
-        timeout; unfinished ones are requeued by lease expiry). Second call: stop now."""
+        timeout; unfinished ones go back to the queue). Second call: stop now."""
         if self.stopping.is_set():
             self.halt.set()
             return
@@ -248,6 +316,9 @@ class Worker:
         self.halt.set()
         self.publisher.stop()
         self.publisher.join(timeout=5)
+        if self.heartbeat.is_alive():
+            self.heartbeat.join(timeout=self.s.heartbeat_s + 5)
+        self.hand_back()
         prom.engine_gauges().detach(self.id)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
@@ -255,6 +326,7 @@ class Worker:
         if self.jobs is not None and self.jobs.is_alive():
             self.jobs.join(timeout=10)
         self.models.stop()
+        self.models.close()
         try:
             self.r.zrem(keys.WORKERS, self.id)
             self.r.delete(keys.worker(self.id))
@@ -265,6 +337,11 @@ class Worker:
 
 def main(settings: WorkerSettings | None = None) -> None:
     settings = settings or WorkerSettings()
+    # Everything the worker leaves behind is in Redis by the time it exits; the
+    # interpreter's final garbage collection over transformers' and torch's objects
+    # would take seconds more (8 s measured on a busy 2-core host), holding up restarts
+    # and mode switches. Frozen objects are skipped by it.
+    atexit.register(gc.freeze)
     logging.basicConfig(level=os.environ.get("INFERSTACK_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
     if settings.torch_threads:
@@ -272,11 +349,23 @@ def main(settings: WorkerSettings | None = None) -> None:
     tracing.setup("inferstack-worker", settings.otlp_endpoint)
     registry = Registry.load(settings.models_file)
     device = pick_device(settings.device)
-    manager = make_manager(registry, settings, device)
+    group = None
+    if settings.tp_size > 1:
+        from gpu_worker import group as tp
+
+        tp.group_model(settings, registry)
+        if settings.tp_rank > 0:
+            raise SystemExit(tp.run_follower(settings, registry, device))
+        group = tp.join(settings, device)
+    manager = make_manager(registry, settings, device, tp_group=group)
     for name in settings.model_names:
         spec = registry.get(name)
         if spec is None:
             raise SystemExit(f"unknown model {name!r}; registry {settings.models_file} has {registry.names()}")
+        if spec.tensor_parallel > settings.tp_size:
+            log.error("skipping %s: it runs as a tensor-parallel group of %d devices (switch a host to it: "
+                      "`inferstack mode HOST tp --model %s`)", name, spec.tensor_parallel, name)
+            continue
         try:
             log.info("loading %s on %s", name, device)
             manager.load(name)
@@ -288,3 +377,5 @@ def main(settings: WorkerSettings | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
     worker.run()
+    if worker.exit_code:
+        raise SystemExit(worker.exit_code)

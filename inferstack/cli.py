@@ -11,6 +11,19 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("api", help="run the OpenAI-compatible API (INFERSTACK_HOST/PORT)")
     sub.add_parser("worker", help="run a worker (INFERSTACK_WORKER_MODELS, INFERSTACK_DEVICE)")
+    sub.add_parser("host", help="supervise this host's workers: one per device, or a tensor-parallel group "
+                   "(INFERSTACK_HOST_DEVICES, INFERSTACK_HOST_MODE); takes mode changes from the admin API")
+    mode = sub.add_parser("mode", help="switch a host between individual workers and a tensor-parallel group "
+                          "(admin API: INFERSTACK_API_URL, INFERSTACK_ADMIN_KEY)")
+    mode.add_argument("host", help="host id (see `inferstack workers`)")
+    mode.add_argument("mode", choices=["individual", "tp"])
+    mode.add_argument("--model", help="tp: the model the group serves")
+    mode.add_argument("--size", type=int, help="tp: devices in the group (default: the registry's tensor_parallel, "
+                      "at least 2)")
+    mode.add_argument("--no-wait", action="store_true", help="queue the change and return")
+    mode.add_argument("--api", help="API URL (default $INFERSTACK_API_URL or the local API)")
+    wk = sub.add_parser("workers", help="hosts and workers with their mode, devices and models (admin API)")
+    wk.add_argument("--api", help="API URL (default $INFERSTACK_API_URL or the local API)")
     sub.add_parser("exporter", help="run the metrics exporter (lifecycle events -> ClickHouse, or chDB locally)")
     st = sub.add_parser("stats", help="per model and per tenant stats over a window, from the metrics store")
     st.add_argument("--window", default="1h", help="e.g. 90s, 15m, 1h, 7d (default 1h)")
@@ -32,6 +45,18 @@ def main(argv: list[str] | None = None) -> None:
         from gpu_worker.worker import main as worker_main
 
         worker_main()
+    elif args.command == "host":
+        from inferstack.host import main as host_main
+
+        host_main()
+    elif args.command == "mode":
+        from inferstack.admin import change_mode
+
+        sys.exit(change_mode(args.host, args.mode, args.model, args.size, wait=not args.no_wait, url=args.api))
+    elif args.command == "workers":
+        from inferstack.admin import show_workers
+
+        sys.exit(show_workers(args.api))
     elif args.command == "exporter":
         from metrics.exporter import main as exporter_main
 

@@ -1,12 +1,13 @@
 """``inferstack up``: the whole stack on one machine — a private Redis (unless
-REDIS_URL is set), the API, one worker and the metrics exporter (on chDB in the
-cache directory unless INFERSTACK_CLICKHOUSE_URL is set) — with Ctrl-C stopping all of it."""
+REDIS_URL is set; append-only, so a restart keeps its data), the API, the host
+supervisor with one worker per device (``inferstack.host``) and the metrics exporter
+(on chDB in the cache directory unless INFERSTACK_CLICKHOUSE_URL is set) — each
+restarted when it dies (``inferstack.supervisor``), with Ctrl-C stopping all of it."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -17,6 +18,7 @@ from inferstack import modelstore
 from inferstack.procs import spawn_owned
 from inferstack.redis_server import free_port
 from inferstack.registry import Registry
+from inferstack.supervisor import Child, GiveUp, Supervisor
 from metrics.settings import StoreSettings
 
 
@@ -70,6 +72,10 @@ def report_registry() -> list[str]:
             except modelstore.ModelUnavailable as exc:
                 say(f"skipping {spec.modality} model {exc}")
             continue
+        if spec.tensor_parallel > 1:
+            say(f"{spec.name} ({spec.modality}): available as a tensor-parallel group of {spec.tensor_parallel} "
+                f"devices: `inferstack mode {settings.host_id} tp --model {spec.name}` switches this host to it")
+            continue
         when = "loaded at start" if spec.name in settings.model_names else "loaded on first request"
         say(f"{spec.name} ({spec.modality}): available, {when}")
         servable.append(spec.name)
@@ -82,14 +88,11 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float = 300) -> bool:
+def _wait_ready(url: str, supervisor: Supervisor, timeout_s: float = 300) -> bool:
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
-        for name, p in procs.items():
-            if p.poll() is not None:
-                say(f"{name} exited with code {p.returncode}; see its log above")
-                return False
+        supervisor.check()  # a child that dies while starting is restarted (or raises GiveUp)
         try:
             # with a keys file /ready needs a key: the admin key passes
             admin = os.environ.get("INFERSTACK_ADMIN_KEY")
@@ -120,13 +123,15 @@ def run_local(port: int | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as cleanly as Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)  # even when started with SIGINT ignored (`&`)
     env = dict(os.environ)
+    supervisor = Supervisor(say=lambda msg: say(msg))
     redis_server = None
     if not (env.get("REDIS_URL") or env.get("INFERSTACK_REDIS_URL")):
         from inferstack.redis_server import RedisServer
 
-        redis_server = RedisServer()
+        # Append-only, so that a Redis restarted by the supervisor comes back with the queue.
+        redis_server = RedisServer(appendonly=True)
         env["INFERSTACK_REDIS_URL"] = redis_server.url
-        say(f"started redis-server on port {redis_server.port}")
+        say(f"started redis-server on port {redis_server.port} (append-only file in {redis_server.dir})")
     else:
         say(f"using Redis at {env.get('INFERSTACK_REDIS_URL') or env.get('REDIS_URL')}")
 
@@ -144,16 +149,28 @@ def run_local(port: int | None = None) -> int:
     exporter_metrics_port = free_port()
     store = StoreSettings()
     metrics_at = store.clickhouse_url.split("@")[-1] if store.clickhouse_url else f"chDB in {store.chdb_dir}"
-    procs: dict[str, subprocess.Popen] = {}
+
+    def command(what: str, **extra: str):
+        return lambda: spawn_owned([sys.executable, "-m", "inferstack.cli", what], env={**env, **extra})
+
+    def start_redis():
+        try:
+            redis_server.start()  # on the same port and directory: it loads its append-only file
+        except RuntimeError:
+            pass  # it died again: the supervisor sees the exit code and backs off
+        return redis_server.proc
+
     code = 0
     try:
-        procs["api"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "api"], env=env)
-        procs["worker"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "worker"],
-                                      env={**env, "INFERSTACK_METRICS_PORT": str(worker_metrics_port)})
-        procs["exporter"] = spawn_owned([sys.executable, "-m", "inferstack.cli", "exporter"],
-                                        env={**env, "INFERSTACK_METRICS_PORT": str(exporter_metrics_port)})
+        if redis_server:
+            supervisor.children["redis"] = Child("redis", start_redis, proc=redis_server.proc)
+        supervisor.add("api", command("api"))
+        # the host supervisor: one worker per device (INFERSTACK_HOST_DEVICES), switchable to a
+        # tensor-parallel group through the admin API (inferstack.host); it restarts its own workers
+        supervisor.add("host", command("host", INFERSTACK_METRICS_PORT=str(worker_metrics_port)))
+        supervisor.add("exporter", command("exporter", INFERSTACK_METRICS_PORT=str(exporter_metrics_port)))
         url = f"http://{env['INFERSTACK_HOST']}:{port}"
-        if not _wait_ready(url, procs):
+        if not _wait_ready(url, supervisor):
             return 1
         model = models[0]
         print(f"""
@@ -167,27 +184,22 @@ Inference Stack is up at {url}  (Ctrl-C stops everything)
   Metrics: {url}/metrics (API), http://127.0.0.1:{worker_metrics_port}/metrics (worker),
   http://127.0.0.1:{exporter_metrics_port}/metrics (exporter: queue depth);
   request rows: {metrics_at}; `inferstack stats` or {url}/v1/stats
+  A process that dies is restarted; one that keeps dying stops the stack.
 """, flush=True)
-        while all(p.poll() is None for p in procs.values()):
+        while True:
+            supervisor.check()
             time.sleep(0.5)
-        for name, p in procs.items():
-            if p.poll() is not None:
-                say(f"{name} exited with code {p.returncode}; stopping the rest")
-                code = 1
+    except GiveUp as exc:
+        say(str(exc))
+        code = 1
     except KeyboardInterrupt:
         say("stopping ...")
     finally:
         # The children run in process groups of their own (a terminal's Ctrl-C reaches
         # only this launcher): stop them here, then Redis, which they all talk to.
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if redis_server:
+        supervisor.stop(["api", "host", "exporter", "redis"],
+                        stop={"redis": redis_server.stop} if redis_server else None)
+        if redis_server and "redis" not in supervisor.children:
             redis_server.stop()
         say("stopped")
     return code

@@ -32,7 +32,8 @@ class ModelSpec:
     path: str | None = None
     gguf: GgufSource | None = None
     dtype: str = "auto"
-    """``auto`` = float32 on CPU, bfloat16 on CUDA; or float32/bfloat16/float16."""
+    """``auto`` = bfloat16 where the device computes it natively (GPUs; CPUs with avx512_bf16 or
+    amx_bf16), else float32 (``gpu_worker.precision``); or pinned: float32/bfloat16/float16."""
     memory_gb: float = 1.0
     tensor_parallel: int = 1
     max_batch: int = 32
@@ -43,6 +44,8 @@ class ModelSpec:
     """Overrides the model config's max_position_embeddings."""
     reasoning: bool = False
     """Model emits ``<think>...</think>``; returned as ``reasoning_content``."""
+    tool_parser: str | None = None
+    """How the model writes tool calls (one of ``TOOL_PARSERS``); None = no tool calling."""
     device: str = "any"
     """Placement affinity: ``cuda`` (GPU workers only), ``cpu``, or ``any`` (GPU workers preferred)."""
     sampling: dict = field(default_factory=dict)
@@ -53,6 +56,10 @@ class ModelSpec:
 
 SAMPLING_PARAMS = frozenset(
     {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"})
+
+
+TOOL_PARSERS = frozenset({"hermes"})
+"""Tool-call formats the API implements (``api.tool_calls``)."""
 
 
 class Registry:
@@ -73,6 +80,9 @@ class Registry:
             if unknown:
                 raise ValueError(f"{path}: models.{name}.sampling: unknown parameters {sorted(unknown)} "
                                  f"(known: {sorted(SAMPLING_PARAMS)})")
+            if raw.get("tool_parser") not in (None, *TOOL_PARSERS):
+                raise ValueError(f"{path}: models.{name}.tool_parser: unknown parser {raw['tool_parser']!r} "
+                                 f"(known: {sorted(TOOL_PARSERS)})")
             specs[name] = ModelSpec(
                 name=name,
                 modality=Modality(raw.pop("modality")),

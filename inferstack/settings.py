@@ -33,6 +33,9 @@ class CommonSettings(BaseSettings):
     events_maxlen: int = Field(
         100_000, description="Approximate cap of the lifecycle event stream (is:events) feeding the metrics exporter."
     )
+    redis_outage_s: float = Field(
+        30.0, description="How long a Redis outage is ridden out: open streams stay open and workers keep generating "
+                          "into a buffer; beyond it streams end with an error event and workers drop what they hold.")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP endpoint for traces (or the standard OTEL_EXPORTER_OTLP_* variables); unset = off."
     )

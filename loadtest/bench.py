@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import subprocess
@@ -77,19 +78,21 @@ async def one_request(client: httpx.AsyncClient, host: str, model: str, i: int, 
 
 
 async def run_stack(host: str, model: str, concurrency: int, max_tokens: int, requests_per_client: int,
-                    max_tokens_sampler=None) -> StackResult:
+                    max_tokens_sampler=None, extra: dict | None = None) -> StackResult:
+    """``extra``: more request fields (e.g. a response_format), on every request."""
     samples: list[RequestSample] = []
     errors = 0
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_request(client, host, model, 0, 4)  # warm-up
+        await one_request(client, host, model, 0, 4, **(extra or {}))  # warm-up (and a grammar compile)
 
         async def loop(c: int):
             nonlocal errors
             for k in range(requests_per_client):
                 n = max_tokens_sampler() if max_tokens_sampler else max_tokens
                 try:
-                    samples.append(await one_request(client, host, model, c * requests_per_client + k, n))
+                    samples.append(await one_request(client, host, model, c * requests_per_client + k, n,
+                                                     **(extra or {})))
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     errors += 1
                     print(f"  request failed: {exc}", file=sys.stderr)
@@ -110,8 +113,6 @@ def machine() -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    import os
-
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -127,6 +128,8 @@ def main(argv=None) -> None:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--raw", action="store_true", help="also run the raw model.generate reference in-process")
     ap.add_argument("--raw-repeats", type=int, default=1)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the raw reference's INFERSTACK_DTYPE (default: as configured); start the stack with the same")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--label", default="stack")
     args = ap.parse_args(argv)
@@ -149,14 +152,16 @@ def main(argv=None) -> None:
                   f"p95 {res.ttft_p95_ms:6.0f} ms  ITL p50 {res.itl_p50_ms:5.0f} ms p95 {res.itl_p95_ms:5.0f} ms"
                   f"  ({res.requests} req, {res.errors} errors, {res.wall_s:.0f} s)", flush=True)
     if args.raw:
-        from gpu_worker.settings import WorkerSettings
-        from inferstack import modelstore
-        from inferstack.registry import Registry
         from loadtest import raw
 
-        settings = WorkerSettings()
-        model_dir = modelstore.resolve(Registry.load(settings.models_file)[args.model], settings.cache_dir)
-        tok, model = raw.load(str(model_dir))
+        if args.dtype:
+            os.environ["INFERSTACK_DTYPE"] = args.dtype
+
+        model_dir, device, precision = raw.stack_precision(args.model)
+        out["dtype"] = precision.name
+        print(f"raw    {precision.name} on {device} ({precision.reason}); start the stack with the same "
+              "INFERSTACK_DTYPE", flush=True)
+        tok, model = raw.load(str(model_dir), precision.dtype, device)
         for c in levels:
             res = raw.run_batch(tok, model, c, args.max_tokens, repeats=args.raw_repeats)
             out["raw"].append(asdict(res))

@@ -13,13 +13,13 @@ import time
 import torch
 
 
-def run(model_dir: str, batch: int, max_tokens: int, attn: str = "paged|sdpa") -> dict:
+def run(model_dir: str, batch: int, max_tokens: int, attn: str = "paged|sdpa", dtype=torch.float32) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from loadtest.prompts import chat_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).eval()
     inputs = [tok(tok.apply_chat_template(chat_prompt(i), tokenize=False, add_generation_prompt=True),
                   add_special_tokens=False)["input_ids"] for i in range(batch)]
     cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=tok.pad_token_id)
@@ -38,13 +38,11 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args(argv)
-    from gpu_worker.settings import WorkerSettings
-    from inferstack import modelstore
-    from inferstack.registry import Registry
+    from loadtest.raw import stack_precision
 
-    s = WorkerSettings()
-    model_dir = modelstore.resolve(Registry.load(s.models_file)[args.model], s.cache_dir)
-    print(json.dumps(run(str(model_dir), args.batch, args.max_tokens)))
+    model_dir, _, precision = stack_precision(args.model)
+    print(json.dumps({**run(str(model_dir), args.batch, args.max_tokens, dtype=precision.dtype),
+                      "dtype": precision.name}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ User classes:
   under ``noisy flood [429 shed]``, not as a failure;
 * ``MultiTurnUser`` — conversations of a few turns on one ``session_id``, the history
   growing each turn (the KV-reuse path);
+* ``ToolAgentUser`` — a small tool-calling agent loop: a streamed turn that must call
+  a tool (``tool_choice: required``; the arguments are checked against the tool's
+  schema), the tool run locally, and the result sent back for the answer;
 * ``MediaJobUser`` — async image jobs: submit (202 + job id), poll ``/v1/jobs/{id}``
   until it succeeds or fails. Off unless ``LOCUST_MEDIA=1`` (the stack must serve the
   media model).
@@ -209,6 +212,99 @@ class MultiTurnUser(InferstackUser):
         self.turns_left -= 1
         if self.turns_left <= 0:
             self.new_session()
+
+
+AGENT_TOOLS = [
+    {"type": "function", "function": {
+        "name": "add", "description": "Add two integers.", "strict": True,
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["a", "b"], "properties": {
+            "a": {"type": "integer", "minimum": 0, "maximum": 1000},
+            "b": {"type": "integer", "minimum": 0, "maximum": 1000}}}}},
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.", "strict": True,
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["city"], "properties": {
+            "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]}}}}},
+]
+
+
+def run_tool(name: str, args: dict) -> str:
+    if name == "add":
+        return str(args["a"] + args["b"])
+    return json.dumps({"city": args["city"], "forecast": "sunny", "celsius": 21})
+
+
+class ToolAgentUser(InferstackUser):
+    """A tool-calling agent: ask, get a (streamed) tool call, run it, send the result
+    back, read the answer."""
+
+    weight = 1
+    call_tokens = 64
+    """The call turn's budget: a whole call, whatever --max-tokens says."""
+
+    @task
+    def agent(self) -> None:
+        a, b = random.randint(1, 99), random.randint(1, 99)
+        messages = [{"role": "user", "content": random.choice([
+            f"What is {a} plus {b}?", "Is it warm in Paris today?", f"I have {a} apples and buy {b} more."])}]
+        calls = self.stream_tool_calls(messages)
+        if not calls:
+            return
+        messages.append({"role": "assistant", "content": None, "tool_calls": calls})
+        for call in calls:
+            result = run_tool(call["function"]["name"], json.loads(call["function"]["arguments"]))
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+        with self.client.post("/v1/chat/completions", name="tool agent answer", catch_response=True,
+                              headers=self.headers, json=self.body(messages=messages, tools=AGENT_TOOLS)) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+            elif r.json()["choices"][0]["finish_reason"] is None:
+                r.failure("no finish_reason")
+
+    def stream_tool_calls(self, messages: list[dict]) -> list[dict]:
+        """The streamed call turn, assembled from OpenAI's tool_call deltas and checked."""
+        body = self.body(messages=messages, tools=AGENT_TOOLS, tool_choice="required", parallel_tool_calls=False,
+                         stream=True, max_tokens=self.call_tokens)
+        calls: dict[int, dict] = {}
+        finishes = []
+        with self.client.post("/v1/chat/completions", name="tool agent call", stream=True, catch_response=True,
+                              headers=self.headers, json=body) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                return []
+            for line in r.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    r.failure(f"error mid-stream: {chunk['error'].get('message')}")
+                    return []
+                for choice in chunk.get("choices", []):
+                    finishes += [choice["finish_reason"]] if choice["finish_reason"] else []
+                    for d in choice["delta"].get("tool_calls") or []:
+                        if "id" in d:
+                            calls[d["index"]] = {"id": d["id"], "type": "function", "function": dict(d["function"])}
+                        else:
+                            calls[d["index"]]["function"]["arguments"] += d["function"]["arguments"]
+            problem = self.check_calls(list(calls.values()), finishes)
+            if problem:
+                r.failure(problem)
+                return []
+            r.success()
+        return list(calls.values())
+
+    @staticmethod
+    def check_calls(calls: list[dict], finishes: list[str]) -> str | None:
+        if finishes != ["tool_calls"] or len(calls) != 1:
+            return f"expected one call and finish_reason tool_calls, got {len(calls)} calls, finishes {finishes}"
+        tool = next((t for t in AGENT_TOOLS if t["function"]["name"] == calls[0]["function"]["name"]), None)
+        try:
+            args = json.loads(calls[0]["function"]["arguments"])
+        except json.JSONDecodeError:
+            return f"arguments are not JSON: {calls[0]['function']['arguments']!r}"
+        schema = tool["function"]["parameters"] if tool else {}
+        if tool is None or set(args) != set(schema["properties"]):
+            return f"call does not match its tool: {calls[0]['function']}"
+        return None
 
 
 class MediaJobUser(InferstackUser):

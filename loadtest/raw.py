@@ -20,6 +20,22 @@ class RawResult:
     total_s: float
 
 
+def stack_precision(model: str):
+    """Where and in which dtype this host's worker runs ``model`` (same registry, same
+    ``INFERSTACK_*`` environment, same hardware rule), so that the reference matches it.
+    Returns (model_dir, device, DtypeChoice)."""
+    from gpu_worker.precision import choose_dtype
+    from gpu_worker.settings import WorkerSettings
+    from gpu_worker.worker import pick_device
+    from inferstack import modelstore
+    from inferstack.registry import Registry
+
+    settings = WorkerSettings()
+    spec = Registry.load(settings.models_file)[model]
+    device = pick_device(settings.device)
+    return modelstore.resolve(spec, settings.cache_dir), device, choose_dtype(device, spec.dtype, settings.dtype)
+
+
 def load(model_dir: str, dtype=torch.float32, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -108,19 +108,20 @@ def main(argv=None) -> None:
     ap.add_argument("--mixed-concurrency", type=int, default=16)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--hf-cb", action="store_true", help="also time transformers' generate_batch at the top level")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="pin INFERSTACK_DTYPE for the stacks and the raw reference (default: as configured)")
     ap.add_argument("--out", default="loadtest/results/suite.json")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     result = {"machine": bench.machine(), "max_tokens": args.max_tokens, "stack": {}, "raw": {}, "mixed": {},
               "overhead": {}, "hf_cb": None}
 
-    from gpu_worker.settings import WorkerSettings
-    from inferstack import modelstore
-    from inferstack.registry import Registry
-
-    settings = WorkerSettings()
-    model_dir = modelstore.resolve(Registry.load(settings.models_file)[MODEL], settings.cache_dir)
-    tok, model = raw.load(str(model_dir))
+    if args.dtype:
+        os.environ["INFERSTACK_DTYPE"] = args.dtype  # the stacks started below inherit it
+    model_dir, device, precision = raw.stack_precision(MODEL)
+    result["dtype"] = precision.name
+    print(f"stack and raw reference in {precision.name} on {device} ({precision.reason})", flush=True)
+    tok, model = raw.load(str(model_dir), precision.dtype, device)
     server = RedisServer()
     r = redis.Redis.from_url(server.url, decode_responses=True)
     try:
@@ -170,7 +171,8 @@ def main(argv=None) -> None:
         if args.hf_cb:
             from loadtest import hf_cb
 
-            result["hf_cb"] = hf_cb.run(str(model_dir), max(levels), args.max_tokens, attn="sdpa")
+            result["hf_cb"] = hf_cb.run(str(model_dir), max(levels), args.max_tokens, attn="sdpa",
+                                        dtype=precision.dtype)
             print(f"transformers generate_batch b={max(levels)}: {result['hf_cb']['tokens_per_s']:.1f} tok/s")
     finally:
         server.stop()
@@ -182,7 +184,8 @@ def main(argv=None) -> None:
 
 def markdown(result: dict) -> str:
     raw_by = {int(k): v for k, v in result["raw"].items()}
-    lines = ["| mode | c | stack tok/s | raw tok/s | stack / raw | TTFT p50 / p95 ms | raw prefill ms | ITL p50 / p95 ms |",
+    lines = [f"dtype: {result.get('dtype', 'float32')}", "",
+             "| mode | c | stack tok/s | raw tok/s | stack / raw | TTFT p50 / p95 ms | raw prefill ms | ITL p50 / p95 ms |",
              "|---|---|---|---|---|---|---|---|"]
     for mode, rows in result["stack"].items():
         for s in rows:

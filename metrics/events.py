@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from broker import keys
+from broker.connection import UNAVAILABLE, Outage
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,17 @@ def add_to_pipeline(pipe, ev: LifecycleEvent, maxlen: int) -> None:
 
 class EventSink:
     """An asyncio process's writer: ``emit()`` never blocks or fails the request; one
-    task appends whatever has queued up in one pipelined round trip."""
+    task appends whatever has queued up in one pipelined round trip. While Redis is
+    unreachable the events wait (up to ``max_buffered``; the oldest go first beyond
+    it), so an outage does not turn into rows without their ends."""
 
-    def __init__(self, redis, maxlen: int):
+    def __init__(self, redis, maxlen: int, max_buffered: int = 100_000):
         self.r = redis
         self.maxlen = maxlen
+        self.max_buffered = max_buffered
         self._q: asyncio.Queue[LifecycleEvent | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._outage = Outage("lifecycle events", log)
         self.written = 0
         self.dropped = 0
 
@@ -128,29 +133,43 @@ class EventSink:
         self._task = None
 
     async def _run(self) -> None:
-        while True:
-            batch = [await self._q.get()]
+        held: list[LifecycleEvent] = []
+        stop = False
+        while not (stop and not held):
+            if not held:
+                held.append(await self._q.get())
             while not self._q.empty():
-                batch.append(self._q.get_nowait())
-            stop = None in batch
-            events = [ev for ev in batch if ev is not None]
-            if events:
-                await self._write(events)
-            if stop:
+                held.append(self._q.get_nowait())
+            stop = stop or None in held
+            held = [ev for ev in held if ev is not None]
+            if len(held) > self.max_buffered:
+                self._drop(len(held) - self.max_buffered, "more than the buffer holds")
+                held = held[-self.max_buffered:]
+            if not held:
+                continue
+            if await self._write(held):
+                held = []
+            elif stop:  # stopping while Redis is away: what is held is lost
+                self._drop(len(held), "Redis unavailable at shutdown")
                 return
 
-    async def _write(self, batch: list[LifecycleEvent]) -> None:
-        for attempt in range(2):
-            try:
-                pipe = self.r.pipeline(transaction=False)
-                for ev in batch:
-                    add_to_pipeline(pipe, ev, self.maxlen)
-                await pipe.execute()
-                self.written += len(batch)
-                return
-            except Exception:  # noqa: BLE001 - metrics are best effort; requests go on
-                if attempt == 0:
-                    await asyncio.sleep(0.5)
-        self.dropped += len(batch)
-        log.warning("dropped %d lifecycle events: Redis did not take them (%d dropped so far)",
-                    len(batch), self.dropped)
+    async def _write(self, batch: list[LifecycleEvent]) -> bool:
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            for ev in batch:
+                add_to_pipeline(pipe, ev, self.maxlen)
+            await pipe.execute()
+        except UNAVAILABLE as exc:
+            await asyncio.sleep(self._outage.failed(exc))
+            return False
+        except Exception:  # noqa: BLE001 - metrics are best effort; requests go on
+            log.exception("lifecycle events refused")
+            self._drop(len(batch), "Redis refused them")
+            return True
+        self._outage.ok()
+        self.written += len(batch)
+        return True
+
+    def _drop(self, n: int, why: str) -> None:
+        self.dropped += n
+        log.warning("dropped %d lifecycle events: %s (%d dropped so far)", n, why, self.dropped)

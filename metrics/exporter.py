@@ -35,7 +35,7 @@ import redis
 from prometheus_client import REGISTRY
 
 from broker import keys
-from broker.connection import sync_client
+from broker.connection import UNAVAILABLE, Outage, sync_client
 from inferstack.registry import Registry
 from metrics import prom
 from metrics.events import Kind, LifecycleEvent
@@ -129,18 +129,34 @@ class Exporter:
     def run(self, stop: threading.Event | None = None, *, burst: bool = False) -> None:
         """Export until ``stop`` is set; ``burst``: until nothing is left to read."""
         stop = stop or threading.Event()
-        self.ensure_group()
+        outage = Outage(f"exporter {self.consumer}", log)
+        while not stop.is_set():
+            try:
+                self.ensure_group()
+                break
+            except UNAVAILABLE as exc:
+                stop.wait(outage.failed(exc))
         log.info("exporter %s reading %s (group %s)", self.consumer, keys.EVENTS, keys.EVENTS_GROUP)
         while not stop.is_set():
             try:
                 n = self.step(block=not burst)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("Redis unavailable (%s); retrying", exc)
-                stop.wait(1.0)
+                outage.ok()
+            except UNAVAILABLE as exc:
+                stop.wait(outage.failed(exc))
                 continue
-            except Exception:  # noqa: BLE001 - the store is down or refused the batch: retry it
-                log.exception("writing a batch failed; its events stay pending and are retried")
+            except Exception as exc:  # noqa: BLE001 - the store is down or refused the batch: retry it
                 self._recovering = True
+                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+                    # Redis came back without the stream (restarted with no persistence,
+                    # or flushed): make the group again and go on with what arrives now.
+                    log.warning("the consumer group %s is gone (Redis lost %s); creating it again",
+                                keys.EVENTS_GROUP, keys.EVENTS)
+                    try:
+                        self.ensure_group()
+                    except UNAVAILABLE:
+                        pass  # the next step finds Redis away and waits
+                    continue
+                log.exception("writing a batch failed; its events stay pending and are retried")
                 stop.wait(2.0)
                 continue
             if burst and n == 0 and not self._recovering:

@@ -18,7 +18,7 @@ from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from metrics import tracing
 from metrics.events import EventSink, Kind, add_to_pipeline, event
 from metrics.prom import api_metrics, worker_metrics
-from scheduler.queue import Claimed
+from scheduler.claimed import Claimed
 
 
 
@@ -32,20 +32,28 @@ def max_tokens(req) -> int:
     return params.max_tokens * params.n if params is not None else 0
 
 class RequestRecorder:
-    def __init__(self, sink: EventSink | None, req: GenerateRequest):
+    """``resumed``: a reader that took over a stream another one started (a client
+    resuming it): it replays the output log, so it records only how the request ends,
+    never its admission, first token or latencies."""
+
+    def __init__(self, sink: EventSink | None, req: GenerateRequest, *, resumed: bool = False):
         self.sink = sink
         self.req = req
         self.tier = str(req.tier)
         self.m = api_metrics()
+        self.resumed = resumed
+        self._token_series = None
+        """(ttft, itl, generation tokens) labelled once, at the first token: ``labels()`` takes
+        a lock and a lookup, and tokens() runs per event."""
         self.enqueued_at = 0.0
-        self.first_token_at: float | None = None
+        self.first_token_at: float | None = time.time() if resumed else None
         self.last_token_at = 0.0
         self.completion_tokens = 0
         self.cached_tokens = 0
-        self.admitted = False
+        self.admitted = resumed
         self.outcome: str | None = None
         # The trace context goes into req.trace now, before the request is encoded.
-        self.span = tracing.RequestSpan(req.id, req.model, req.user, self.tier, req.trace)
+        self.span = tracing.RequestSpan(req.id, req.model, req.user, self.tier, None if resumed else req.trace)
 
     def _emit(self, kind: Kind, ts: float | None = None, **kw) -> None:
         if self.sink is not None:
@@ -73,21 +81,29 @@ class RequestRecorder:
         n = len(ev.token_ids)
         self.completion_tokens += n
         self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
+        if self.resumed:
+            return
+        if self._token_series is None:
+            model = self.req.model
+            self._token_series = (self.m.ttft.labels(model), self.m.itl.labels(model),
+                                  self.m.generation_tokens.labels(model))
+        ttft, itl, generation_tokens = self._token_series
         if self.first_token_at is None:
             self.first_token_at = now
             self._emit(Kind.FIRST_TOKEN, now)
-            self.m.ttft.labels(self.req.model).observe(max(0.0, now - self.enqueued_at))
+            ttft.observe(max(0.0, now - self.enqueued_at))
         elif n:
-            self.m.itl.labels(self.req.model).observe((now - self.last_token_at) / n)
+            itl.observe((now - self.last_token_at) / n)
         self.last_token_at = now
-        self.m.generation_tokens.labels(self.req.model).inc(n)
+        generation_tokens.inc(n)
 
     def finished(self) -> None:
         if self.outcome is None:
             now = time.time()
             self._emit(Kind.FINISHED, now, completion_tokens=self.completion_tokens,
                        cached_tokens=self.cached_tokens)
-            self.m.e2e.labels(self.req.model).observe(max(0.0, now - self.enqueued_at))
+            if not self.resumed:
+                self.m.e2e.labels(self.req.model).observe(max(0.0, now - self.enqueued_at))
             self._end("finished")
 
     def failed(self, error: str) -> None:
@@ -105,6 +121,13 @@ class RequestRecorder:
             self._emit(Kind.CANCELLED, completion_tokens=self.completion_tokens,
                        cached_tokens=self.cached_tokens, error=reason)
             self._end("cancelled", reason)
+
+    def handed_over(self) -> None:
+        """The client left and another reader took the stream over (it records the end):
+        close this reader's span without a lifecycle event."""
+        if self.outcome is None:
+            self.outcome = "handed_over"
+            self.span.end("handed_over", completion_tokens=self.completion_tokens)
 
     def _end(self, status: str, error: str = "") -> None:
         self.outcome = status
@@ -149,6 +172,8 @@ class WorkerRecorder:
         self.worker_id = worker_id
         self.maxlen = maxlen
         self.m = worker_metrics()
+        self._generated: dict[str, object] = {}
+        """Per model, the labelled token counter (token() runs per event)."""
         self._live: dict[str, _Live] = {}
         self._released: list[_Live] = []
 
@@ -165,7 +190,10 @@ class WorkerRecorder:
             self.m.queue_wait.labels(c.model, str(req.tier)).observe(max(0.0, c.at - req.created_at))
 
     def token(self, model: str, ev: TokenEvent, now: float) -> None:
-        self.m.generated_tokens.labels(model).inc(len(ev.token_ids))
+        counter = self._generated.get(model)
+        if counter is None:
+            counter = self._generated[model] = self.m.generated_tokens.labels(model)
+        counter.inc(len(ev.token_ids))
         live = self._live.get(ev.request_id)
         if live is None:
             return

@@ -67,9 +67,10 @@ def setup(service_name: str, endpoint: str | None = None) -> bool:
 class RequestSpan:
     """The API's span of one generation; its context travels inside the request."""
 
-    def __init__(self, request_id: str, model: str, user: str, tier: str, carrier: dict[str, str]):
+    def __init__(self, request_id: str, model: str, user: str, tier: str, carrier: dict[str, str] | None):
+        """``carrier`` None: no span (a resumed stream; its request's span is the first reader's)."""
         self.span = None
-        if _tracer is None:
+        if _tracer is None or carrier is None:
             return
         self.span = _tracer.start_span("inferstack.request", kind=SpanKind.SERVER, attributes={
             "inferstack.request_id": request_id, "inferstack.model": model, "inferstack.user": user,

@@ -14,7 +14,8 @@ from importlib import resources
 import orjson
 
 from broker import keys, messages
-from broker.messages import GenerateRequest, Tier
+from broker.messages import GenerateRequest, Tier, TokenEvent
+from scheduler.claimed import Claimed
 from scheduler.policy import Batch
 from scheduler.settings import SchedulerSettings
 
@@ -26,7 +27,7 @@ def _script(name: str) -> str:
 
 SCRIPTS = {name: _script(f"{name}.lua")
            for name in ("enqueue", "claim", "claim_preempting", "cancel", "extend", "complete", "requeue", "reap",
-                        "kv_index")}
+                        "kv_index", "emit")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,25 +38,6 @@ class Admission:
     retry_after_s: int = 0
     detail: str = ""
     queued: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    request: GenerateRequest
-    attempt: int
-    """1 on the first claim; more after a lease lapsed or a preemption (resume from the output log)."""
-    weight: float = 1.0
-    """The user's weight under fair queueing (preemption compares shares with it)."""
-    preemptions: int = 0
-    """Times it was preempted before this claim."""
-    preempted_s: float = 0.0
-    """Time it spent back in the queue after preemptions, in all."""
-    preempted_at: float = 0.0
-    """Unix time of its last preemption (0: none): this claim resumes it."""
-    victims: tuple[str, ...] = ()
-    """Running requests of this worker it takes the rows of (a preempting claim)."""
-    reason: str = ""
-    """Why it may preempt them: ``tier`` or ``share``."""
 
 
 def _claimed(entry) -> Claimed:
@@ -136,7 +118,7 @@ class FairQueue:
     def requeue(self, model: str, worker_id: str, request_id: str, kind: str, *, client=None,
                 now: float | None = None) -> str:
         """Hand a running request back to the head of its user's queue (``kind``:
-        ``preempted`` or ``failed``); see lua/requeue.lua for the answers."""
+        ``preempted``, ``drained`` or ``failed``); see lua/requeue.lua for the answers."""
         return self._scripts["requeue"](args=[keys.tag(model), worker_id, request_id, kind, self.s.max_attempts,
                                               _now_arg(now)], client=client)
 
@@ -150,8 +132,10 @@ class FairQueue:
         return bool(self._scripts["complete"](args=[keys.tag(model), worker_id, request_id, self.s.output_log_ttl_s]))
 
     def reap(self, model: str, *, now: float | None = None) -> tuple[list[str], list[GenerateRequest]]:
-        """Requeue lapsed leases; returns (requeued ids, requests out of attempts)."""
-        requeued, failed = self._scripts["reap"](args=[keys.tag(model), self.s.max_attempts, _now_arg(now)])
+        """Requeue the requests of dead workers (silent for ``worker_dead_s``) and lapsed
+        leases; returns (requeued ids, requests out of attempts)."""
+        requeued, failed = self._scripts["reap"](
+            args=[keys.tag(model), self.s.max_attempts, _now_arg(now), self.s.worker_dead_s])
         return list(requeued), [messages.decode(failed[i + 1]) for i in range(0, len(failed), 2)]
 
     def cancel(self, model: str, request_id: str) -> str:
@@ -167,9 +151,20 @@ class FairQueue:
     def depth(self, model: str) -> dict[str, int]:
         return depths(self.r, [model])[model]
 
-    def output_log(self, model: str, request_id: str) -> list:
-        return [messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1)]
+    def emit(self, model: str, worker_id: str, channel: str, events: list[tuple[str, str, bytes]], *,
+             client=None):
+        """Append ``(request id, mode, encoded event)`` to the output logs and publish
+        them on ``channel``, fenced by lease owner (``lua/emit.lua``); returns the ids
+        this worker no longer owns (their events were dropped)."""
+        args = [keys.tag(model), worker_id, channel, self.s.output_log_ttl_s]
+        for rid, mode, ev in events:
+            args += [rid, mode, ev]
+        return self._scripts["emit"](args=args, client=client)
 
+    def output_log(self, model: str, request_id: str) -> list[TokenEvent]:
+        """The token events already published for a request (what a worker resumes from)."""
+        events = (messages.decode(x) for x in self.r.lrange(keys.output_log(model, request_id), 0, -1))
+        return [ev for ev in events if isinstance(ev, TokenEvent)]
 
 
 
@@ -188,3 +183,7 @@ class AsyncFairQueue:
 
     async def cancel(self, model: str, request_id: str) -> str:
         return await self._scripts["cancel"](args=[keys.tag(model), request_id])
+
+    async def state(self, model: str, request_id: str) -> str | None:
+        """``queued`` or ``running``; None once it is done (or unknown)."""
+        return await self.r.hget(keys.request(model, request_id), "state")

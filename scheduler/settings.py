@@ -17,12 +17,20 @@ class SchedulerSettings(CommonSettings):
         30.0, description="A lower-tier request waiting this long is overdue; overdue requests take every other claim."
     )
     default_deadline_s: float = Field(120.0, description="A request not started within this fails (clients may ask for less).")
-    lease_s: float = Field(10.0, description="In-flight lease; heartbeats extend it, the reaper requeues it when it lapses.")
+    lease_s: float = Field(
+        10.0, description="In-flight lease; heartbeats extend it, the reaper requeues it when it lapses (the backstop "
+                          "for a worker that lives but no longer renews a request).")
+    worker_dead_s: float = Field(
+        1.5, description="A worker not heard from (claim or lease renewal) for this long is dead: the reaper requeues "
+                         "its requests at once instead of waiting for their leases (0 = leases only). Keep it a few "
+                         "worker heartbeats (INFERSTACK_HEARTBEAT_S).")
     max_attempts: int = Field(3, description="Claims per request before it fails instead of being requeued.")
     affinity_window_s: float = Field(
         1.0, description="How long a request is offered only to the worker holding its KV cache (0 = off)."
     )
-    output_log_ttl_s: int = Field(60, description="How long a finished request's token log is kept.")
+    output_log_ttl_s: int = Field(
+        60, description="How long a finished request's token log is kept: the window in which a client may still "
+                        "resume its stream (GET /v1/chat/completions/{id}/stream).")
     preemption: bool = Field(
         True, description="A full batch makes room for a waiting request of a higher tier, or of a user under its "
         "fair share, by preempting a running one (off = wait for a free row, a benchmark baseline).")

@@ -62,3 +62,14 @@ def tiny_cogvideox_dir(tmp_path_factory):
     from tests.tiny_media import build_tiny_cogvideox
 
     return build_tiny_cogvideox(tmp_path_factory.mktemp("tiny-cogvideox"))
+
+
+@pytest.fixture
+def one_thread():
+    """Two ranks share this machine's cores: one torch thread each, as the supervisor sets."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

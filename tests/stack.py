@@ -114,3 +114,20 @@ class Stack:
         for w in self.workers:
             w.stop()
         self.api.stop()
+
+
+def script_output(engine, text: str) -> int:
+    """Make a text engine write ``text`` then its end token, whatever its logits (the
+    tiny model cannot reason or call tools); detokenizer, grammar, wire and API stay
+    real. Returns the script's length in tokens."""
+    tokens = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [engine.tokenizer.eos_token_id]
+    real = engine.sampler
+
+    class Scripted:
+        eos = real.eos
+
+        def __call__(self, logits, seqs):
+            return [tokens[len(s.output_ids)] for s in seqs], [None] * len(seqs), [0] * len(seqs)
+
+    engine.sampler = Scripted()
+    return len(tokens)

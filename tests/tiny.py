@@ -19,10 +19,13 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0, max_positions: int = 512) -> Path:
+def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0, max_positions: int = 512, heads: int = 4,
+                     kv_heads: int = 2, hidden: int = 64, intermediate: int = 128, arch: str = "llama") -> Path:
+    """``arch="qwen3"``: the same with Qwen3's classes (per-head q/k norms, explicit
+    head_dim); heads and sizes vary to test tensor-parallel splits."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     path = Path(path)
     tok = Tokenizer(models.BPE())
@@ -37,14 +40,16 @@ def build_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0, max_position
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
 
-    config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+    config = config_cls(
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16 if arch == "qwen3" else hidden // heads,
+        max_position_embeddings=max_positions,
         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None,
-        tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
+        tie_word_embeddings=arch == "llama", architectures=[model_cls.__name__],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     model.save_pretrained(path)
     return path
 
@@ -54,6 +59,7 @@ def registry_toml(path: Path, model_dir: Path, name: str = "tiny", max_batch: in
     path.write_text(f"""
 [models."{name}"]
 modality = "text"
+tool_parser = "hermes"
 path = "{model_dir}"
 max_batch = {max_batch}
 max_prefill_tokens = {max_prefill_tokens}

@@ -42,8 +42,6 @@ class SpeechGeneration(Generation):
     def _accept(self, ev: AudioChunk) -> list[AudioChunk]:
         if ev.index != self._next_index:
             return []  # a repeat from a resumed request (audio is not logged, so no gaps to fill)
-        if self.first_event_at is None:
-            self.first_event_at = time.monotonic()
         self._next_index += 1
         self._final = ev.final
         return [ev]

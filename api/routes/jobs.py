@@ -5,17 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from api.auth import Identity
 from api.errors import OpenAIError
-from api.routes._text import state_of
+from api.routes._text import caller, state_of
 
 router = APIRouter()
-
-
-def caller(request: Request) -> Identity:
-    """Who asks, for requests without a body: the API key, or in open mode the
-    ``user`` query parameter (the OpenAI ``user`` field of the submitting request)."""
-    return state_of(request).keys.identify(request.headers.get("authorization"), request.query_params.get("user"))
 
 
 @router.get("/v1/jobs/{job_id}")

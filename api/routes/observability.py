@@ -9,8 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from api.errors import OpenAIError
-from api.routes._text import is_admin_key, state_of
-from api.state import AppState
+from api.routes._text import require_admin, state_of
 from metrics import prom, stats
 from metrics.store import open_store
 
@@ -23,28 +22,15 @@ async def prometheus_metrics(request: Request):
     The queue depth is not here: it is deployment-wide, and the exporter serves it once
     (``metrics/prom.py``). Admin only; Prometheus sends the key with
     ``authorization: {credentials: ...}`` in its scrape config."""
-    _require_admin(request, state_of(request))
+    require_admin(request, state_of(request))
     return Response(prom.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-def _require_admin(request: Request, state: AppState) -> None:
-    if is_admin_key(request, state):
-        return
-    if not state.keys.open:
-        if state.keys.identify(request.headers.get("authorization"), None).admin:  # 401 for an unknown key
-            return
-    elif not state.settings.admin_key:
-        return  # open mode without an admin key: everything is open
-    raise OpenAIError(403, "This endpoint needs an admin key (INFERSTACK_ADMIN_KEY, or `admin = true` in the "
-                      "keys file).",
-                      type="permission_error", code="admin_required")
 
 
 @router.get("/v1/stats")
 async def get_stats(request: Request, window: str = "1h", model: str = ""):
     """Per model and per tenant over the last ``window`` (``90s``, ``15m``, ``1h``, ``7d``)."""
     state = state_of(request)
-    _require_admin(request, state)
+    require_admin(request, state)
     try:
         window_s = stats.parse_window(window)
     except ValueError as exc:

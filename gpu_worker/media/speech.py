@@ -23,7 +23,7 @@ import torch
 from broker.messages import AudioChunk, ErrorEvent, SpeechRequest
 from gpu_worker.engine import Emit, Outgoing, handed_back
 from inferstack.registry import ModelSpec
-from scheduler.queue import Claimed
+from scheduler.claimed import Claimed
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,12 @@ class SpeechEngine:
         if out:
             emit(out)
 
-    def requeue_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit, kind: str = "failed") -> None:
         with self._lock:
             held = [s.request for s in self._held.values()] + [c.request for c in self._inbox.claimed]
             self._held.clear()
             self._inbox = _Inbox()
-        emit(handed_back(self.model, held, message))
+        emit(handed_back(self.model, held, message, kind))
 
     def close(self) -> None:
         self.kmodel = None

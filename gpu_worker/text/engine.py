@@ -1,14 +1,25 @@
 """The text engine's step loop: schedule -> forward -> sample -> emit -> retire.
 
-Preemption: a claim may name running requests whose rows it takes (``Claimed.victims``,
+Preemption: a claim may name running requests whose slots it takes (``Claimed.victims``,
 decided by ``scheduler.policy``). At the start of the next step each victim leaves the
 batch, its KV copied to the DRAM store (or dropped where recomputing is cheaper), and
-goes back to the queue (``Outgoing.requeue``); the newcomer takes the first free row.
+goes back to the queue (``Outgoing.requeue``); the newcomer takes the first free slot.
 A preempted request resumes like one whose worker died: from its output log, here
-restoring the DRAM copy, elsewhere recomputing prompt plus tokens sent.
+restoring the DRAM copy, elsewhere recomputing prompt plus tokens sent (a constrained
+one replays those tokens into a fresh grammar matcher).
 
-Faults stay with their request: a row the sampler flags, or an exception in one
-sequence's admission or output processing, fails that request alone."""
+KV reuse: a sequence whose prompt starts with a DRAM store entry (its session's last
+turn, a shared prefix, or its own KV from before a preemption) gets those positions
+restored into its slot instead of prefilled; where an admitted sequence already holds
+that entry's KV in its blocks, the newcomer references them (``PagedKVCache.attach``)
+and nothing is copied.
+
+Constrained requests wait outside the batch until their grammar is compiled
+(``gpu_worker.text.grammar``), then each sequence gets its own matcher.
+
+Faults stay with their request: a row the sampler flags (non-finite numbers, or
+penalties or a grammar leaving no token), or an exception in one sequence's admission
+or output processing, fails that request alone."""
 
 from __future__ import annotations
 
@@ -16,6 +27,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
@@ -23,17 +36,27 @@ import torch
 from broker.messages import ErrorEvent, GenerateRequest, TokenEvent
 from broker.prefix import BLOCK
 from gpu_worker.engine import Emit, Outgoing, handed_back
-from gpu_worker.text.kvstore import KvStore
+from gpu_worker.text.grammar import GrammarCache, new_matcher
+from gpu_worker.text.kvstore import KvEntry, KvStore
 from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.planner import StepPlan, StepPlanner
 from gpu_worker.text.runner import ModelRunner
 from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
+from scheduler.claimed import Claimed
 from scheduler.policy import Batch, Running
-from scheduler.queue import Claimed
 
 log = logging.getLogger(__name__)
+
+
+def make_runner(spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype, max_seqs: int | None = None,
+                kv_cache_bytes: int | None = None, tp=None) -> ModelRunner:
+    """The engine's runner for ``spec``; tensor-parallel followers build theirs here too,
+    so every rank's cache has the same slots, blocks and context length."""
+    return ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs or spec.max_batch,
+                       context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes,
+                       memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None, tp=tp)
 
 
 def _output_error(request_id: str) -> ErrorEvent:
@@ -62,8 +85,10 @@ class _Request:
     """Engine step at which it was admitted (or resumed): the thrash guard counts from it."""
     seqs: list[Sequence] = field(default_factory=list)
     first_event_sent: bool = False
+    grammar: Future | None = None
+    """Its compiled grammar (constrained requests); it joins the batch once this is done."""
     error: ErrorEvent | None = None
-    """It failed alone (its parameters, its output processing): sent when it retires."""
+    """It failed alone (its parameters, its grammar, its output processing): sent when it retires."""
 
     @property
     def request(self) -> GenerateRequest:
@@ -74,10 +99,22 @@ class _Request:
         return all(s.status.finished for s in self.seqs)
 
 
+def _ends(events: list[TokenEvent]) -> list[int]:
+    """For events sorted by start: how far the output is covered after each one."""
+    ends, end = [], 0
+    for ev in events:
+        end = max(end, ev.start + len(ev.token_ids))
+        ends.append(end)
+    return ends
+
+
 class TextEngine:
     def __init__(self, spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype,
                  max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False,
-                 kv_cache_bytes: int | None = None, kv_dram_bytes: int = 0, prefix_min_hits: int = 2):
+                 kv_cache_bytes: int | None = None, kv_dram_bytes: int = 0, prefix_min_hits: int = 2,
+                 tp_group=None):
+        """``tp_group`` (a joined ``tp.TpGroup`` of which this process is rank 0): run the
+        model sharded over the group, the other ranks following (``gpu_worker.text.tp``)."""
         from transformers import AutoTokenizer
 
         self.model = spec.name
@@ -85,19 +122,30 @@ class TextEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
         max_seqs = max_seqs or spec.max_batch
-        self.runner = ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs,
-                                  context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes,
-                                  memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None)
+        self.runner = make_runner(spec, model_dir, device=device, dtype=dtype, max_seqs=max_seqs,
+                                  kv_cache_bytes=kv_cache_bytes, tp=tp_group.tp if tp_group else None)
+        if tp_group is not None:
+            from gpu_worker.text.tp import LeaderRunner
+
+            self.runner = LeaderRunner(self.runner, tp_group)
         self.sampler = Sampler(self._eos_ids(), self._token_text)
+        self.grammars = GrammarCache(self.tokenizer, self.runner.model.get_output_embeddings().weight.shape[0],
+                                     self.sampler.eos, name=spec.name)
+        self._awaiting_grammar: list[_Request] = []
+        """Constrained requests whose grammar is still compiling: not in the batch yet."""
         self.planner = StepPlanner(self.runner.cache, max_seqs=max_seqs,
                                    max_prefill_tokens=max_prefill_tokens or spec.max_prefill_tokens, static=static,
                                    on_admit=self._restore)
-        self.kv_store = KvStore(kv_dram_bytes, pin=device.type == "cuda") if kv_dram_bytes > 0 else None
+        self.kv_store = KvStore(kv_dram_bytes, scale=(self.runner.group_token_bytes, self.runner.cache.bytes_per_token)
+                                ) if kv_dram_bytes > 0 else None
         """Session and prefix KV caches in host DRAM (None: reuse disabled)."""
         self.prefix_min_hits = prefix_min_hits
         self._prefix_seen: OrderedDict[str, set[str]] = OrderedDict()
         """Block hash -> the distinct sessions (or sessionless requests) that sent it."""
         self._index_ops: list[tuple[str, str, str, int]] = []
+        self._holders: dict[str, tuple[KvEntry, Sequence, int]] = {}
+        """DRAM entry key -> (the entry, an admitted sequence whose first ``tokens`` cache
+        positions hold exactly its KV, tokens): a restore of it shares those blocks."""
         self._requests: dict[str, _Request] = {}
         self._aborts: set[str] = set()
         self._lock = threading.Lock()  # add/abort arrive from IO threads
@@ -117,6 +165,7 @@ class TextEngine:
     def capacity(self) -> int:
         with self._lock:
             pending = sum(c.request.params.n for c, _ in self._inbox)
+        pending += sum(len(state.seqs) for state in self._awaiting_grammar)
         return max(0, self.planner.free_capacity() - pending)
 
     def add(self, claimed: Claimed, log_events: list[TokenEvent]) -> None:
@@ -142,7 +191,7 @@ class TextEngine:
         with self._lock:
             if self._inbox or self._aborts:
                 return True
-        return self.planner.has_work()
+        return self.planner.has_work() or bool(self._awaiting_grammar)
 
     def request_ids(self) -> list[str]:
         with self._lock:
@@ -151,6 +200,7 @@ class TextEngine:
     def step(self, emit: Emit) -> None:
         out: list[Outgoing] = []
         self._take_inbox(out)
+        self._start_compiled()
         self._retire_finished(out)  # aborted ones leave before they cost a forward pass
         plan = self.planner.schedule()
         if not plan.empty:
@@ -188,6 +238,14 @@ class TextEngine:
             if not seq.status.finished:
                 self.planner.promote(seq)
 
+    def close(self) -> None:
+        """Unloading: stop the grammar compile thread and, leading a tensor-parallel group,
+        the followers (the weights go with the engine)."""
+        self.grammars.close()
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
     def gauges(self) -> dict[str, float]:
         out = {"batch_size": self.planner.num_admitted, "kv_cache_bytes": self.runner.cache.nbytes}
         if self.kv_store is not None:
@@ -196,7 +254,7 @@ class TextEngine:
                        kv_store_tokens_saved=st.tokens_saved)
         return out
 
-    def requeue_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit, kind: str = "failed") -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             self._aborts.clear()
@@ -206,9 +264,11 @@ class TextEngine:
             for seq in state.seqs:
                 self._release_restore(seq)
         self._requests.clear()
+        self._awaiting_grammar.clear()
+        self._holders.clear()
         self.planner.clear()
         self.runner.cache.shrink()
-        emit(handed_back(self.model, held, message))
+        emit(handed_back(self.model, held, message, kind))
 
     # -- internals --------------------------------------------------------------
 
@@ -250,6 +310,14 @@ class TextEngine:
             seq.output = OutputProcessor(self._backend_tokenizer, req.params.stop, req.params.skip_special_tokens,
                                          req.prompt_token_ids, reasoning=req.reasoning)
             events = sorted(prior.get(choice, []), key=lambda e: e.start)
+            if any(ev.start > end for ev, end in zip(events, [0, *_ends(events)])):
+                # A hole in the log (a Redis crash lost writes the client may have seen):
+                # continuing past it could repeat or skip text, so the request fails.
+                out.append(Outgoing(self.model, req.reply_to, req.id, ErrorEvent(
+                    req.id, "this request's output log lost tokens (Redis restarted without them); it cannot "
+                    "resume exactly. Retry the request.", type="server_error", code="output_log_gap", status=500),
+                    request_done=True))
+                return
             if events:
                 state.first_event_sent = True
                 for ev in events:
@@ -260,11 +328,15 @@ class TextEngine:
                 if any(ev.finish_reason for ev in events):
                     seq.status = SeqStatus.FINISHED_STOPPED
             state.seqs.append(seq)
-        # A preempting claim goes first: the rows its victims freed are for it.
-        for seq in state.seqs if not claimed.victims else reversed(state.seqs):
+        for seq in state.seqs:
             if not seq.status.finished:
                 self._match_cache(seq)
-                self.planner.add(seq, first=bool(claimed.victims))
+        if req.params.constraint is not None:
+            # Rows wait for the grammar (the rest of the batch does not): _start_compiled.
+            state.grammar = self.grammars.get(req.params.constraint, req.reasoning)
+            self._awaiting_grammar.append(state)
+        else:
+            self._join_batch(state)
         if self.kv_store is not None:
             # A prefix is worth keeping once several conversations share it (a system
             # prompt); one conversation's own history is its session cache already.
@@ -278,18 +350,60 @@ class TextEngine:
                 self._prefix_seen.popitem(last=False)
         self._requests[req.id] = state
 
+    def _join_batch(self, state: _Request) -> None:
+        """Queue a request's live sequences for slots; a preempting claim goes first (the
+        slots its victims freed are for it)."""
+        first = bool(state.claimed.victims)
+        for seq in reversed(state.seqs) if first else state.seqs:
+            if not seq.status.finished:
+                self.planner.add(seq, first=first)
+
+    def _start_compiled(self) -> None:
+        """Constrained requests whose grammar is ready join the batch, each sequence with
+        its own matcher (replaying what a resumed or preempted sequence already
+        generated). With nothing else to run, wait a moment for a compile rather than spin."""
+        if not self._awaiting_grammar:
+            return
+        if not self.planner.has_work():
+            wait_futures([s.grammar for s in self._awaiting_grammar], timeout=0.01, return_when=FIRST_COMPLETED)
+        still = []
+        for state in self._awaiting_grammar:
+            rid = state.request.id
+            if state.done or self._requests.get(rid) is not state:  # aborted or preempted while compiling
+                continue
+            if not state.grammar.done():
+                still.append(state)
+                continue
+            exc = state.grammar.exception()
+            if exc is not None:
+                kind = state.request.params.constraint.kind
+                self._fail(rid, ErrorEvent(rid, f"The output constraint could not be compiled: {exc}",
+                                           type="invalid_request_error", status=400,
+                                           code="invalid_json_schema" if kind.startswith("json") else "invalid_grammar"))
+                continue
+            for seq in state.seqs:
+                if seq.status.finished:
+                    continue
+                seq.grammar = new_matcher(state.grammar.result(), seq.output_ids)
+                if seq.grammar is None:
+                    self._fail(rid, ErrorEvent(rid, "The tokens already generated do not match the output "
+                                               "constraint.", type="server_error", code="engine_error", status=500))
+                    break
+            else:
+                self._join_batch(state)
+        self._awaiting_grammar = still
+
     def _preempt(self, rid: str, reason: str, out: list[Outgoing]) -> None:
         """Take a request out of the batch and hand it back to the queue; its KV waits in
         DRAM for a resume here (sequences shorter than a block are recomputed: cheaper
-        than keeping them)."""
+        than keeping them). One still waiting for its grammar just leaves."""
         state = self._requests.pop(rid, None)
         if state is None:
-            return  # it finished or left meanwhile: its rows are free already
+            return  # it finished or left meanwhile: its slots are free already
         for seq in state.seqs:
             if self.kv_store is not None and seq.slot >= 0 and not seq.status.finished and seq.num_computed >= BLOCK:
                 self._store(_preempted_key(seq), "preempted", seq, seq.num_computed)
-            self._release_restore(seq)
-            self.planner.retire(seq)
+            self._leave(seq)
         self.preemptions += 1
         out.append(Outgoing(self.model, state.request.reply_to, rid, None, requeue="preempted", reason=reason))
 
@@ -308,7 +422,7 @@ class TextEngine:
             if not live:
                 continue
             req = state.request
-            admitted = all(s.slot >= 0 for s in live)  # one still waiting for a row frees nothing yet
+            admitted = all(s.slot >= 0 for s in live)  # one still waiting for a slot frees nothing yet
             view.append(Running(rid, req.user, str(req.tier), state.claimed.weight, len(live),
                                 sum(s.num_computed for s in live), step - state.since if admitted else 0))
         return tuple(view)
@@ -319,8 +433,13 @@ class TextEngine:
         for seq, tok, record, failure in zip(seqs, tokens, records, failures):
             if seq.status.finished:  # aborted while in flight, or its request failed
                 continue
-            if failure:
+            if failure:  # incl. a grammar that left no token (sampler.CONSTRAINT_FAILED)
                 self._fail(seq.request_id, sampling_error(seq.request_id, failure))
+                continue
+            if seq.grammar is not None and not seq.grammar.accept_token(tok):
+                self._fail(seq.request_id, ErrorEvent(seq.request_id, "The sampled token does not match the output "
+                                                      "constraint.", type="server_error", code="engine_error",
+                                                      status=500))
                 continue
             try:
                 seq.output_ids.append(tok)
@@ -338,7 +457,7 @@ class TextEngine:
         seq.pending_text += text
         seq.pending_reasoning += reasoning
         n_out = len(seq.output_ids)
-        if stopped:
+        if stopped or (seq.grammar is not None and seq.grammar.is_terminated()):
             seq.status = SeqStatus.FINISHED_STOPPED
         elif n_out >= p.min_tokens and (
             (tok in self.sampler.eos and not p.ignore_eos) or tok in p.stop_token_ids
@@ -373,12 +492,12 @@ class TextEngine:
                 if seq.status.finished:
                     if seq.choice == 0 and seq.slot >= 0 and seq.status != SeqStatus.FINISHED_ABORTED:
                         self._save_session(seq)
-                    self._release_restore(seq)
-                    self.planner.retire(seq)
+                    self._leave(seq)
             if state.done:
                 del self._requests[rid]
                 # Aborted requests get no event: the client is gone, or another worker
-                # owns the request now. The release is a no-op for a lost lease.
+                # owns the request now. The release is a no-op for a lost lease. A
+                # request that failed on its own gets its error.
                 out.append(Outgoing(self.model, state.request.reply_to, rid, state.error, request_done=True))
 
     # -- KV reuse ---------------------------------------------------------------
@@ -402,12 +521,20 @@ class TextEngine:
             seq.restore = hit
 
     def _restore(self, seq: Sequence) -> None:
-        """Planner hook: the sequence got its row; copy the reused KV in and skip its prefill."""
+        """Planner hook: the sequence got its slot; bring the reused KV in and skip its prefill."""
         if seq.restore is None:
             return
         entry, n = seq.restore
         started = time.perf_counter()
-        self.runner.restore_kv(entry.key, seq.slot, entry.layers, n)
+        holder = self._holders.get(entry.key)
+        if holder is not None and holder[0] is entry and holder[1].slot >= 0 and holder[2] >= n:
+            # A running sequence holds this entry's tokens: share its blocks, copy nothing from DRAM.
+            self.runner.cache.attach(seq.slot, holder[1].slot, n)
+            self.kv_store.stats.shared += 1
+        else:
+            self.runner.restore_kv(entry.key, seq.slot, entry.layers, n)
+            if entry.kind != "preempted":  # that one is used up here
+                self._holders[entry.key] = (entry, seq, n)
         seq.num_computed = n
         seq.num_cached = 0 if entry.kind == "preempted" else n  # usage reports prompt reuse only
         stats = self.kv_store.stats
@@ -416,7 +543,15 @@ class TextEngine:
         stats.restore_s += time.perf_counter() - started
         self._release_restore(seq)
         if entry.kind == "preempted":
-            self.kv_store.discard(entry)  # used up: the row holds it now
+            self.kv_store.discard(entry)  # used up: the slot holds it now
+            self.runner.drop_kv(entry.key)
+
+    def _leave(self, seq: Sequence) -> None:
+        """The sequence gives its slot back (finished, aborted or preempted)."""
+        self._release_restore(seq)
+        for key in [k for k, h in self._holders.items() if h[1] is seq]:
+            del self._holders[key]
+        self.planner.retire(seq)
 
     def _release_restore(self, seq: Sequence) -> None:
         if seq.restore is not None:
@@ -425,9 +560,21 @@ class TextEngine:
 
     def _store(self, key: str, kind: str, seq: Sequence, length: int) -> None:
         started = time.perf_counter()
-        entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length],
-                                           self.runner.save_kv(key, seq.slot, length), seq.request.cache_scope)
+        try:
+            entry, evicted = self.kv_store.put(key, kind, seq.all_ids[:length],
+                                               self.runner.save_kv(key, seq.slot, length), seq.request.cache_scope)
+        except Exception:  # noqa: BLE001 - a cache not kept costs a later recompute, never this batch
+            log.exception("%s: keeping %s KV (%d tokens) in DRAM failed", self.model, kind, length)
+            self.runner.drop_kv(key)
+            return
         self.kv_store.stats.save_s += time.perf_counter() - started
+        dropped = {old.key for old in evicted}  # a replaced entry is evicted under the new one's key
+        if entry is None:
+            dropped.add(key)
+        else:
+            dropped.discard(key)
+        for gone in dropped:
+            self.runner.drop_kv(gone)
         for old in evicted:
             if old.kind == "session":
                 self._index_ops.append(("del", "s", old.key, 0))
@@ -454,8 +601,10 @@ class TextEngine:
         for j in range(len(hashes) - 1, -1, -1):
             if len(self._prefix_seen.get(hashes[j], ())) >= self.prefix_min_hits:
                 if hashes[j] not in self.kv_store.prefix_index:
-                    length = (j + 1) * BLOCK
-                    self._store(f"prefix:{hashes[j]}", "prefix", seq, length)
+                    length, key = (j + 1) * BLOCK, f"prefix:{hashes[j]}"
+                    self._store(key, "prefix", seq, length)
+                    if key in self.kv_store.entries:  # its blocks hold the entry while it runs
+                        self._holders[key] = (self.kv_store.entries[key], seq, length)
                 return
 
     def kv_stats(self) -> dict:
@@ -467,8 +616,8 @@ class TextEngine:
             "entries": len(store.entries), "sessions": len(store.session_keys()),
             "hits": st.hits, "misses": st.misses, "tokens_saved": st.tokens_saved, "prompt_tokens": st.prompt_tokens,
             "evictions": st.evictions, "save_ms": round(1000 * st.save_s, 3), "saves": st.saves,
-            "restore_ms": round(1000 * st.restore_s, 3), "restores": st.restores,
-            "bytes_per_token": self.runner.cache.bytes_per_token,
+            "restore_ms": round(1000 * st.restore_s, 3), "restores": st.restores, "shared_restores": st.shared,
+            "bytes_per_token": self.runner.group_token_bytes,
         }
 
     def index_refresh_ops(self) -> list[tuple[str, str, str, int]]:

@@ -163,14 +163,13 @@ class PagedKVCache:
         keep = min(blocks, self.capacity) * self.block_size
         new_k, new_v = [], []
         for i in range(self.num_layers):
-            k = torch.empty(blocks * self.block_size, h, d, dtype=self.dtype, device=self.device)
-            v = torch.empty_like(k)
+            # zeros: the null block must be, and unwritten blocks are then the same on every
+            # tensor-parallel rank
+            k = torch.zeros(blocks * self.block_size, h, d, dtype=self.dtype, device=self.device)
+            v = torch.zeros_like(k)
             if keep:
                 k[:keep] = self.keys[i][:keep]
                 v[:keep] = self.values[i][:keep]
-            else:
-                k[: self.block_size] = 0  # the null block
-                v[: self.block_size] = 0
             new_k.append(k)
             new_v.append(v)
         self.keys, self.values = new_k, new_v

@@ -1,8 +1,12 @@
 """KV caches kept in host DRAM between requests: per-session caches (one user's
 conversation) and shared prefix caches (a system prompt many requests start with).
 
-An entry holds token ids and, per layer, the (key, value) tensors of those tokens
-(pinned CPU memory when the model runs on CUDA). The store is an LRU bounded by a
+An entry holds token ids and, per layer, the (key, value) tensors of those tokens in
+host memory. From a CUDA model they are copied into pinned memory without stalling
+the step: the copy is queued on the current stream, behind the kernels that made the
+tensors, and a CUDA event marks its end; reading an entry's layers waits for that
+event, and restoring them to the device is again a non-blocking copy from pinned
+memory. The store is an LRU bounded by a
 byte budget with exact accounting (the sum of the tensors' bytes); eviction never
 touches an entry that is in use. Prefix entries register the chained hash of every
 whole block they cover, so a prompt that shares only part of a stored prefix still
@@ -28,14 +32,46 @@ class KvEntry:
     key: str
     kind: str  # "session" | "prefix" | "preempted" (a preempted sequence's, until it resumes)
     token_ids: list[int]
-    layers: Layers
+    host_layers: Layers
+    """Host memory; may still be filling from the device until ``ready`` fires: read ``layers``."""
     nbytes: int
+    ready: torch.cuda.Event | None = None
+    """Marks the end of the device-to-host copy (CUDA only; None once it has landed)."""
     hashes: list[str] = field(default_factory=list)
     """Prefix entries: the block hashes they cover (index keys)."""
     scope: str = ""
     """Prefix entries: the cache scope that may reuse them (broker.prefix)."""
     in_use: int = 0
     last_use: float = field(default_factory=time.time)
+
+    @property
+    def layers(self) -> Layers:
+        """The stored tensors, once their copy from the device has landed."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self.host_layers
+
+
+def to_host(layers: Layers) -> tuple[Layers, torch.cuda.Event | None]:
+    """Host tensors the store can keep, and the event that marks when they are filled.
+    CPU tensors are kept as they are (the caller hands over a private copy); CUDA
+    tensors are copied into pinned memory asynchronously (``pin_memory()`` on a CUDA
+    tensor raises). The caching host allocator keeps a pinned block from being reused
+    before the copies that touch it have finished, so freeing an entry early is safe."""
+    if not layers or not layers[0][0].is_cuda:
+        return layers, None
+    host = []
+    for k, v in layers:
+        pair = []
+        for t in (k, v):
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            pair.append(h)
+        host.append((pair[0], pair[1]))
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 @dataclass
@@ -48,6 +84,8 @@ class KvStats:
     save_s: float = 0.0
     restores: int = 0
     restore_s: float = 0.0
+    shared: int = 0
+    """Restores that shared a running sequence's KV blocks instead of copying from DRAM."""
     evictions: int = 0
 
 
@@ -60,9 +98,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class KvStore:
-    def __init__(self, budget_bytes: int, *, pin: bool = False):
+    def __init__(self, budget_bytes: int, *, scale: tuple[int, int] = (1, 1)):
+        """``scale``: under tensor parallelism each rank stores its shard of an entry and
+        this store (rank 0's) accounts for the whole group: an entry costs its own bytes
+        times ``scale[0] / scale[1]`` (the group's bytes per token over rank 0's)."""
         self.budget_bytes = budget_bytes
-        self.pin = pin
+        self.scale = scale
         self.entries: OrderedDict[str, KvEntry] = OrderedDict()  # LRU order: oldest first
         self.prefix_index: dict[str, tuple[str, int]] = {}  # block hash -> (entry key, tokens covered)
         self.bytes_used = 0
@@ -112,8 +153,14 @@ class KvStore:
     def put(self, key: str, kind: str, token_ids: list[int], layers: Layers,
             scope: str = "") -> tuple[KvEntry | None, list[KvEntry]]:
         """Store (replacing ``key``); returns the new entry (None if it cannot fit) and
-        the entries evicted to make room. ``scope``: a prefix entry's cache scope."""
+        the entries evicted to make room. ``scope``: a prefix entry's cache scope.
+        ``layers`` may live on the model's device; the store takes them to host memory
+        (before changing anything, so a failed copy leaves the store as it was)."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        nbytes = nbytes * self.scale[0] // self.scale[1]
+        ready = None
+        if nbytes <= self.budget_bytes:
+            layers, ready = to_host(layers)
         evicted: list[KvEntry] = []
         old = self.entries.get(key)
         if old is not None and old.in_use == 0:
@@ -130,9 +177,7 @@ class KvStore:
                 self.stats.evictions += 1
         if self.bytes_used + nbytes > self.budget_bytes:
             return None, evicted
-        if self.pin:
-            layers = [(k.pin_memory(), v.pin_memory()) for k, v in layers]
-        entry = KvEntry(key, kind, list(token_ids), layers, nbytes, scope=scope)
+        entry = KvEntry(key, kind, list(token_ids), layers, nbytes, ready, scope=scope)
         if kind == "prefix":
             entry.hashes = prefix_hashes(entry.token_ids, scope)
             for j, h in enumerate(entry.hashes):

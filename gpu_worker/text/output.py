@@ -7,15 +7,7 @@ from __future__ import annotations
 
 from tokenizers.decoders import DecodeStream
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
+from inferstack.text import THINK_CLOSE, THINK_OPEN, partial_suffix
 
 
 class ReasoningSplitter:
@@ -45,7 +37,7 @@ class ReasoningSplitter:
                     self.buf = self.buf[idx + len(THINK_CLOSE):]
                     self.state = "after"
                 else:
-                    keep = 0 if final else _partial_suffix(self.buf, THINK_CLOSE)
+                    keep = 0 if final else partial_suffix(self.buf, THINK_CLOSE)
                     reasoning += self.buf[: len(self.buf) - keep]
                     self.buf = self.buf[len(self.buf) - keep:]
                     break

@@ -1,13 +1,14 @@
 """Logits -> next tokens, with per-request parameters inside one batch.
 
 Order of operations (as in vLLM): raw logprobs for reporting; penalties
-(repetition, frequency, presence); min_tokens; then greedy rows take the argmax and
+(repetition, frequency, presence); logit_bias; min_tokens; the grammar mask of
+constrained rows (``gpu_worker.text.grammar``); then greedy rows take the argmax and
 sampling rows apply temperature, top-k, top-p and min-p and draw. A request with a
 seed draws from a generator seeded by (seed, choice, position), so it is
 reproducible inside any batch and after a resume on another worker.
 
 One row's trouble stays in its row: a row whose logits are not finite, or whose
-penalties and bans leave no token to draw (NaN, +inf, or everything -inf), is
+penalties, bans or grammar leave no token to draw (NaN, +inf, or everything -inf), is
 reported as failed (one vectorised check, read back with the tokens) and sampled as
 uniform noise that nobody sees, so the rest of the batch goes on untouched.
 """
@@ -20,13 +21,14 @@ import logging
 import torch
 
 from broker.messages import ErrorEvent
+from gpu_worker.text.grammar import constrain
 from gpu_worker.text.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-PARAMS_FAILED, NUMERIC_FAILED = 1, 2
-"""Failure codes of a row: its parameters broke it (its raw logits were fine), or the
-model's own logits were not finite."""
+PARAMS_FAILED, NUMERIC_FAILED, CONSTRAINT_FAILED = 1, 2, 3
+"""Failure codes of a row: its parameters broke it (its raw logits were fine), the
+model's own logits were not finite, or its grammar allowed no token (that was left)."""
 
 
 def sampling_error(request_id: str, code: int) -> ErrorEvent:
@@ -36,6 +38,10 @@ def sampling_error(request_id: str, code: int) -> ErrorEvent:
                           "NaN or infinite, or every token was excluded): check repetition_penalty, "
                           "stop_token_ids with min_tokens, and the other penalties.",
                           type="invalid_request_error", code="invalid_sampling_parameters", status=400)
+    if code == CONSTRAINT_FAILED:
+        return ErrorEvent(request_id, "The output constraint allows no next token here (is the schema or "
+                          "pattern satisfiable, and not excluded by logit_bias or the penalties?).",
+                          type="invalid_request_error", code="constraint_unsatisfiable", status=400)
     return ErrorEvent(request_id, "The model produced non-finite logits for this request.", type="server_error",
                       code="numeric_error", status=500)
 
@@ -60,8 +66,9 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
         raw_bad = _broken(logits)
 
-        if any(_has_penalty(s) for s in seqs) or any(_blocks_stop(s) for s in seqs):
-            logits = logits.clone()
+        constrained = any(s.grammar is not None for s in seqs)
+        if constrained or any(_has_penalty(s) for s in seqs) or any(_blocks_stop(s) for s in seqs):
+            logits = logits.clone()  # edited in place below; the model's logits stay as they came
             for row, seq in enumerate(seqs):
                 try:
                     if _has_penalty(seq):
@@ -75,6 +82,12 @@ class Sampler:
             bad = _broken(logits)
         else:
             bad = raw_bad.clone()
+        grammar_bad = None
+        if constrained:
+            constrain(logits, seqs)  # each constrained row to its grammar's tokens
+            # A row its grammar empties (all -inf) fails like any other, with its own reason.
+            grammar_bad = _broken(logits) & ~bad
+            bad |= grammar_bad
         logits = logits.masked_fill(bad.unsqueeze(1), 0.0)  # failed rows draw harmless noise
 
         greedy = [s.params.greedy for s in seqs]
@@ -88,7 +101,10 @@ class Sampler:
                 tokens[g_rows] = logits[g_rows].argmax(dim=-1)
             tokens[s_rows], bad_probs = self._sample(logits[s_rows], [seqs[i] for i in s_rows])
             bad[s_rows] |= bad_probs
-        failed = torch.where(raw_bad, NUMERIC_FAILED, bad.long() * PARAMS_FAILED)
+        failed = bad.long() * PARAMS_FAILED
+        if grammar_bad is not None:
+            failed = torch.where(grammar_bad, CONSTRAINT_FAILED, failed)
+        failed = torch.where(raw_bad, NUMERIC_FAILED, failed)
 
         return self._read_back(tokens, failed, raw_logprobs, seqs)
 
@@ -161,11 +177,12 @@ def _broken(x: torch.Tensor) -> torch.Tensor:
 
 def _has_penalty(seq: Sequence) -> bool:
     p = seq.params
-    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 or bool(p.logit_bias)
 
 
 def _blocks_stop(seq: Sequence) -> bool:
-    return len(seq.output_ids) < seq.params.min_tokens
+    # Under a grammar, the grammar decides where the output ends (min_tokens is not applied).
+    return len(seq.output_ids) < seq.params.min_tokens and seq.grammar is None
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
@@ -178,11 +195,16 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
         counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long, device=row.device), minlength=row.shape[0])
         counts = counts[: row.shape[0]].to(row.dtype)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias)
+        row[list(ids)] += torch.tensor(bias, dtype=row.dtype, device=row.device)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    # Stable: tied logits (common in bf16, 8 bits of mantissa) keep index order, so the
+    # top rank is the token argmax picks and top_k=1 or a tiny top_p equal greedy.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     dev = logits.device
     ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev).unsqueeze(1)
     ranks = torch.arange(vocab, device=dev).unsqueeze(0)

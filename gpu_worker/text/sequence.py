@@ -54,6 +54,8 @@ class Sequence:
     pending_text: str = ""
     pending_reasoning: str = ""
     """Text produced since the last published event."""
+    grammar: object = None
+    """xgrammar matcher of a constrained sequence (``gpu_worker.text.grammar``), else None."""
 
     @property
     def params(self) -> SamplingParams:

@@ -26,7 +26,7 @@ from gpu_worker.text.output import OutputProcessor
 from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
 from inferstack.registry import ModelSpec
-from scheduler.queue import Claimed
+from scheduler.claimed import Claimed
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class VisionEngine:
         if out:
             emit(out)
 
-    def requeue_all(self, message: str, emit: Emit) -> None:
+    def requeue_all(self, message: str, emit: Emit, kind: str = "failed") -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             self._aborts.clear()
@@ -116,7 +116,7 @@ class VisionEngine:
         self._errors.clear()
         self._waiting.clear()
         self._wave = None
-        emit(handed_back(self.model, held, message))
+        emit(handed_back(self.model, held, message, kind))
 
     def close(self) -> None:
         self.net = None
@@ -134,6 +134,11 @@ class VisionEngine:
                     req.id, f"prompt of {len(req.prompt_token_ids)} tokens exceeds the context of "
                     f"{self.context_length}", type="invalid_request_error", code="context_length_exceeded",
                     status=400), request_done=True))
+                continue
+            if req.params.constraint is not None:  # the API refuses these; never ignore one
+                out.append(Outgoing(self.model, req.reply_to, req.id, ErrorEvent(
+                    req.id, "structured output is not supported for vision models", type="invalid_request_error",
+                    code="unsupported_parameter", status=400), request_done=True))
                 continue
             # A request resumed after a worker died starts over: its events carry token
             # offsets, and the API drops what it already relayed.

@@ -19,6 +19,7 @@ local function k_out(rid) return P .. ":out:" .. rid end
 local K_STATE = P .. ":state"
 local K_UCOUNT = P .. ":ucount"
 local K_LEASES = P .. ":leases"
+local K_ALIVE = P .. ":alive"
 local K_DRAIN = P .. ":drain"
 local K_BELL = P .. ":bell"
 
@@ -100,13 +101,14 @@ local function take(rid, tier, worker, lease_s, now)
   end
   redis.call("HSET", rk, "state", "running", "worker", worker, "started", "1", "claimed", tostring(now))
   redis.call("ZADD", K_LEASES, now + lease_s, rid)
+  redis.call("HSET", K_ALIVE, worker, tostring(now))  -- a claim is a sign of life (lua/reap.lua)
   return {rid, f[1], attempts, f[8] or "1", num(f[9], 0), preempted_ms, f[11] or "0"}, num(f[6], 0)
 end
 
--- Claims that failed: every claim except those that ended in a preemption.
+-- Claims that failed: every claim except those that ended in a preemption or a drain.
 local function failed_attempts(rk)
-  local f = redis.call("HMGET", rk, "attempts", "preemptions")
-  return num(f[1], 0) - num(f[2], 0)
+  local f = redis.call("HMGET", rk, "attempts", "preemptions", "drains")
+  return num(f[1], 0) - num(f[2], 0) - num(f[3], 0)
 end
 
 -- A running request goes back to the head of its user's queue with its original start

@@ -13,6 +13,8 @@ local session_key, hashes_json, window = ARGV[14] or "", ARGV[15] or "[]", tonum
 local seqs = tonumber(ARGV[17] or "1")
 
 local len = num(redis.call("HGET", K_STATE, "len"), 0)
+-- Already admitted: this is a client retry of a command whose reply was lost.
+if redis.call("EXISTS", k_req(rid)) == 1 then return {"ok", len} end
 local rate = num(redis.call("HGET", K_DRAIN, "rate"), 0)
 local queued_cost = 0
 for _, t in ipairs(TIERS) do queued_cost = queued_cost + num(redis.call("HGET", K_STATE, "cost:" .. t), 0) end

@@ -2,6 +2,7 @@
 -- Returns the rids this worker no longer owns or that were cancelled (drop them).
 local worker, lease_s = ARGV[2], tonumber(ARGV[3])
 local now = now_s(ARGV[4])
+redis.call("HSET", K_ALIVE, worker, tostring(now))  -- heard from: the reaper's liveness signal
 local lost = {}
 for i = 5, #ARGV do
   local rid = ARGV[i]

@@ -3,62 +3,20 @@ driven with the official openai SDK. One model load for the whole session."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 
-from inferstack.redis_server import RedisServer, free_port
+from inferstack.redis_server import RedisServer
+from loadtest.faults import Procs
 
 pytestmark = pytest.mark.e2e
 
 
-class ProcStack:
-    def __init__(self, redis_url: str, extra_env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "INFERSTACK_REDIS_URL": redis_url, "INFERSTACK_PORT": str(self.port),
-                    "INFERSTACK_WORKER_MODELS": "smollm2-135m", "INFERSTACK_HEARTBEAT_S": "0.5",
-                    "INFERSTACK_LEASE_S": "3", "INFERSTACK_LOG_LEVEL": "WARNING", **(extra_env or {})}
-        self.api = self._spawn("api")
-        self.workers = [self._spawn("worker")]
-        self.wait_ready()
+class ProcStack(Procs):
+    """The stack as processes, with the tests' short heartbeat and lease."""
 
-    def _spawn(self, what: str, **env) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "inferstack.cli", what], env={**self.env, **env})
-
-    def add_worker(self, **env) -> subprocess.Popen:
-        p = self._spawn("worker", **env)
-        self.workers.append(p)
-        return p
-
-    def wait_ready(self, workers: int = 1, timeout: float = 180):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for p in [self.api, *self.workers]:
-                if p.poll() is not None and p in (self.api,):
-                    raise RuntimeError(f"process exited with {p.returncode}")
-            try:
-                r = httpx.get(f"{self.url}/ready", timeout=2)
-                if r.status_code == 200 and r.json()["workers"] >= workers:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("stack not ready")
-
-    def stop(self):
-        for p in [*self.workers, self.api]:
-            if p.poll() is None:
-                p.terminate()
-        for p in [*self.workers, self.api]:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    def __init__(self, redis_url: str, extra_env: dict | None = None, workers: int = 1):
+        super().__init__(redis_url, workers=workers, extra_env={"INFERSTACK_HEARTBEAT_S": "0.5",
+                                                                "INFERSTACK_LEASE_S": "3", **(extra_env or {})})
 
 
 @pytest.fixture(scope="package")

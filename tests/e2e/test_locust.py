@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 def test_locust_20s_headless_run_has_zero_failures(stack, tmp_path):
     prefix = tmp_path / "locust"
     run = subprocess.run(
-        [sys.executable, "-m", "loadtest.run", "--host", stack.url, "--users", "4", "--spawn-rate", "4",
+        [sys.executable, "-m", "loadtest.run", "--host", stack.url, "--users", "5", "--spawn-rate", "5",
          "--duration", "20s", "--max-tokens", "8", "--csv", str(prefix)],
         # The noisy tenant at normal priority: at low it may wait out the whole 20 s behind the
         # others (aging lifts it after INFERSTACK_AGING_MAX_WAIT_S), which is the scheduler's job.
@@ -30,7 +30,7 @@ def test_locust_20s_headless_run_has_zero_failures(stack, tmp_path):
     seen = {r["Name"] for r in rows if int(r["Request Count"]) > 0}
     # Each class took part (requests still running at the end finish in the stop timeout
     # and are counted in the final CSV).
-    for name in ("chat stream", "completion", "multi-turn"):
+    for name in ("chat stream", "completion", "multi-turn", "tool agent call"):
         assert name in seen, (name, seen, run.stderr[-3000:])
     assert any(n.startswith("noisy flood") for n in seen), seen
     assert not any(n.startswith("image job") for n in seen)  # media jobs stay out unless LOCUST_MEDIA=1

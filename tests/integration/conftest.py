@@ -23,7 +23,7 @@ def engine_factory(tiny_model_dir):
     from gpu_worker.text.engine import TextEngine
     from inferstack.registry import Modality, ModelSpec
 
-    def make(**kw):
+    def make(device: str = "cpu", **kw):
         spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
-        return TextEngine(spec, tiny_model_dir, device=torch.device("cpu"), dtype=torch.float64, **kw)
+        return TextEngine(spec, tiny_model_dir, device=torch.device(device), dtype=torch.float64, **kw)
     return make

@@ -144,7 +144,7 @@ def test_cancel_while_queued(redis_url, tiny_registry, tmp_path, rclient):
 
 
 def test_cancel_while_running_frees_the_slot(redis_url, tiny_registry, tmp_path, rclient):
-    stack = make_stack(redis_url, tiny_registry, tmp_path)
+    stack = make_stack(redis_url, tiny_registry, tmp_path, api_kw={"stream_grace_s": 0})  # cancel at once
     stack.workers.append(stack.add_worker(step_delay_s=0.02))
     stack.wait_ready()
     engine = stack.workers[0].engines["tiny"]

@@ -1,5 +1,5 @@
 """The continuous-batching engine against unbatched greedy decoding, with sequences
-joining and leaving mid-flight, chunked prefill and row moves, on the tiny model
+joining and leaving mid-flight, chunked prefill packed with decoding, on the tiny model
 (in float64, so only a real bug can flip an argmax)."""
 
 import pytest
@@ -10,13 +10,14 @@ from gpu_worker.text.engine import TextEngine
 from gpu_worker.text.kvcache import cache_kwarg
 from inferstack.registry import Modality, ModelSpec
 from scheduler.queue import Claimed
+from tests.engines import run_schedule
 
 
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.inference_mode():
         for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 
@@ -27,26 +28,9 @@ def request(i, prompt, max_tokens, **kw):
 
 
 def run(engine, schedule: dict[int, list[GenerateRequest]], max_steps=500):
-    """schedule: step number -> requests that arrive before that step."""
-    outputs: dict[str, list[int]] = {}
-    finished: set[str] = set()
-
-    def emit(batch):
-        for o in batch:
-            if o.event is not None:
-                outputs.setdefault(o.request_id, []).extend(o.event.token_ids)
-            if o.request_done:
-                finished.add(o.request_id)
-
-    total = sum(len(v) for v in schedule.values())
-    for step in range(max_steps):
-        for req in schedule.get(step, []):
-            engine.add(Claimed(req, 1), [])
-        if engine.has_work():
-            engine.step(emit)
-        if len(finished) == total:
-            return outputs
-    raise AssertionError("engine did not finish")
+    """schedule: step number -> requests that arrive before that step; returns each
+    request's output tokens."""
+    return {rid: [t for e in events for t in e[2]] for rid, events in run_schedule(engine, schedule, max_steps).items()}
 
 
 def test_changing_batch_matches_unbatched_greedy(engine_factory):
@@ -180,7 +164,7 @@ def test_cache_slots_interchange_with_dynamic_cache_and_legacy_tuples(engine_fac
         tokens.append(int(logits[0].argmax()))
         pos += 1
     assert tokens == ref
-    # and back: the slot row as a DynamicCache drives plain transformers
+    # and back: the slot as a DynamicCache drives plain transformers
     dyn = layers_to_dynamic_cache(runner.cache.to_layers(1, pos), model.config)
     with torch.inference_mode():
         nxt = model(input_ids=torch.tensor([[tokens[-1]]]), **{cache_kwarg(model): dyn}, use_cache=True)

@@ -145,3 +145,34 @@ def test_kill_9_mid_stream_then_restart_loses_and_doubles_nothing(rclient, redis
         proc.wait(30)
     store = ChdbStore(path)
     assert totals(store) == {"requests": n, "tokens": expected_tokens(n), "finished": n, "ids": n}
+
+
+def test_redis_back_without_the_stream_gets_the_group_made_again(rclient, redis_url, tmp_path):
+    """Redis restarted without persistence (or flushed) under a running exporter: it
+    creates its consumer group again instead of failing on NOGROUP forever."""
+    import threading
+
+    for i in range(5):
+        emit(rclient, request_events(i))
+    store = ChdbStore(tmp_path / "chdb")
+    exporter = Exporter(rclient, store, settings(redis_url, tmp_path / "chdb"))
+    stop = threading.Event()
+    runner = threading.Thread(target=exporter.run, args=(stop,))
+    runner.start()
+
+    def until(n):
+        deadline = time.monotonic() + 30
+        while exporter.rows_written < n:
+            assert time.monotonic() < deadline and runner.is_alive()
+            time.sleep(0.05)
+
+    try:
+        until(5)
+        rclient.flushall()  # the stream and its group are gone
+        for i in range(5, 9):
+            emit(rclient, request_events(i))
+        until(9)
+    finally:
+        stop.set()
+        runner.join(10)
+    assert totals(store)["requests"] == 9

@@ -14,6 +14,8 @@ from broker.messages import GenerateRequest, SamplingParams, TokenEvent
 from scheduler.queue import Claimed, FairQueue
 from scheduler.settings import SchedulerSettings
 from tests.integration.test_engine import reference_greedy
+from tests.sse import errors as error_events
+from tests.sse import stream, texts
 from tests.stack import Stack
 from tests.tiny import registry_toml
 
@@ -207,3 +209,37 @@ def test_a_worker_wide_failure_requeues_instead_of_failing(stack):
     assert calls["n"] > 12  # it failed, and ran again after
     assert "error" not in chunks[-1]
     assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) == expected
+
+
+def test_a_stream_handed_back_while_its_client_is_away_resumes_with_exactly_the_rest(stack):
+    """The client hangs up; while nobody reads, the step fails and the request goes back
+    to the queue and runs again from its output log. The client resumes its stream with
+    Last-Event-ID (issue 12) and gets exactly the rest, as if nothing had happened."""
+    url = f"{stack.url}/v1/completions"
+    body = {"model": "tiny", "prompt": NEIGHBOURS[1], "max_tokens": 30, "temperature": 0, "ignore_eos": True,
+            "stream": True, "user": "alice"}
+    reference = stream("POST", url, json=body)
+    engine = stack.workers[0].engines["tiny"]
+    forward = engine.runner.forward
+    hung_up = threading.Event()
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 12:  # well after the events the client reads before it hangs up
+            hung_up.wait(30)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return forward(*a, **k)
+
+    engine.runner.forward = flaky
+    try:
+        head = stream("POST", url, json=body, limit=4)
+        hung_up.set()
+        rest = stream("GET", f"{url}/{head[0].json['id']}/stream", params={"user": "alice"},
+                      headers={"Last-Event-ID": head[-1].id})
+    finally:
+        engine.runner.forward = forward
+    assert calls["n"] > 12  # it failed, and ran again after
+    assert not error_events(rest) and rest[-1].data == "[DONE]"
+    assert [e.id for e in head + rest] == [e.id for e in reference]  # nothing twice, nothing missing
+    assert texts(head + rest) == texts(reference)

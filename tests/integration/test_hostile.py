@@ -209,11 +209,11 @@ def test_a_large_request_never_holds_up_health_or_another_tenants_stream(live, m
     release, entered = threading.Event(), threading.Event()
     render = TextModel._render_chat
 
-    def held(self, messages):
+    def held(self, messages, *more):
         if "HOLD" in messages[-1]["content"]:
             entered.set()
             assert release.wait(60)
-        return render(self, messages)
+        return render(self, messages, *more)
 
     monkeypatch.setattr(TextModel, "_render_chat", held)
     result = {}

@@ -79,6 +79,36 @@ def test_prefix_hit_across_users(engine):
     assert engine.kv_stats()["tokens_saved"] >= 2 * BLOCK
 
 
+def test_running_sequences_share_a_restored_prefix_by_reference(engine):
+    """While the sequence whose prefill filled a stored prefix still runs, newcomers
+    that reuse that prefix reference its KV blocks (nothing copied from DRAM); their
+    tokens are unchanged, and every block is free again once all have finished."""
+    system = list(range(200, 200 + 2 * BLOCK))
+    users = [system + [310 + i] * (3 + i) for i in range(4)]
+    first_event_cached(engine, turn("p0", users[0], session=None))  # the prefix seen once
+    cache, stats = engine.runner.cache, engine.kv_store.stats
+    shared_before, restores_before = stats.shared, stats.restores
+    shared_blocks = []
+    real = engine.planner.on_admit
+
+    def spy(seq):
+        real(seq)
+        shared_blocks.append(cache.shared_blocks(seq.slot))
+
+    engine.planner.on_admit = spy
+    try:  # p1 is the second to send it: stored after its prefill, held in its blocks while it decodes
+        outputs = run(engine, {0: [turn("p1", users[1], n=30, session=None)],
+                               6: [turn("p2", users[2], session=None), turn("p3", users[3], session=None)]})
+    finally:
+        engine.planner.on_admit = real
+    assert stats.restores - restores_before == 2 and stats.shared - shared_before == 2
+    assert shared_blocks == [0, 2, 2]  # p2 and p3 each reference both blocks of the system prompt
+    assert outputs["p1"] == reference_greedy(engine.runner.model, users[1], 30)
+    for i in (2, 3):
+        assert outputs[f"p{i}"] == reference_greedy(engine.runner.model, users[i], 10)
+    assert not any(cache.pool.refs) and cache.pool.reserved == 0
+
+
 def test_reuse_reports_index_changes(engine):
     engine.step(lambda b: None)  # flush whatever is pending
     batches = []
@@ -174,3 +204,59 @@ def test_one_conversations_own_history_is_not_duplicated_as_a_shared_prefix(engi
     first_event_cached(engine, turn("c2", history + [7] * 20, session="solo"))  # same conversation again
     after = {k for k, e in engine.kv_store.entries.items() if e.kind == "prefix"}
     assert after == before  # only the session entry holds it
+
+
+def test_a_failed_save_fails_no_request(engine, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("pin_memory: out of memory")
+
+    monkeypatch.setattr(engine.kv_store, "put", broken)
+    prompt = list(range(30, 70))
+    cached, out = first_event_cached(engine, turn("fs1", prompt, session="s-fail"))
+    assert out == reference_greedy(engine.runner.model, prompt, 10)
+    monkeypatch.undo()
+    cached, _ = first_event_cached(engine, turn("fs2", prompt + out + [5] * 4, session="s-fail"))
+    assert cached == 0  # nothing was kept; the next turn recomputes
+
+
+def test_bfloat16_sessions_restore_exactly_what_was_saved(tiny_model_dir):
+    spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
+    bf16 = TextEngine(spec, tiny_model_dir, device=torch.device("cpu"), dtype=torch.bfloat16, max_seqs=2,
+                      kv_dram_bytes=8 << 20)
+    t1 = list(range(40, 80))
+    _, out1 = first_event_cached(bf16, turn("b1", t1, session="sb"))
+    entry = bf16.kv_store.entries["sb"]
+    assert entry.layers[0][0].dtype == torch.bfloat16
+    assert entry.nbytes == (len(t1) + len(out1) - 1) * bf16.runner.cache.bytes_per_token
+    t2 = t1 + out1 + [7] * 5
+    req = turn("b2", t2, session="sb")
+    restored = []
+    real_restore = bf16._restore
+
+    def spy(seq):
+        real_restore(seq)
+        n = seq.num_cached
+        restored.append([(kept, k[:, :n]) for (kept, _), (k, _) in zip(bf16.runner.cache.to_layers(seq.slot, n),
+                                                                        entry.layers)])
+
+    bf16.planner.on_admit = spy
+    cached, out2 = first_event_cached(bf16, req)
+    assert cached == len(t1) + len(out1) - 1 and len(out2) == 10
+    assert all(torch.equal(row, stored) for row, stored in restored[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sessions_on_cuda_keep_their_kv_in_pinned_host_memory(tiny_model_dir):
+    spec = ModelSpec(name="tiny", modality=Modality.TEXT, path=str(tiny_model_dir))
+    gpu = TextEngine(spec, tiny_model_dir, device=torch.device("cuda"), dtype=torch.float64, max_seqs=4,
+                     max_prefill_tokens=64, kv_dram_bytes=64 << 20)
+    g = torch.Generator().manual_seed(7)
+    t1 = torch.randint(3, 390, (40,), generator=g).tolist()
+    _, out1 = first_event_cached(gpu, turn("c1", t1, session="sc"))
+    entry = gpu.kv_store.entries["sc"]
+    assert all(t.device.type == "cpu" and t.is_pinned() for kv in entry.layers for t in kv)
+    t2 = t1 + out1 + torch.randint(3, 390, (25,), generator=g).tolist()
+    cached, warm = first_event_cached(gpu, turn("c2", t2, session="sc"))
+    assert cached == len(t1) + len(out1) - 1
+    _, cold = first_event_cached(gpu, turn("c3", t2, session=None))
+    assert warm == cold

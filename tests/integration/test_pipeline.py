@@ -113,23 +113,12 @@ def test_think_block_comes_back_as_reasoning_content(redis_url, tiny_model_dir, 
     """A reasoning model's <think>...</think> is split from the answer, streamed and not.
     The tiny model cannot reason, so its sampler is scripted to emit the tokens of a
     reasoning answer; everything downstream (detokenizer, splitter, wire, API) is real."""
-    from tests.stack import Stack
+    from tests.stack import Stack, script_output
     from tests.tiny import registry_toml
 
     registry = registry_toml(tmp_path / "models.toml", tiny_model_dir, reasoning=True)
     stack = Stack(redis_url, registry, tmp_path / "cache")
-    engine = stack.workers[0].engines["tiny"]
-    script = engine.tokenizer("<think>deep thought</think>\n\nThe answer.", add_special_tokens=False)["input_ids"]
-    script.append(engine.tokenizer.eos_token_id)
-    real = engine.sampler
-
-    class Scripted:
-        eos = real.eos
-
-        def __call__(self, logits, seqs):
-            return [script[len(s.output_ids)] for s in seqs], [None] * len(seqs), [0] * len(seqs)
-
-    engine.sampler = Scripted()
+    script_output(stack.workers[0].engines["tiny"], "<think>deep thought</think>\n\nThe answer.")
     try:
         body = {**CHAT, "max_tokens": 40}
         msg = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=30).json()["choices"][0]["message"]

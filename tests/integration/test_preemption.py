@@ -1,7 +1,9 @@
 """Preemption in the text engine (tiny model, float64: a resume must not change a
 single token) and through the whole stack (real API, worker and redis-server)."""
 
+import functools
 import json
+import re
 import threading
 import time
 
@@ -64,12 +66,18 @@ def steps_until(engine, emit, cond, limit=400):
     raise AssertionError("engine never got there")
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
 @pytest.mark.parametrize("seed", [None, 7], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("resume_on", ["same", "other"])
-def test_a_preempted_sequence_resumes_with_identical_tokens(engine_factory, resume_on, seed):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_a_preempted_sequence_resumes_with_identical_tokens(engine_factory, device, resume_on, seed):
     """A newcomer takes a running request's row; the victim's KV waits in DRAM; it
     resumes from its output log on the same engine (restoring the copy) or on another
-    one (recomputing prompt + tokens sent), and its tokens equal an uninterrupted run."""
+    one (recomputing prompt + tokens sent), and its tokens equal an uninterrupted run.
+    On CUDA the DRAM copy is pinned host memory, filled and read back asynchronously."""
+    engine_factory = functools.partial(engine_factory, device)
     engine = engine_factory(max_seqs=2, max_prefill_tokens=64, kv_dram_bytes=64 << 20)
     a1, a2 = greq("a1", "a", prompt(1), 30, seed=seed), greq("a2", "a", prompt(2), 30, seed=seed)
     b = greq("b", "b", prompt(3, 20), 6, seed=seed)
@@ -85,6 +93,8 @@ def test_a_preempted_sequence_resumes_with_identical_tokens(engine_factory, resu
     engine.step(out)
     assert out.requeued == [("a1", "preempted", "share")]
     assert out.events["b"][0].start == 0  # b got a1's row at once
+    saved = engine.kv_store.entries["preempted:a1:0"].layers
+    assert all(t.device.type == "cpu" and t.is_pinned() == (device == "cuda") for kv in saved for t in kv)
     sent = list(out.events["a1"])
     steps_until(engine, out, lambda: "b" in out.done)
     target = engine if resume_on == "same" else engine_factory(max_seqs=2, kv_dram_bytes=64 << 20)
@@ -292,3 +302,80 @@ def test_the_contract_a_qualifying_newcomer_starts_within_k_steps(engine_factory
             break
     assert steps <= sched.preempt_min_run_steps + 2, steps
     assert len(out.requeued) == 1 and out.requeued[0][2] == ("share" if flood_tier == "normal" else "tier")
+
+
+# -- constrained requests ----------------------------------------------------------------
+
+CITY = {"type": "object", "properties": {
+    "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+    "note": {"type": "string", "maxLength": 12},
+    "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["city", "note", "n"]}
+
+
+def constrained(rid, user, tokens, constraint, max_tokens=120):
+    return GenerateRequest(id=rid, model="tiny", prompt_token_ids=tokens, reply_to="x", user=user,
+                           params=SamplingParams(max_tokens=max_tokens, temperature=0.0, constraint=constraint))
+
+
+@pytest.mark.parametrize("resume_on", ["same", "other"])
+def test_a_constrained_request_preempted_mid_output_resumes_inside_its_grammar(engine_factory, resume_on):
+    """A request under a JSON schema is preempted halfway through its object by a
+    newcomer that is constrained too. It resumes (its KV restored here, or recomputed
+    elsewhere) with its tokens replayed into a fresh matcher: the whole output is the
+    uninterrupted one, valid for the schema, and ends on the grammar's own stop."""
+    import jsonschema
+
+    from broker.messages import Constraint
+
+    json_c = Constraint("json_schema", json.dumps(CITY))
+    regex_c = Constraint("regex", "(yes|no)-[0-9]{2}")
+    engine = engine_factory(max_seqs=1, max_prefill_tokens=64, kv_dram_bytes=64 << 20)
+    a = constrained("a", "a", prompt(21), json_c)
+    b = constrained("b", "b", prompt(22, 12), regex_c)
+    for c in (json_c, regex_c):
+        engine.grammars.get(c).result()  # compiled: the newcomer joins in the step that preempts
+    out = Collector()
+    engine.add(Claimed(a, 1), [])
+    steps_until(engine, out, lambda: len(out.tokens("a")) >= 6)
+    sent = list(out.events["a"])
+    assert not sent[-1].finish_reason
+    engine.add(Claimed(b, 1, victims=("a",), reason="share"), [])
+    engine.step(out)
+    assert out.requeued == [("a", "preempted", "share")]
+    assert out.events["b"][0].start == 0  # the row it freed went to b at once
+    steps_until(engine, out, lambda: "b" in out.done)
+    target = engine if resume_on == "same" else engine_factory(max_seqs=1, kv_dram_bytes=64 << 20)
+    restores = target.kv_store.stats.restores
+    target.add(Claimed(a, 2, preemptions=1), sent)
+    steps_until(target, out, lambda: "a" in out.done)
+    text = "".join(e.text for e in out.events["a"])
+    jsonschema.validate(json.loads(text), CITY)
+    assert out.events["a"][-1].finish_reason == "stop"
+    assert target.kv_store.stats.restores == restores + (resume_on == "same")
+    reference = engine_factory(max_seqs=1)
+    assert out.tokens("a") == uninterrupted(reference, a)
+    b_text = "".join(e.text for e in out.events["b"])
+    assert out.tokens("b") == uninterrupted(reference, b) and re.fullmatch("(yes|no)-[0-9]{2}", b_text)
+
+
+def test_a_request_preempted_while_its_grammar_compiles_leaves_cleanly(engine_factory, monkeypatch):
+    """A victim may still be waiting for its grammar (it holds a place, not a row): it
+    goes back to the queue without a token, and its resume compiles and runs as new."""
+    from broker.messages import Constraint
+
+    engine = engine_factory(max_seqs=1)
+    release = threading.Event()
+    real = engine.grammars._compile
+    monkeypatch.setattr(engine.grammars, "_compile", lambda *a: (release.wait(30), real(*a))[1])
+    c = constrained("c", "c", [5, 6, 7], Constraint("regex", "[a-c]{4}"))
+    out = Collector()
+    engine.add(Claimed(c, 1), [])
+    engine.step(out)
+    assert engine.capacity() == 0 and not out.events
+    engine.add(Claimed(greq("d", "d", [8, 9], 3), 1, victims=("c",), reason="tier"), [])
+    steps_until(engine, out, lambda: "d" in out.done)
+    assert out.requeued == [("c", "preempted", "tier")] and "c" not in out.events
+    release.set()
+    engine.add(Claimed(c, 2, preemptions=1), [])
+    steps_until(engine, out, lambda: "c" in out.done)
+    assert re.fullmatch("[a-c]{4}", "".join(e.text for e in out.events["c"]))

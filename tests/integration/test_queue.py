@@ -75,7 +75,8 @@ def test_cancel_queued_and_running(fq, rclient):
     assert rclient.hgetall(keys.user_counts(MODEL)) == {}
 
 
-def test_lapsed_lease_is_requeued_first_and_resumable(fq, rclient):
+def test_lapsed_lease_is_requeued_first_and_resumable(rclient):
+    fq = FairQueue(rclient, SchedulerSettings(lease_s=5, worker_dead_s=0))  # leases only
     fq.enqueue(req(1), now=100.0)
     fq.enqueue(req(2), now=100.0)
     assert ids(fq.claim_batch(MODEL, "dead", 1, now=100.0)) == ["r1"]
@@ -87,6 +88,56 @@ def test_lapsed_lease_is_requeued_first_and_resumable(fq, rclient):
     assert ids(res) == ["r1"] and res.claimed[0].attempt == 2
     assert fq.complete(MODEL, "dead", "r1") is False  # the zombie cannot complete it
     assert fq.complete(MODEL, "alive", "r1") is True
+
+
+def test_a_worker_silent_for_a_few_heartbeats_is_dead_long_before_its_lease(rclient):
+    fq = FairQueue(rclient, SchedulerSettings(lease_s=10, worker_dead_s=1.5))
+    for i in (1, 2, 3):
+        fq.enqueue(req(i), now=100.0)
+    assert ids(fq.claim_batch(MODEL, "dies", 2, now=100.0)) == ["r1", "r2"]
+    assert ids(fq.claim_batch(MODEL, "lives", 1, now=100.0)) == ["r3"]
+    for t in (100.5, 101.0, 101.5, 102.0):  # only "lives" keeps renewing
+        assert fq.extend_leases(MODEL, "lives", ["r3"], now=t) == []
+    assert fq.reap(MODEL, now=101.4) == ([], [])  # 1.4 s of silence: not yet
+    requeued, failed = fq.reap(MODEL, now=102.0)  # 2 s: dead, 8 s before its leases lapse
+    assert sorted(requeued) == ["r1", "r2"] and failed == []
+    assert rclient.zrange(keys.leases(MODEL), 0, -1) == ["r3"]
+    res = fq.claim_batch(MODEL, "lives", 2, now=102.0)
+    assert ids(res) == ["r1", "r2"] and [c.attempt for c in res.claimed] == [2, 2]
+    # the worker was only slow: it hears at its next renewal that it lost them
+    assert sorted(fq.extend_leases(MODEL, "dies", ["r1", "r2"], now=102.5)) == ["r1", "r2"]
+    assert fq.reap(MODEL, now=102.6) == ([], [])
+
+
+def test_emit_is_fenced_by_lease_owner(fq, rclient):
+    from broker import messages
+    from broker.messages import ErrorEvent, TokenEvent
+
+    fq.enqueue(req(1), now=100.0)
+    fq.claim_batch(MODEL, "w1", 1, now=100.0)
+    pubsub = rclient.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("is:reply:t")
+    ev = messages.encode(TokenEvent("r1", 0, 0, [5], "hi"))
+    assert fq.emit(MODEL, "w1", "is:reply:t", [("r1", "owned", ev)]) == []
+    assert fq.emit(MODEL, "w2", "is:reply:t", [("r1", "owned", ev), ("r1", "owned", ev)]) == ["r1"]
+    err = messages.encode(ErrorEvent("r9", "deadline passed", code="deadline_exceeded"))
+    assert fq.emit(MODEL, "w2", "is:reply:t", [("r9", "final", err)]) == []  # the scheduler's own verdict
+    assert rclient.lrange(keys.output_log(MODEL, "r1"), 0, -1) == [ev.decode()]
+    assert 0 < rclient.ttl(keys.output_log(MODEL, "r9")) <= fq.s.output_log_ttl_s
+    got = []
+    for _ in range(20):  # the subscribe confirmation reads as None too
+        msg = pubsub.get_message(timeout=0.1)
+        if msg is not None:
+            got += messages.decode_batch(msg["data"])
+    assert [type(e).__name__ for e in got] == ["TokenEvent", "ErrorEvent"]
+    assert fq.output_log(MODEL, "r9") == []  # a resuming worker reads token events only
+    pubsub.close()
+
+
+def test_enqueue_retried_after_a_lost_reply_admits_once(fq):
+    assert fq.enqueue(req(1), now=100.0).admitted
+    assert fq.enqueue(req(1), now=100.1).admitted
+    assert fq.depth(MODEL)["normal"] == 1
 
 
 def test_out_of_attempts_fails(rclient):

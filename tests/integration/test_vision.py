@@ -92,6 +92,18 @@ def test_batched_decoding_equals_one_at_a_time_and_transformers_generate(engine)
     assert together["b"] == reference[0, ids.shape[1]:].tolist()
 
 
+def test_bfloat16_engine_runs(tiny_qwen_vl_dir):
+    # auto picks bf16 on CPUs with native bf16: the vision tower, rotary positions and sampler must run in it
+    bf16 = VisionEngine(ModelSpec(name="tiny-vl", modality=Modality.VISION), tiny_qwen_vl_dir,
+                        device=torch.device("cpu"), dtype=torch.bfloat16, max_batch=2)
+    image = png(64, 48)
+    prompt = prompt_ids(bf16, [vision_tokens(bf16.processor, image)], "Describe this image.")
+    req = VisionRequest(id="h", model="tiny-vl", prompt_token_ids=prompt,
+                        params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True),
+                        reply_to="-", images=[base64.b64encode(image).decode()])
+    assert len(run(bf16, [req])["h"]) == 4 and bf16.net.dtype == torch.bfloat16
+
+
 class _ImageServer:
     """A local HTTP server with one image, to exercise URL fetching."""
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from broker.prefix import BLOCK, prefix_hashes
@@ -60,6 +61,54 @@ def test_prefix_entries_serve_any_whole_block_prefix():
 
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
+
+
+def test_cpu_layers_are_kept_as_handed_over_and_readable_at_once():
+    store = KvStore(budget_bytes=1 << 20)
+    given = layers(6)
+    entry, _ = store.put("s", "session", list(range(6)), given)
+    assert entry.ready is None and entry.layers is given  # to_layers already made them a private copy
+
+
+def test_a_failed_copy_to_host_leaves_the_store_as_it_was(monkeypatch):
+    from gpu_worker.text import kvstore
+
+    store = KvStore(budget_bytes=nbytes(10) * 2)
+    store.put("s", "session", [1] * 10, layers(10))
+    store.put("t", "session", [2] * 10, layers(10))
+
+    def broken(_):
+        raise RuntimeError("CUDA error: out of memory (pinned)")
+
+    monkeypatch.setattr(kvstore, "to_host", broken)
+    with pytest.raises(RuntimeError):
+        store.put("s", "session", [1] * 12, layers(10))  # would replace s
+    assert list(store.entries) == ["s", "t"] and store.bytes_used == nbytes(10) * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_layers_go_to_pinned_host_memory_and_back():
+    from gpu_worker.text.kvcache import PagedKVCache
+
+    dev = torch.device("cuda")
+    cache = PagedKVCache(2, 4, 1, 4, dtype=torch.bfloat16, device=dev, max_len=64, block_size=4)
+    cache.open(1, 16)
+    cache.open(2, 16)
+    src = [((torch.randn(1, 6, 4, device=dev) + i).to(torch.bfloat16),) * 2 for i in range(2)]
+    src = [(k, -k) for k, _ in src]
+    cache.from_layers(1, src, 6)
+    store = KvStore(budget_bytes=1 << 20)
+    entry, _ = store.put("s", "session", list(range(6)), cache.to_layers(1, 6))
+    for t in cache.keys + cache.values:  # later steps overwrite the blocks; the stored copy must not change
+        t.zero_()
+    stored = entry.layers  # waits for the device-to-host copy
+    assert entry.ready is None
+    assert all(t.device.type == "cpu" and t.is_pinned() and t.dtype == torch.bfloat16 for kv in stored for t in kv)
+    assert all(torch.equal(a.cpu(), b) for (ka, va), (kb, vb) in zip(src, stored) for a, b in ((ka, kb), (va, vb)))
+    cache.from_layers(2, stored, 6)
+    torch.cuda.synchronize()
+    back = cache.to_layers(2, 6)
+    assert all(torch.equal(a.cpu(), b) for (ka, va), (kb, vb) in zip(back, stored) for a, b in ((ka, kb), (va, vb)))
 
 
 def test_prefix_entries_serve_only_their_own_cache_scope():

@@ -47,3 +47,11 @@ def test_media_messages_roundtrip_with_their_types():
     assert speech.cost == len("Hello there.") and media.tier is Tier.LOW
     events = [AudioChunk("s", 0, 24_000, "AAA=", final=True), JobEvent("m", "succeeded")]
     assert messages.decode_batch(messages.encode_batch(events)) == events
+
+
+def test_joined_encodings_are_the_batch_encoding():
+    msgs = [TokenEvent("a", 0, 3, [5, 6], text="hé\n", logprobs=[{"token": "x", "logprob": -0.5}]),
+            ErrorEvent("b", "bad", code="engine_error")]
+    joined = messages.join_encoded([messages.encode(m) for m in msgs])
+    assert joined == messages.encode_batch(msgs) and messages.decode_batch(joined) == msgs
+    assert messages.join_encoded([]) == messages.encode_batch([])

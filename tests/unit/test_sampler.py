@@ -104,6 +104,35 @@ def test_a_vanishing_temperature_is_greedy_not_nan():
     assert SAMPLER(LOGITS, [mk(temperature=1e-9)])[0] == [2]
 
 
+def test_logit_bias_shifts_only_its_row():
+    biased = mk(temperature=0.0, logit_bias=((5, 10.0), (2, -100.0)))
+    plain = mk(temperature=0.0)
+    tokens, _, _ = SAMPLER(LOGITS.repeat(2, 1), [biased, plain])
+    assert tokens == [5, 2]
+    assert set(draw(mk(temperature=1.0, logit_bias=((2, -100.0), (3, -100.0), (7, -100.0))))) <= {0, 1, 4, 5, 6}
+
+
+def test_half_precision_logits_are_sampled_in_fp32():
+    # A bf16 model hands over bf16 logits; log-softmax in bf16 (8 bits of mantissa) would
+    # round every reported logprob, so the sampler upcasts first.
+    half = LOGITS.to(torch.bfloat16)
+    tokens, records, failures = SAMPLER(half, [mk(temperature=0.0, logprobs=True, top_logprobs=2)])
+    expected = torch.log_softmax(half.float(), -1)[0]
+    assert float(torch.log_softmax(half, -1)[0, 2]) != float(expected[2])
+    assert tokens == [2] and failures == [0] and records[0]["logprob"] == float(expected[2])
+    assert [t["id"] for t in records[0]["top_logprobs"]] == [2, 3]
+
+
+def test_tied_top_logits_truncate_to_the_greedy_token():
+    # bf16 logits tie often; truncation to one token must keep the one argmax picks (the first).
+    tied = torch.zeros(1, 4096)
+    tied[0, 1000:3000] = 5.0  # 2000 tokens tied for the top
+    greedy = SAMPLER(tied, [mk(temperature=0.0)])[0]
+    assert greedy == [1000]
+    for kw in ({"top_k": 1}, {"top_p": 1e-4}):
+        assert {SAMPLER(tied, [mk(temperature=1.5, seed=s, **kw)])[0][0] for s in range(20)} == {1000}, kw
+
+
 def test_a_broken_row_fails_alone_and_says_why():
     """Poisoned parameters or logits flag their own row; the others sample as if alone."""
     logits = LOGITS.repeat(5, 1)

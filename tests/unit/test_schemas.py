@@ -40,8 +40,91 @@ def test_invalid_chat_requests_are_rejected(bad):
 
 def test_chat_defaults_and_extensions():
     r = ChatCompletionRequest(model="m", messages=MSG, stop="END", max_completion_tokens=5, top_k=-1,
-                              ignore_eos=True, min_tokens=2, unknown_openai_field=1)
+                              ignore_eos=True, min_tokens=2)
     assert r.stop == ["END"] and r.requested_max_tokens == 5 and r.ignore_eos and r.n == 1
+
+
+def _error(cls, **body):
+    from fastapi.exceptions import RequestValidationError
+
+    from api.errors import _validation_error
+
+    with pytest.raises(ValidationError) as e:
+        cls(**body)
+    return _validation_error(RequestValidationError(e.value.errors())).body()["error"]
+
+
+FN = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("extra,param,code", [
+    ({"unknown_openai_field": 1}, "unknown_openai_field", "unsupported_parameter"),
+    ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio", "unsupported_parameter"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction", "unsupported_parameter"),
+    ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+    ({"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
+    ({"verbosity": "low"}, "verbosity", "unsupported_parameter"),
+    ({"guided_json": {}}, "guided_json", "unsupported_parameter"),
+    ({"store": True}, "store", "unsupported_value"),
+    ({"service_tier": "flex"}, "service_tier", "unsupported_value"),
+    ({"modalities": ["text", "audio"]}, "modalities", "unsupported_value"),
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type", "unsupported_value"),
+    ({"tools": [FN], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
+     "tool_choice", "unsupported_value"),
+    ({"tools": [FN], "tool_choice": {"type": "custom", "custom": {"name": "x"}}}, "tool_choice", "unsupported_value"),
+    ({"response_format": {"type": "grammar", "grammar": "x"}}, "response_format.type", "unsupported_value"),
+    ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar", "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "x"}}]}]},
+     "messages[0].content[0].type", "unsupported_value"),
+    ({"messages": [{"role": "user", "content": "x", "audio": {"id": "a"}}]}, "messages[0].audio",
+     "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "x", "cache_control": {}}]}, "messages[0].cache_control",
+     "unsupported_parameter"),
+    ({"stream_options": {"include_usage": True, "chunk_size": 3}}, "stream_options.chunk_size",
+     "unsupported_parameter"),
+    ({"tool_choice": "required"}, "tool_choice", "invalid_value"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "response_format",
+     "invalid_value"),
+])
+def test_unimplemented_fields_and_values_are_refused_by_name(extra, param, code):
+    err = _error(ChatCompletionRequest, **{"model": "m", "messages": MSG, **extra})
+    assert (err["param"], err["code"]) == (param, code), err
+    assert err["message"]
+
+
+def test_what_the_sdk_may_send_is_accepted():
+    """Fields the openai SDK sends when asked, with no effect here, and nulls."""
+    ChatCompletionRequest(model="m", messages=MSG, store=False, metadata={"k": "v"}, service_tier="auto",
+                          user="u", safety_identifier="s", prompt_cache_key="p", prompt_cache_retention="in_memory",
+                          stream_options={"include_usage": True, "include_obfuscation": False},
+                          parallel_tool_calls=False, tools=[FN], tool_choice={"type": "function", "function": {"name": "f"}},
+                          logit_bias={"5": -100}, modalities=["text"], audio=None, prediction=None, reasoning_effort="low",
+                          response_format={"type": "json_schema", "json_schema": {
+                              "name": "m", "schema": {"type": "object"}, "strict": True}})
+    history = [{"role": "user", "content": "x", "name": "ann"},
+               {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "ok"}]}]
+    ChatCompletionRequest(model="m", messages=history)
+
+
+def test_completion_fields():
+    assert CompletionRequest(model="m", prompt="x", best_of=1).best_of == 1
+    assert _error(CompletionRequest, model="m", prompt="x", best_of=3)["code"] == "unsupported_value"
+    assert _error(CompletionRequest, model="m", prompt="x", suffix="y")["param"] == "suffix"
+    assert CompletionRequest(model="m", prompt="x", structured_outputs={"choice": ["a", "b"]}).structured_outputs
+
+
+def test_media_bodies_refuse_unknown_fields():
+    from api.schemas import ImageGenerationRequest, SpeechRequestBody, VideoGenerationRequest
+
+    assert _error(ImageGenerationRequest, prompt="x", quality="hd")["code"] == "unsupported_value"
+    assert _error(ImageGenerationRequest, prompt="x", style="vivid")["code"] == "unsupported_parameter"
+    assert _error(ImageGenerationRequest, prompt="x", nonsense=1)["code"] == "unsupported_parameter"
+    ImageGenerationRequest(prompt="x", moderation="low", output_format="png", quality="auto", background="auto")
+    assert _error(SpeechRequestBody, input="x", voice="af", response_format="opus")["code"] == "unsupported_value"
+    SpeechRequestBody(input="x", voice="af", instructions="cheerful")
+    assert _error(VideoGenerationRequest, prompt="x", seconds="4")["param"] == "seconds"
 
 
 def test_json_spellings_of_infinity_and_nan_are_refused():
