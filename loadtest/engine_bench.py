@@ -1,16 +1,18 @@
 """In-process micro-benchmark of the text engine's step, without Redis or the API:
 
-    python -m loadtest.engine_bench --concurrency 1,32 --max-tokens 64 --raw
+    python -m loadtest.engine_bench --concurrency 1,32 --max-tokens 64 --raw --hf-cb
     python -m loadtest.engine_bench --dtype float32 --concurrency 32 --profile
 
 C closed-loop "clients" (greedy, ``ignore_eos``, fixed ``max_tokens``, the benchmark
 prompts) keep C requests in the engine: as one finishes the next is added before the
-following step, as the claimer would. Reports output tokens/s, the mean step time
-with its parts (forward passes, sampling, output processing: the engine's own
-timers), and the inter-token time at c=1. ``--raw`` runs the raw static
+following step, as the claimer would. Reports output tokens/s, the mean step time,
+the mean inter-token time, and the process's CPU time per output token (a number a
+busy shared machine disturbs less than wall time). ``--raw`` runs the raw static
 ``model.generate`` batch of the same size in the same process and dtype for the
-ratio. ``--profile`` prints torch's profiler table for a few steps. Use it to iterate
-on step cost; the stack's numbers come from ``loadtest.bench`` / ``loadtest.suite``.
+ratio; ``--hf-cb`` transformers' own continuous batching (``loadtest.hf_cb``) at the
+largest level. ``--profile`` prints torch's profiler table for a few steps. Use it to
+iterate on step cost; the stack's numbers come from ``loadtest.bench`` /
+``loadtest.suite``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class EngineResult:
     """Mean time between one request's tokens (c=1: the decode step)."""
     wall_s: float
     steps: int
+    cpu_ms_per_token: float
+    """Process CPU time (all threads) per output token."""
 
 
 def build_engine(model: str, dtype: torch.dtype, device: torch.device, max_seqs: int, static: bool = False):
@@ -61,7 +65,7 @@ def prompts(engine, n: int) -> list[list[int]]:
 
 def run(engine, concurrency: int, max_tokens: int, requests_per_client: int) -> EngineResult:
     from broker.messages import GenerateRequest, SamplingParams
-    from scheduler.queue import Claimed
+    from scheduler.claimed import Claimed
 
     total = concurrency * requests_per_client
     ids = prompts(engine, total)
@@ -89,24 +93,14 @@ def run(engine, concurrency: int, max_tokens: int, requests_per_client: int) -> 
     for _ in range(concurrency):
         submit()
     steps = 0
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     while len(finished) < total:
         engine.step(emit)
         steps += 1
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     gaps = [b - a for t in token_times.values() for a, b in zip(t, t[1:])]
     return EngineResult(concurrency, total, total * max_tokens / wall, 1000 * wall / steps,
-                        1000 * sum(gaps) / max(1, len(gaps)), wall, steps)
-
-
-def _dtype(device, name):
-    try:
-        from gpu_worker.precision import choose_dtype
-    except ImportError:  # before issue 15a lands
-        from types import SimpleNamespace
-        name = "bfloat16" if name == "auto" else name
-        return SimpleNamespace(dtype=getattr(torch, name), name=name, reason="given")
-    return choose_dtype(device, name)
+                        1000 * sum(gaps) / max(1, len(gaps)), wall, steps, 1000 * cpu / (total * max_tokens))
 
 
 def main(argv=None) -> None:
@@ -117,12 +111,15 @@ def main(argv=None) -> None:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--raw", action="store_true", help="also the raw static model.generate batch, same dtype")
+    ap.add_argument("--hf-cb", action="store_true", help="also transformers' continuous batching, same dtype")
     ap.add_argument("--static", action="store_true", help="the engine in static batching mode")
     ap.add_argument("--profile", action="store_true", help="torch profiler table over a few decode steps")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     device = torch.device("cpu")
-    choice = _dtype(device, args.dtype)
+    from gpu_worker.precision import choose_dtype
+
+    choice = choose_dtype(device, args.dtype)
     levels = [int(x) for x in args.concurrency.split(",")]
     engine, model_dir = build_engine(args.model, choice.dtype, device, max(levels), static=args.static)
     print(f"{args.model}: {choice.name} ({choice.reason}); torch threads {torch.get_num_threads()}; "
@@ -133,7 +130,7 @@ def main(argv=None) -> None:
         res = run(engine, c, args.max_tokens, args.requests_per_client)
         out["engine"].append(asdict(res))
         print(f"engine c={c:<3} {res.tokens_per_s:7.1f} tok/s  step {res.step_ms:6.1f} ms  ITL {res.itl_ms:6.1f} ms "
-              f"({res.steps} steps, {res.wall_s:.1f} s)", flush=True)
+              f"cpu {res.cpu_ms_per_token:5.2f} ms/tok ({res.steps} steps, {res.wall_s:.1f} s)", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -145,11 +142,26 @@ def main(argv=None) -> None:
 
         tok, model = raw.load(str(model_dir), choice.dtype, device)
         for c in levels:
+            cpu = time.process_time()
             res = raw.run_batch(tok, model, c, args.max_tokens)
-            out["raw"].append(asdict(res))
+            cpu_ms = 1000 * (time.process_time() - cpu) / (c * args.max_tokens)  # its warm-up included
+            out["raw"].append(asdict(res) | {"cpu_ms_per_token": cpu_ms})
             mine = next(e for e in out["engine"] if e["concurrency"] == c)
             print(f"raw    b={c:<3} {res.tokens_per_s:7.1f} tok/s  ITL {1000 * res.total_s / args.max_tokens:6.1f} ms"
-                  f"  -> engine/raw {mine['tokens_per_s'] / res.tokens_per_s:.2f}x", flush=True)
+                  f"  cpu {cpu_ms:5.2f} ms/tok  -> engine/raw {mine['tokens_per_s'] / res.tokens_per_s:.2f}x",
+                  flush=True)
+        del model
+    if args.hf_cb:
+        from loadtest import hf_cb
+
+        c = max(levels)
+        cpu = time.process_time()
+        res = hf_cb.run(str(model_dir), c, args.max_tokens, dtype=choice.dtype)
+        res["cpu_ms_per_token"] = 1000 * (time.process_time() - cpu) / res["tokens"]
+        out["hf_cb"] = res
+        mine = next(e for e in out["engine"] if e["concurrency"] == c)
+        print(f"hf-cb  c={c:<3} {res['tokens_per_s']:7.1f} tok/s  -> engine/hf-cb "
+              f"{mine['tokens_per_s'] / res['tokens_per_s']:.2f}x", flush=True)
     out["load_after"] = os.getloadavg()[0]
     if args.json:
         with open(args.json, "w") as f:

@@ -324,7 +324,8 @@ def probe(backend: Backend, make_cache: Callable, heads: int, dtype: torch.dtype
 
 def choose(device: torch.device, make_cache: Callable, heads: int, dtype: torch.dtype,
            forced: str | None = None) -> Backend:
-    """``sdpa`` on CPU; on CUDA the first of ``paged``, ``varlen`` that passes ``probe``."""
+    """``sdpa`` on CPU; on CUDA the first of ``paged``, ``varlen`` that passes ``probe``
+    (``forced``, from ``INFERSTACK_ATTENTION``: only that one, else ``sdpa``)."""
     if device.type != "cuda" or forced == "sdpa":
         return SdpaBackend()
     for paged in (True, False):

@@ -51,12 +51,14 @@ log = logging.getLogger(__name__)
 
 
 def make_runner(spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype, max_seqs: int | None = None,
-                kv_cache_bytes: int | None = None, tp=None) -> ModelRunner:
+                kv_cache_bytes: int | None = None, tp=None, **options) -> ModelRunner:
     """The engine's runner for ``spec``; tensor-parallel followers build theirs here too,
-    so every rank's cache has the same slots, blocks and context length."""
+    so every rank's cache has the same slots, blocks and context length. ``options``:
+    ``ModelRunner``'s block size, attention backend and CUDA graphs
+    (``WorkerSettings.runner_options``)."""
     return ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs or spec.max_batch,
                        context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes,
-                       memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None, tp=tp)
+                       memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None, tp=tp, **options)
 
 
 def _output_error(request_id: str) -> ErrorEvent:
@@ -112,9 +114,10 @@ class TextEngine:
     def __init__(self, spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype,
                  max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False,
                  kv_cache_bytes: int | None = None, kv_dram_bytes: int = 0, prefix_min_hits: int = 2,
-                 tp_group=None):
+                 tp_group=None, runner_options: dict | None = None):
         """``tp_group`` (a joined ``tp.TpGroup`` of which this process is rank 0): run the
-        model sharded over the group, the other ranks following (``gpu_worker.text.tp``)."""
+        model sharded over the group, the other ranks following (``gpu_worker.text.tp``).
+        ``runner_options``: see ``make_runner``."""
         from transformers import AutoTokenizer
 
         self.model = spec.name
@@ -123,7 +126,8 @@ class TextEngine:
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
         max_seqs = max_seqs or spec.max_batch
         self.runner = make_runner(spec, model_dir, device=device, dtype=dtype, max_seqs=max_seqs,
-                                  kv_cache_bytes=kv_cache_bytes, tp=tp_group.tp if tp_group else None)
+                                  kv_cache_bytes=kv_cache_bytes, tp=tp_group.tp if tp_group else None,
+                                  **(runner_options or {}))
         if tp_group is not None:
             from gpu_worker.text.tp import LeaderRunner
 

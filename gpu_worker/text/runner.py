@@ -38,14 +38,17 @@ def column_major_linears(model: torch.nn.Module) -> None:
 class ModelRunner:
     def __init__(self, model_dir: Path | str, *, device: torch.device, dtype: torch.dtype, max_slots: int,
                  context_length: int | None = None, kv_cache_bytes: int | None = None,
-                 memory_bytes: int | None = None, tp=None, block_size: int | None = None, cuda_graphs: bool = True):
+                 memory_bytes: int | None = None, tp=None, block_size: int | None = None, attention_backend: str = "auto",
+                 cuda_graphs: bool = True):
         """``kv_cache_bytes`` bounds the paged KV cache; by default it is what the
         model's registry memory estimate (``memory_bytes``) leaves beside the weights,
         so the model manager's accounting holds. ``tp`` (a ``tp.TpRank``, its process
         group joined): keep only this rank's shard of the model and of the KV cache;
         the budget then counts the whole group, and every rank admits the same tokens.
         ``block_size``: tokens per KV block (default 256 on CUDA, as FlashAttention-2's
-        paged kernel needs, else 64)."""
+        paged kernel needs, else 64); ``attention_backend``: ``auto`` or a backend name
+        (``attention.choose``); ``cuda_graphs``: decode from CUDA graphs where the
+        backend allows."""
         from transformers import AutoModelForCausalLM
 
         self.device, self.dtype = device, dtype
@@ -81,7 +84,8 @@ class ModelRunner:
         self.cache = make_cache(budget=budget // self.group_token_bytes * token_bytes)
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.cache.num_blocks, block_size,
                  self.cache.num_blocks * block_size * self.cache.bytes_per_token / 2**20)
-        self.backend = attention.choose(device, lambda: make_cache(2, None, 4 * block_size), kv_heads * group, dtype)
+        self.backend = attention.choose(device, lambda: make_cache(2, None, 4 * block_size), kv_heads * group, dtype,
+                                        forced=None if attention_backend == "auto" else attention_backend)
         log.info("attention: %s on %s", self.backend.name, device)
         self.graphs: DecodeGraphs | None = None
         # Not under tensor parallelism: the all-reduces between ranks stay outside graphs.
