@@ -379,6 +379,10 @@ class TextEngine:
                 still.append(state)
                 continue
             exc = state.grammar.exception()
+            if exc is not None and self.grammars.missing:
+                self._fail(rid, ErrorEvent(rid, f"This worker cannot serve the output constraint: {exc}.",
+                                           type="server_error", status=500, code="structured_outputs_unavailable"))
+                continue
             if exc is not None:
                 kind = state.request.params.constraint.kind
                 self._fail(rid, ErrorEvent(rid, f"The output constraint could not be compiled: {exc}",

@@ -43,18 +43,26 @@ class GrammarCache:
         """Width of the logits (the model's vocab_size), which is the width of every mask."""
         self._max_entries = max_entries
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"grammar-{name}")
+        self._compiler = None
+        self._entries: OrderedDict[tuple, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compiles = 0
         # Built with the engine (~0.5 s for a 50k vocabulary, mostly Python holding the
         # GIL), not on the first constrained request, where it would slow the step loop.
-        import xgrammar as xgr
-
+        # A host without xgrammar (or its pydantic) still serves free-form requests; a
+        # constrained one fails alone, saying why.
+        try:
+            import xgrammar as xgr
+        except ImportError as exc:
+            self.missing = f"structured outputs need xgrammar on the worker ({exc})"
+            log.warning("%s: %s; constrained requests will fail", name, self.missing)
+            return
+        self.missing = ""
         started = time.perf_counter()
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(info, max_threads=COMPILE_THREADS, cache_enabled=False)
         log.info("%s: grammar compiler ready in %.2f s", name, time.perf_counter() - started)
-        self._entries: OrderedDict[tuple, Future] = OrderedDict()
-        self._lock = threading.Lock()
-        self.compiles = 0
 
     def get(self, constraint: Constraint, reasoning: bool = False) -> Future:
         """The compiled grammar, as a future (already done when cached)."""
@@ -72,6 +80,8 @@ class GrammarCache:
         return fut
 
     def _compile(self, constraint: Constraint, reasoning: bool):
+        if self._compiler is None:
+            raise RuntimeError(self.missing)
         self.compiles += 1
         return self._compiler.compile_grammar(build_grammar(constraint, reasoning))
 

@@ -13,8 +13,10 @@ pytestmark = pytest.mark.e2e
 
 def test_locust_20s_headless_run_has_zero_failures(stack, tmp_path):
     prefix = tmp_path / "locust"
+    # 7 users: the noisy tenant (fixed_count 1) and six spread 3:1:1:1 over chat stream,
+    # completion, multi-turn and tool agent, so every weighted class gets a user.
     run = subprocess.run(
-        [sys.executable, "-m", "loadtest.run", "--host", stack.url, "--users", "5", "--spawn-rate", "5",
+        [sys.executable, "-m", "loadtest.run", "--host", stack.url, "--users", "7", "--spawn-rate", "7",
          "--duration", "20s", "--max-tokens", "8", "--csv", str(prefix)],
         # The noisy tenant at normal priority: at low it may wait out the whole 20 s behind the
         # others (aging lifts it after INFERSTACK_AGING_MAX_WAIT_S), which is the scheduler's job.
