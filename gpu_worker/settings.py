@@ -30,9 +30,11 @@ class WorkerSettings(MetricsServerSettings):
     kv_block_size: int | None = Field(
         None, description="Tokens per block of the paged KV cache (default: 256 on CUDA, as FlashAttention-2's paged "
         "kernel needs; 64 on CPU).")
-    attention: Literal["auto", "sdpa", "paged", "varlen"] = Field(
-        "auto", description="Attention over the paged KV cache: auto = sdpa on CPU; on CUDA the first of paged, varlen "
-        "(torch's flash varlen kernel) that matches sdpa on a probe at load.")
+    attention: Literal["auto", "slots", "sdpa", "paged", "varlen"] = Field(
+        "auto", description="KV cache layout and attention: slots = a dense row per sequence, SDPA in place (auto on "
+        "CPU); sdpa = the paged cache, blocks gathered for SDPA; paged/varlen = the paged cache through torch's flash "
+        "varlen kernel, by block table or over gathered keys (CUDA; auto takes the first that matches sdpa on a probe "
+        "at load).")
     cuda_graphs: bool = Field(True, description="Replay decode steps from CUDA graphs (paged attention on CUDA only).")
     kv_reuse: bool = Field(True, description="Keep session and prefix KV caches in DRAM and reuse them.")
     kv_dram_bytes: int = Field(1 << 30, description="DRAM budget of the session/prefix KV store (LRU).")

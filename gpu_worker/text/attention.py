@@ -1,17 +1,19 @@
-"""Attention over the paged KV cache for one packed forward pass.
+"""Attention over the KV cache for one packed forward pass.
 
 The runner packs every scheduled sequence's new tokens into one row
 (``input_ids [1, T]``: a decoding sequence brings one token, a prefill chunk many), so
 newcomers and running sequences share a single forward pass with no padding. The
 transformers model is loaded with the attention implementation ``inferstack``
 (``register``); each attention layer then calls ``attention`` with the pass's ``Step``,
-which writes the new keys and values into the pool at their tokens' slots and lets
-every query attend to its own sequence's tokens, causally. Without a ``Step`` (a plain
+whose backend writes the new keys and values into the cache at their tokens' places
+and lets every query attend to its own sequence's tokens, causally. Without a ``Step`` (a plain
 ``model(...)`` call, as tests make for reference outputs) it is transformers' SDPA.
 
 Backends (one per runner):
 
-- ``sdpa`` (CPU, and the fallback anywhere): the decoding sequences as one batch over
+- ``slots`` (the CPU default, ``slotcache.py``): not paged at all, a dense row per
+  cache slot, attended in place.
+- ``sdpa`` (paged on CPU, and the fallback anywhere): the decoding sequences as one batch over
   their blocks gathered into ``[batch, kv_heads, longest, head_dim]`` (shorter ones
   padded from the zero block, with a key-padding mask only when lengths differ), the
   query heads of each KV head grouped onto it so no KV is repeated; each prefill
@@ -81,8 +83,8 @@ class Step:
     backend: "Backend"
     positions: torch.Tensor
     """[T] each new token's position in its sequence."""
-    slot_mapping: torch.Tensor
-    """[T] the flat pool index each new token's key and value are written to."""
+    slot_mapping: torch.Tensor | None
+    """[T] the flat pool index each new token's key and value are written to (paged)."""
     lens: list[int]
     starts: list[int]
     data: dict = field(default_factory=dict)
@@ -91,9 +93,7 @@ class Step:
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scale: float | None) -> torch.Tensor:
         k_pool, v_pool = self.cache.keys[layer], self.cache.values[layer]
-        # [1, heads, T, dim] -> [T, heads, dim] rows of the pool
-        k_pool.index_copy_(0, self.slot_mapping, key[0].transpose(0, 1).to(k_pool.dtype))
-        v_pool.index_copy_(0, self.slot_mapping, value[0].transpose(0, 1).to(v_pool.dtype))
+        self.backend.store(self, k_pool, v_pool, key, value)
         out = self.backend.attend(self, k_pool, v_pool, query, key, value, scale)
         return out.unsqueeze(0)  # [1, T, heads, dim], as transformers' attention functions return
 
@@ -130,6 +130,12 @@ class Backend:
 
     def build(self, cache, slots: list[int], starts: list[int], lens: list[int]) -> Step:
         raise NotImplementedError
+
+    def store(self, step: Step, k_pool, v_pool, key, value) -> None:
+        """Write the pass's new keys and values (``[1, kv_heads, T, dim]``) into the cache."""
+        # [1, heads, T, dim] -> [T, heads, dim] rows of the pool
+        k_pool.index_copy_(0, step.slot_mapping, key[0].transpose(0, 1).to(k_pool.dtype))
+        v_pool.index_copy_(0, step.slot_mapping, value[0].transpose(0, 1).to(v_pool.dtype))
 
     def attend(self, step: Step, k_pool, v_pool, query, key, value, scale) -> torch.Tensor:
         raise NotImplementedError

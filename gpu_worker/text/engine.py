@@ -11,8 +11,8 @@ one replays those tokens into a fresh grammar matcher).
 KV reuse: a sequence whose prompt starts with a DRAM store entry (its session's last
 turn, a shared prefix, or its own KV from before a preemption) gets those positions
 restored into its slot instead of prefilled; where an admitted sequence already holds
-that entry's KV in its blocks, the newcomer references them (``PagedKVCache.attach``)
-and nothing is copied.
+that entry's KV, the newcomer takes it from there (``attach``): by reference in the
+paged cache (nothing copied), as a row copy in the CPU's slot rows.
 
 Constrained requests wait outside the batch until their grammar is compiled
 (``gpu_worker.text.grammar``), then each sequence gets its own matcher.
@@ -536,7 +536,7 @@ class TextEngine:
         started = time.perf_counter()
         holder = self._holders.get(entry.key)
         if holder is not None and holder[0] is entry and holder[1].slot >= 0 and holder[2] >= n:
-            # A running sequence holds this entry's tokens: share its blocks, copy nothing from DRAM.
+            # An admitted sequence holds this entry's KV: take it from there, not from DRAM.
             self.runner.cache.attach(seq.slot, holder[1].slot, n)
             self.kv_store.stats.shared += 1
         else:

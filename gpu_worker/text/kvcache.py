@@ -199,6 +199,10 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def describe(self) -> str:
+        return (f"paged, {self.num_blocks} blocks of {self.block_size} tokens"
+                f"{'' if self.grow else ' (allocated whole)'}")
+
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks

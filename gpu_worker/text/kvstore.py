@@ -85,7 +85,7 @@ class KvStats:
     restores: int = 0
     restore_s: float = 0.0
     shared: int = 0
-    """Restores that shared a running sequence's KV blocks instead of copying from DRAM."""
+    """Restores served from an admitted sequence's KV instead of from DRAM (``attach``)."""
     evictions: int = 0
 
 

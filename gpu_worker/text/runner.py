@@ -10,6 +10,7 @@ import torch
 from gpu_worker.text import attention
 from gpu_worker.text.graphs import DecodeGraphs, default_sizes
 from gpu_worker.text.kvcache import Layers, PagedKVCache
+from gpu_worker.text.slotcache import SlotAttention, SlotKVCache
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class ModelRunner:
         group joined): keep only this rank's shard of the model and of the KV cache;
         the budget then counts the whole group, and every rank admits the same tokens.
         ``block_size``: tokens per KV block (default 256 on CUDA, as FlashAttention-2's
-        paged kernel needs, else 64); ``attention_backend``: ``auto`` or a backend name
+        paged kernel needs, else 64); ``attention_backend``: ``auto`` (``slots`` on
+        CPU, the paged cache elsewhere), ``slots`` (``slotcache``) or a paged backend
         (``attention.choose``); ``cuda_graphs``: decode from CUDA graphs where the
         backend allows."""
         from transformers import AutoModelForCausalLM
@@ -80,13 +82,18 @@ class ModelRunner:
             return PagedKVCache(cfg.num_hidden_layers, slots, kv_heads, head_dim, dtype=dtype, device=device,
                                 max_len=max_len, block_size=block_size, budget_bytes=budget)
 
-        # Whole tokens of the group's budget: every rank holds the same number of blocks.
-        self.cache = make_cache(budget=budget // self.group_token_bytes * token_bytes)
-        log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.cache.num_blocks, block_size,
-                 self.cache.num_blocks * block_size * self.cache.bytes_per_token / 2**20)
-        self.backend = attention.choose(device, lambda: make_cache(2, None, 4 * block_size), kv_heads * group, dtype,
-                                        forced=None if attention_backend == "auto" else attention_backend)
-        log.info("attention: %s on %s", self.backend.name, device)
+        # Whole tokens of the group's budget: every rank holds the same number of tokens.
+        rank_budget = budget // self.group_token_bytes * token_bytes
+        if attention_backend == "slots" or (attention_backend == "auto" and device.type != "cuda"):
+            self.cache = SlotKVCache(cfg.num_hidden_layers, max_slots, kv_heads, head_dim, dtype=dtype,
+                                     device=device, max_len=self.context_length, budget_bytes=rank_budget)
+            self.backend = SlotAttention()
+        else:
+            self.cache = make_cache(budget=rank_budget)
+            self.backend = attention.choose(device, lambda: make_cache(2, None, 4 * block_size), kv_heads * group,
+                                            dtype, forced=None if attention_backend == "auto" else attention_backend)
+        log.info("KV cache: %s (%.0f MiB budget); attention: %s on %s", self.cache.describe(), rank_budget / 2**20,
+                 self.backend.name, device)
         self.graphs: DecodeGraphs | None = None
         # Not under tensor parallelism: the all-reduces between ranks stay outside graphs.
         if device.type == "cuda" and cuda_graphs and self.backend.name == "paged" and tp is None:

@@ -1,8 +1,8 @@
 """The CUDA attention paths' bookkeeping, on CPU: block tables, cumulative and used
 lengths, slot mapping and the CUDA-graph decode buffers, with the flash varlen
-kernel's contract stated in plain torch (``varlen_reference``). Greedy output must
-equal unbatched greedy decoding exactly (float64), as with the CPU path. On a GPU the
-real kernels run too."""
+kernel's contract stated in plain torch (``varlen_reference``), over the paged cache.
+Greedy output must equal unbatched greedy decoding exactly (float64), as with the CPU
+paths. On a GPU the real kernels run too."""
 
 import pytest
 import torch
@@ -10,6 +10,8 @@ import torch
 from gpu_worker.text import attention
 from gpu_worker.text.attention import SdpaBackend, VarlenBackend, probe, varlen_reference
 from gpu_worker.text.graphs import DecodeGraphs
+from gpu_worker.text.kvcache import PagedKVCache
+from gpu_worker.text.slotcache import SlotAttention, SlotKVCache
 from tests.integration.test_engine import reference_greedy, request, run
 
 
@@ -21,9 +23,11 @@ def schedule():
     return reqs, {0: reqs[:2], 3: reqs[2:4], 4: [reqs[4]], 9: reqs[5:]}
 
 
-def small_cache(runner):
-    from gpu_worker.text.kvcache import PagedKVCache
+PAGED = {"attention_backend": "sdpa"}
+"""The paged cache on CPU (SDPA over its blocks), where the default is slot rows."""
 
+
+def small_cache(runner):
     cfg = runner.config
     return lambda: PagedKVCache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads,
                                 cfg.hidden_size // cfg.num_attention_heads, dtype=runner.dtype, device=runner.device,
@@ -32,7 +36,7 @@ def small_cache(runner):
 
 @pytest.mark.parametrize("paged", [True, False], ids=["paged", "varlen"])
 def test_varlen_backends_match_unbatched_greedy(engine_factory, schedule, paged):
-    engine = engine_factory(max_seqs=3, max_prefill_tokens=16)
+    engine = engine_factory(max_seqs=3, max_prefill_tokens=16, runner_options=PAGED)
     runner = engine.runner
     runner.backend = VarlenBackend(varlen_reference, paged=paged)
     if paged:
@@ -44,7 +48,7 @@ def test_varlen_backends_match_unbatched_greedy(engine_factory, schedule, paged)
 
 
 def test_probe_accepts_a_faithful_kernel_and_rejects_a_wrong_one(engine_factory):
-    runner = engine_factory(max_seqs=2).runner
+    runner = engine_factory(max_seqs=2, runner_options=PAGED).runner
     make, heads = small_cache(runner), runner.config.num_attention_heads
     assert probe(VarlenBackend(varlen_reference, paged=True), make, heads, runner.dtype) is None
 
@@ -56,7 +60,11 @@ def test_probe_accepts_a_faithful_kernel_and_rejects_a_wrong_one(engine_factory)
                                    make, heads, runner.dtype)
 
 
-def test_cpu_uses_sdpa():
+def test_a_cpu_keeps_a_row_per_slot_unless_told_to_page(engine_factory):
+    runner = engine_factory(max_seqs=2).runner
+    assert isinstance(runner.cache, SlotKVCache) and isinstance(runner.backend, SlotAttention)
+    runner = engine_factory(max_seqs=2, runner_options=PAGED).runner
+    assert isinstance(runner.cache, PagedKVCache) and isinstance(runner.backend, SdpaBackend)
     assert isinstance(attention.choose(torch.device("cpu"), None, 4, torch.float32), SdpaBackend)
 
 

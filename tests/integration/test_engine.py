@@ -33,8 +33,10 @@ def run(engine, schedule: dict[int, list[GenerateRequest]], max_steps=500):
     return {rid: [t for e in events for t in e[2]] for rid, events in run_schedule(engine, schedule, max_steps).items()}
 
 
-def test_changing_batch_matches_unbatched_greedy(engine_factory):
-    engine = engine_factory(max_seqs=3, max_prefill_tokens=16)
+@pytest.mark.parametrize("attention", ["slots", "sdpa"], ids=["slot-rows", "paged"])
+def test_changing_batch_matches_unbatched_greedy(engine_factory, attention):
+    """On CPU: the default slot rows (``slotcache``) and the paged cache (SDPA over blocks)."""
+    engine = engine_factory(max_seqs=3, max_prefill_tokens=16, runner_options={"attention_backend": attention})
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 390, (n,), generator=g).tolist() for n in (5, 23, 9, 40, 3, 17, 31)]
     max_tokens = [12, 5, 20, 7, 15, 9, 11]

@@ -80,19 +80,22 @@ def workload(engine_run, vocab: int = 390) -> tuple[dict, dict, dict]:
     return one, two, three
 
 
-@pytest.mark.parametrize("model", ["uneven_llama", "tiny_qwen3"])
-def test_two_ranks_equal_one(model, request, tmp_path, one_thread):
+@pytest.mark.parametrize(("model", "attention"), [("uneven_llama", "slots"), ("tiny_qwen3", "sdpa")],
+                         ids=["llama-slot-rows", "qwen3-paged"])
+def test_two_ranks_equal_one(model, attention, request, tmp_path, one_thread):
+    """Each rank's cache in the CPU's slot rows, and in the paged cache (GPUs' layout)."""
     model_dir = request.getfixturevalue(model)
     spec = ModelSpec(name="m", modality=Modality.TEXT, path=str(model_dir), max_batch=3)
     cfg = AutoConfig.from_pretrained(str(model_dir))
     token_bytes = PagedKVCache.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float64)
     # A DRAM store of 64 tokens, less than the sessions need: saves, evictions and restores all happen.
-    kw = dict(max_seqs=3, max_prefill_tokens=16, kv_dram_bytes=64 * token_bytes)
+    kw = dict(max_seqs=3, max_prefill_tokens=16, kv_dram_bytes=64 * token_bytes,
+              runner_options={"attention_backend": attention})
     reference = tp1_engine(spec, model_dir, torch.float64, **kw)
     want = workload(lambda s: run_schedule(reference, s))
 
     port = free_port()
-    follower = start_follower(tmp_path, "m", model_dir, port, dtype="float64", max_batch=3)
+    follower = start_follower(tmp_path, "m", model_dir, port, dtype="float64", max_batch=3, attention=attention)
     engine = tp2_engine(spec, model_dir, torch.float64, follower, port, **kw)
     try:
         got = workload(lambda s: run_schedule(engine, s))
@@ -135,7 +138,15 @@ class LoopbackGroup:
         pass
 
 
-def test_every_cache_change_reaches_the_followers(tiny_model_dir):
+def cache_state(cache) -> tuple:
+    """Everything but the tensors: block tables and references, or the slot rows' extents."""
+    if hasattr(cache, "tables"):
+        return cache.tables, cache.pool.refs, cache.pool.reserved, cache.capacity
+    return cache.rows, cache.capacity, cache._limit, cache._used
+
+
+@pytest.mark.parametrize("attention", ["slots", "sdpa"], ids=["slot-rows", "paged"])
+def test_every_cache_change_reaches_the_followers(tiny_model_dir, attention):
     """The mirrored surface is complete: after a workload with joins, slots opened and closed,
     chunked prefill, session saves, evictions and restores, a follower that saw only
     the broadcast ops holds exactly rank 0's cache and store keys. (A new way to change
@@ -146,16 +157,17 @@ def test_every_cache_change_reaches_the_followers(tiny_model_dir):
     spec = ModelSpec(name="m", modality=Modality.TEXT, path=str(tiny_model_dir), max_batch=3)
     cfg = AutoConfig.from_pretrained(str(tiny_model_dir))
     token_bytes = PagedKVCache.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float64)
+    options = {"attention_backend": attention}
     engine = tp1_engine(spec, tiny_model_dir, torch.float64, max_seqs=3, max_prefill_tokens=16,
-                        kv_dram_bytes=64 * token_bytes)
-    group = LoopbackGroup(make_runner(spec, tiny_model_dir, device=CPU, dtype=torch.float64, max_seqs=3))
+                        kv_dram_bytes=64 * token_bytes, runner_options=options)
+    group = LoopbackGroup(make_runner(spec, tiny_model_dir, device=CPU, dtype=torch.float64, max_seqs=3, **options))
     engine.runner = LeaderRunner(engine.runner, group)
     engine.planner.slots = engine.runner.cache
     workload(lambda s: run_schedule(engine, s))
     engine.runner.cache.shrink()  # recorded; shipped with the next forward, or here:
     engine.runner._recorder.flush()
     mine, theirs = engine.runner._runner.cache, group.follower.cache
-    assert (mine.tables, mine.pool.refs, mine.capacity) == (theirs.tables, theirs.pool.refs, theirs.capacity)
+    assert cache_state(mine) == cache_state(theirs)
     assert all(torch.equal(a, b) for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values))
     assert set(group.follower.shards) == set(engine.kv_store.entries)
     assert {"forward", "open", "close", "attach", "save_kv", "restore_kv", "drop_kv"} <= set(group.sent)
