@@ -141,15 +141,66 @@ class Backend:
         raise NotImplementedError
 
 
-class SdpaBackend(Backend):
+def leading_decodes(lens: list[int]) -> int:
+    """How many sequences at the front of the pass decode (one token each)."""
+    n = 0
+    while n < len(lens) and lens[n] == 1:
+        n += 1
+    return n
+
+
+def bottom_right_causal(start: int, n: int) -> torch.Tensor:
+    """Mask of ``n`` queries at positions ``start..start+n`` over keys ``0..start+n``."""
+    pos = torch.arange(start + n)
+    return pos.unsqueeze(0) <= (start + torch.arange(n)).unsqueeze(1)
+
+
+class SdpaAttention(Backend):
+    """SDPA over a pass: the decoding sequences as one batch, the query heads of each KV
+    head grouped onto it (no KV repeated); each prefill chunk on its own, ``is_causal``
+    over its fresh keys when it starts its sequence, else a bottom-right causal mask
+    over its cached ones. Layouts say where the keys are (``decode``, ``cached``); the
+    pass's ``data`` holds ``n_decode`` and ``prefill``: ``(offset, n, where, mask)``."""
+
+    def decode(self, step: Step, k_cache, v_cache, q: torch.Tensor, scale) -> torch.Tensor:
+        """``q`` ``[d, kv_heads, group, dim]`` of the decoding sequences -> their outputs."""
+        raise NotImplementedError
+
+    def cached(self, k_cache, v_cache, where) -> tuple[torch.Tensor, torch.Tensor]:
+        """A continuing chunk's keys and values so far, ``[1, kv_heads, tokens, dim]``."""
+        raise NotImplementedError
+
+    def attend(self, step, k_cache, v_cache, query, key, value, scale):
+        heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
+        kv_heads = key.shape[1]
+        group = heads // kv_heads
+        out = query.new_empty(total, heads, dim)
+        d = step.data["n_decode"]
+        if d:
+            q = query[0, :, :d].transpose(0, 1).reshape(d, kv_heads, group, dim)
+            out[:d] = self.decode(step, k_cache, v_cache, q, scale).reshape(d, heads, dim)
+        for off, n, where, mask in step.data["prefill"]:
+            q = query[:, :, off: off + n]
+            if mask is None:  # the sequence's first chunk: its own fresh keys, plain causal
+                k, v = key[:, :, off: off + n], value[:, :, off: off + n]
+            else:
+                k, v = (t.to(q.dtype) for t in self.cached(k_cache, v_cache, where))
+            if group > 1:
+                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+            out[off: off + n] = o[0].transpose(0, 1)
+        return out
+
+
+class SdpaBackend(SdpaAttention):
+    """SDPA over the paged pool: each sequence's blocks gathered."""
+
     name = "sdpa"
 
     def build(self, cache, slots, starts, lens) -> Step:
         positions, slot_mapping, rows = _host_layout(cache, slots, starts, lens)
         dev = cache.device
-        n_decode = 0
-        while n_decode < len(lens) and lens[n_decode] == 1:
-            n_decode += 1
+        n_decode = leading_decodes(lens)
         data: dict = {"n_decode": n_decode, "prefill": []}
         if n_decode:
             ends = torch.tensor(starts[:n_decode]) + 1
@@ -163,39 +214,22 @@ class SdpaBackend(Backend):
                 data["prefill"].append((off, n, None, None))
             else:
                 idx, _ = _gather_index(rows[j: j + 1], torch.tensor([start + n]), cache.block_size)
-                pos = torch.arange(start + n)
-                mask = pos.unsqueeze(0) <= (start + torch.arange(n)).unsqueeze(1)  # bottom-right causal
-                data["prefill"].append((off, n, idx[0].to(dev), mask.to(dev)))
+                data["prefill"].append((off, n, idx[0].to(dev), bottom_right_causal(start, n).to(dev)))
             off += n
         return Step(cache, self, positions.to(dev), slot_mapping.to(dev), lens, starts, data)
 
-    def attend(self, step, k_pool, v_pool, query, key, value, scale):
-        heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
-        kv_heads = key.shape[1]
-        group = heads // kv_heads
-        out = query.new_empty(total, heads, dim)
-        d = step.data["n_decode"]
-        if d:
-            idx = step.data["decode_index"]
-            longest = idx.shape[1]
-            q = query[0, :, :d].transpose(0, 1).reshape(d, kv_heads, group, dim)
-            k = k_pool.index_select(0, idx.view(-1)).view(d, longest, kv_heads, dim).transpose(1, 2)
-            v = v_pool.index_select(0, idx.view(-1)).view(d, longest, kv_heads, dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.data["decode_mask"],
-                                               scale=scale)
-            out[:d] = o.reshape(d, heads, dim)
-        for off, n, idx, mask in step.data["prefill"]:
-            q = query[:, :, off: off + n]
-            if idx is None:  # the sequence's first chunk: its own fresh keys, plain causal
-                k, v = key[:, :, off: off + n], value[:, :, off: off + n]
-            else:
-                k = k_pool.index_select(0, idx).transpose(0, 1).unsqueeze(0).to(q.dtype)
-                v = v_pool.index_select(0, idx).transpose(0, 1).unsqueeze(0).to(q.dtype)
-            if group > 1:
-                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-            out[off: off + n] = o[0].transpose(0, 1)
-        return out
+    def decode(self, step, k_pool, v_pool, q, scale):
+        idx = step.data["decode_index"]
+        d, longest = idx.shape
+        kv_heads, dim = q.shape[1], q.shape[3]
+        k = k_pool.index_select(0, idx.view(-1)).view(d, longest, kv_heads, dim).transpose(1, 2)
+        v = v_pool.index_select(0, idx.view(-1)).view(d, longest, kv_heads, dim).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.data["decode_mask"],
+                                              scale=scale)
+
+    def cached(self, k_pool, v_pool, idx):
+        return (k_pool.index_select(0, idx).transpose(0, 1).unsqueeze(0),
+                v_pool.index_select(0, idx).transpose(0, 1).unsqueeze(0))
 
 
 class VarlenBackend(Backend):

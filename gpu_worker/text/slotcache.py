@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gpu_worker.text.attention import Backend, Step
+from gpu_worker.text.attention import SdpaAttention, Step, bottom_right_causal, leading_decodes
 from gpu_worker.text.kvcache import Layers, PagedKVCache
 
 
@@ -154,7 +154,7 @@ class SlotKVCache:
             self.values[i][slot, :, :length].copy_(v[:, :length], non_blocking=True)
 
 
-class SlotAttention(Backend):
+class SlotAttention(SdpaAttention):
     name = "slots"
 
     def build(self, cache: SlotKVCache, slots, starts, lens) -> Step:
@@ -168,9 +168,7 @@ class SlotAttention(Backend):
         # in the order of key[0] ([kv_heads, T, dim]) flattened.
         token_rows = torch.tensor(slots)[seq] * kv_heads * cache.capacity + positions
         flat = (torch.arange(kv_heads).unsqueeze(1) * cache.capacity + token_rows.unsqueeze(0)).flatten()
-        n_decode = 0
-        while n_decode < b and lens[n_decode] == 1:
-            n_decode += 1
+        n_decode = leading_decodes(lens)
         data: dict = {"flat": flat.to(dev), "n_decode": n_decode, "prefill": []}
         if n_decode:
             decoding = slots[:n_decode]
@@ -186,11 +184,8 @@ class SlotAttention(Backend):
         off = n_decode
         for j in range(n_decode, b):
             start, n = starts[j], lens[j]
-            mask = None
-            if start:
-                pos = torch.arange(start + n)
-                mask = (pos.unsqueeze(0) <= (start + torch.arange(n)).unsqueeze(1)).to(dev)  # bottom-right causal
-            data["prefill"].append((off, n, slots[j], start, mask))
+            mask = bottom_right_causal(start, n).to(dev) if start else None
+            data["prefill"].append((off, n, (slots[j], start + n), mask))
             off += n
         return Step(cache, self, positions.to(dev), None, lens, starts, data)
 
@@ -200,33 +195,15 @@ class SlotAttention(Backend):
         k_cache.view(-1, dim).index_copy_(0, flat, key[0].reshape(-1, dim).to(k_cache.dtype))
         v_cache.view(-1, dim).index_copy_(0, flat, value[0].reshape(-1, dim).to(v_cache.dtype))
 
-    def attend(self, step, k_cache, v_cache, query, key, value, scale):
-        heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
-        kv_heads = key.shape[1]
-        group = heads // kv_heads
-        out = query.new_empty(total, heads, dim)
-        d = step.data["n_decode"]
-        if d:
-            lo, hi, longest, order = step.data["decode"]
-            # the query heads of each KV head grouped onto it: no KV is repeated
-            q = query[0, :, :d].transpose(0, 1).reshape(d, kv_heads, group, dim)
-            if order is not None:
-                q = q.new_zeros(hi - lo, kv_heads, group, dim).index_copy_(0, order, q)
-            k, v = k_cache[lo:hi, :, :longest], v_cache[lo:hi, :, :longest]
-            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.data["decode_mask"],
-                                               scale=scale)
-            if order is not None:
-                o = o.index_select(0, order)
-            out[:d] = o.reshape(d, heads, dim)
-        for off, n, slot, start, mask in step.data["prefill"]:
-            q = query[:, :, off: off + n]
-            if mask is None:  # the sequence's first chunk: its own fresh keys, plain causal
-                k, v = key[:, :, off: off + n], value[:, :, off: off + n]
-            else:
-                k = k_cache[slot: slot + 1, :, : start + n].to(q.dtype)
-                v = v_cache[slot: slot + 1, :, : start + n].to(q.dtype)
-            if group > 1:
-                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-            out[off: off + n] = o[0].transpose(0, 1)
-        return out
+    def decode(self, step, k_cache, v_cache, q, scale):
+        lo, hi, longest, order = step.data["decode"]
+        if order is not None:  # decoding rows out of order or with others between: scatter, attend, pick
+            q = q.new_zeros(hi - lo, *q.shape[1:]).index_copy_(0, order, q)
+        k, v = k_cache[lo:hi, :, :longest], v_cache[lo:hi, :, :longest]
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.data["decode_mask"],
+                                           scale=scale)
+        return o if order is None else o.index_select(0, order)
+
+    def cached(self, k_cache, v_cache, where):
+        slot, end = where
+        return k_cache[slot: slot + 1, :, :end], v_cache[slot: slot + 1, :, :end]
