@@ -43,7 +43,9 @@ class EngineResult:
     """Process CPU time (all threads) per output token."""
 
 
-def build_engine(model: str, dtype: torch.dtype, device: torch.device, max_seqs: int, static: bool = False):
+def build_engine(model: str, dtype: torch.dtype, device: torch.device, max_seqs: int, static: bool = False,
+                 attention: str | None = None):
+    """``attention``: ``INFERSTACK_ATTENTION`` for this engine (None: the settings')."""
     from gpu_worker.settings import WorkerSettings
     from gpu_worker.text.engine import TextEngine
     from inferstack import modelstore
@@ -52,7 +54,11 @@ def build_engine(model: str, dtype: torch.dtype, device: torch.device, max_seqs:
     settings = WorkerSettings()
     spec = Registry.load(settings.models_file)[model]
     model_dir = modelstore.resolve(spec, settings.cache_dir)
-    return TextEngine(spec, model_dir, device=device, dtype=dtype, max_seqs=max_seqs, static=static), model_dir
+    options = getattr(settings, "runner_options", None)  # None: a branch before the paged cache (its own engine)
+    if attention:
+        options = (options or {}) | {"attention_backend": attention}
+    kw = {} if options is None else {"runner_options": options}
+    return TextEngine(spec, model_dir, device=device, dtype=dtype, max_seqs=max_seqs, static=static, **kw), model_dir
 
 
 def prompts(engine, n: int) -> list[list[int]]:
@@ -113,6 +119,8 @@ def main(argv=None) -> None:
     ap.add_argument("--raw", action="store_true", help="also the raw static model.generate batch, same dtype")
     ap.add_argument("--hf-cb", action="store_true", help="also transformers' continuous batching, same dtype")
     ap.add_argument("--static", action="store_true", help="the engine in static batching mode")
+    ap.add_argument("--attention", choices=["auto", "slots", "sdpa", "paged", "varlen"],
+                    help="KV cache layout and attention (INFERSTACK_ATTENTION); default: the settings'")
     ap.add_argument("--profile", action="store_true", help="torch profiler table over a few decode steps")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -121,9 +129,11 @@ def main(argv=None) -> None:
 
     choice = choose_dtype(device, args.dtype)
     levels = [int(x) for x in args.concurrency.split(",")]
-    engine, model_dir = build_engine(args.model, choice.dtype, device, max(levels), static=args.static)
-    print(f"{args.model}: {choice.name} ({choice.reason}); torch threads {torch.get_num_threads()}; "
-          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    engine, model_dir = build_engine(args.model, choice.dtype, device, max(levels), static=args.static,
+                                     attention=args.attention)
+    backend = getattr(engine.runner, "backend", None)
+    print(f"{args.model}: {choice.name} ({choice.reason}); attention {getattr(backend, 'name', 'dense rows')}; "
+          f"torch threads {torch.get_num_threads()}; load {os.getloadavg()[0]:.1f}", flush=True)
     run(engine, min(levels), 4, 1)  # warm-up
     out = {"dtype": choice.name, "engine": [], "raw": [], "load": os.getloadavg()[0]}
     for c in levels:
