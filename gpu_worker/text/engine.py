@@ -149,7 +149,7 @@ class TextEngine:
         self._index_ops: list[tuple[str, str, str, int]] = []
         self._holders: dict[str, tuple[KvEntry, Sequence, int]] = {}
         """DRAM entry key -> (the entry, an admitted sequence whose first ``tokens`` cache
-        positions hold exactly its KV, tokens): a restore of it shares those blocks."""
+        positions hold exactly its KV, tokens): a restore of it takes the KV from there."""
         self._requests: dict[str, _Request] = {}
         self._aborts: set[str] = set()
         self._lock = threading.Lock()  # add/abort arrive from IO threads
