@@ -127,9 +127,11 @@ class Publisher(threading.Thread):
         self.q.put(None)
 
     def ship_now(self, batch: list[Outgoing]) -> None:
-        """Write a batch from the calling thread (the publisher has stopped)."""
-        if batch:
-            self._ship(batch)
+        """Write a batch from the calling thread (the publisher thread has stopped): its
+        round trip and whatever that asks to follow. Redis errors go to the caller."""
+        prepared = self._prepare(batch) if batch else None
+        while prepared is not None:
+            prepared = self._send(prepared)
 
     def run(self) -> None:
         stopping = False

@@ -17,6 +17,7 @@ import orjson
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
+
 from api.auth import Identity
 from api.body import parse
 from api.catalog import TextModel
@@ -24,6 +25,7 @@ from api.errors import OpenAIError
 from api import streams
 from api.generation import Generation, merged
 from api.schemas import _Sampling
+from api.sse import event_stream
 from api.state import AppState
 from api.streams import DONE_ID, ERROR_ID, KEEPALIVE_S, USAGE_ID, StreamRecord, event_id, parse_after
 from api.workers import check_servable
@@ -420,7 +422,7 @@ async def stream(request: Request, job: TextJob, chunks: Chunks, after: list[int
                 job.hang_up()
             job.close()
 
-    return EventSourceResponse(sse(), ping=15, sep="\n")
+    return event_stream(sse())
 
 
 async def _events(job: TextJob, chunks: Chunks, after: list[int] | str | None) -> AsyncIterator[bytes]:

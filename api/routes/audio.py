@@ -12,11 +12,11 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from sse_starlette import EventSourceResponse
 
 from api.audio import MEDIA_TYPES, encode
 from api.errors import OpenAIError
 from api.generation import Generation, watch_disconnect
+from api.sse import event_stream
 from api.routes._text import new_id, state_of
 from api.routes.media import media_spec
 from api.schemas import SpeechRequestBody
@@ -93,7 +93,7 @@ async def create_speech(body: SpeechRequestBody, request: Request):
                                        "usage": {"input_tokens": len(body.input), "output_tokens": samples,
                                                  "total_tokens": len(body.input) + samples}})}
 
-        return EventSourceResponse(sse(), ping=15, sep="\n")
+        return event_stream(sse())
 
     if body.response_format == "pcm":
         async def raw():

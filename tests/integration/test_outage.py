@@ -277,3 +277,20 @@ def test_requests_handed_back_while_redis_is_away_go_back_after_their_tokens():
         assert (released["request_id"], released["error"]) == ("r2", "engine_error")
     finally:
         t.close()
+
+
+def test_a_stopping_worker_hands_back_from_its_own_thread():
+    """``Worker.hand_back`` runs after the publisher thread has stopped: ``ship_now``
+    writes the last tokens, then requeues the request as ``drained`` (not a failed
+    attempt) with its log, so the next worker resumes it at once instead of after the lease."""
+    t = TwoClaimed()
+    try:
+        t.publisher.stop()
+        t.publisher.join(5)
+        t.publisher.ship_now(t.tokens("r1", 0, 2) + [Outgoing("m", "is:reply:t", "r1", None, requeue="drained")])
+        r1 = t.r.hgetall(keys.request("m", "r1"))
+        assert r1["state"] == "queued" and "worker" not in r1 and r1["attempts"] == "1"
+        assert [ev.start for ev in t.log("r1")] == [0, 1]
+        assert t.fq.claim_batch("m", "w2", 1).claimed[0].request.id == "r1"
+    finally:
+        t.close()
