@@ -48,7 +48,7 @@ def run_follower(settings: WorkerSettings, registry: Registry, device: torch.dev
     try:
         runner = make_runner(spec, modelstore.resolve(spec, settings.cache_dir), device=device,
                              dtype=engine_dtype(spec, settings, device), max_seqs=settings.max_batch,
-                             kv_cache_bytes=settings.kv_cache_bytes, tp=group.tp)
+                             kv_cache_bytes=settings.kv_cache_bytes, tp=group.tp, **settings.runner_options)
         log.info("rank %d/%d of %s ready on %s", group.rank, settings.tp_size, spec.name, device)
         follow(runner, group)
         return 0

@@ -27,6 +27,15 @@ class WorkerSettings(MetricsServerSettings):
     kv_cache_bytes: int | None = Field(
         None, description="Batch KV cache budget in bytes (default: the registry memory_gb minus the weights)."
     )
+    kv_block_size: int | None = Field(
+        None, description="Tokens per block of the paged KV cache (default: 256 on CUDA, as FlashAttention-2's paged "
+        "kernel needs; 64 on CPU).")
+    attention: Literal["auto", "slots", "sdpa", "paged", "varlen"] = Field(
+        "auto", description="KV cache layout and attention: slots = a dense row per sequence, SDPA in place (auto on "
+        "CPU); sdpa = the paged cache, blocks gathered for SDPA; paged/varlen = the paged cache through torch's flash "
+        "varlen kernel, by block table or over gathered keys (CUDA; auto takes the first that matches sdpa on a probe "
+        "at load).")
+    cuda_graphs: bool = Field(True, description="Replay decode steps from CUDA graphs (paged attention on CUDA only).")
     kv_reuse: bool = Field(True, description="Keep session and prefix KV caches in DRAM and reuse them.")
     kv_dram_bytes: int = Field(1 << 30, description="DRAM budget of the session/prefix KV store (LRU).")
     prefix_min_hits: int = Field(
@@ -53,6 +62,11 @@ class WorkerSettings(MetricsServerSettings):
     tp_timeout_s: float = Field(
         60.0, description="A collective, or an idle follower's wait for rank 0, failing or lasting longer takes the "
         "group down (its requests go back to the queue).")
+
+    @property
+    def runner_options(self) -> dict:
+        """What the text engine's model runner takes from these settings (every rank the same)."""
+        return {"block_size": self.kv_block_size, "attention_backend": self.attention, "cuda_graphs": self.cuda_graphs}
 
     @property
     def model_names(self) -> list[str]:

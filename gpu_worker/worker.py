@@ -81,7 +81,8 @@ def build_engine(spec: ModelSpec, settings: WorkerSettings, device: torch.device
                           max_prefill_tokens=settings.max_prefill_tokens, static=settings.batching == "static",
                           kv_cache_bytes=settings.kv_cache_bytes,
                           kv_dram_bytes=settings.kv_dram_bytes if settings.kv_reuse else 0,
-                          prefix_min_hits=settings.prefix_min_hits, tp_group=tp_group)
+                          prefix_min_hits=settings.prefix_min_hits, tp_group=tp_group,
+                          runner_options=settings.runner_options)
     if tp_group is not None:
         raise NotImplementedError(f"{spec.name}: tensor parallelism runs text models only")
     if spec.modality is Modality.VISION:

@@ -1,12 +1,18 @@
 """The text engine's step loop: schedule -> forward -> sample -> emit -> retire.
 
-Preemption: a claim may name running requests whose rows it takes (``Claimed.victims``,
+Preemption: a claim may name running requests whose slots it takes (``Claimed.victims``,
 decided by ``scheduler.policy``). At the start of the next step each victim leaves the
 batch, its KV copied to the DRAM store (or dropped where recomputing is cheaper), and
-goes back to the queue (``Outgoing.requeue``); the newcomer takes the first free row.
+goes back to the queue (``Outgoing.requeue``); the newcomer takes the first free slot.
 A preempted request resumes like one whose worker died: from its output log, here
 restoring the DRAM copy, elsewhere recomputing prompt plus tokens sent (a constrained
 one replays those tokens into a fresh grammar matcher).
+
+KV reuse: a sequence whose prompt starts with a DRAM store entry (its session's last
+turn, a shared prefix, or its own KV from before a preemption) gets those positions
+restored into its slot instead of prefilled; where an admitted sequence already holds
+that entry's KV, the newcomer takes it from there (``attach``): by reference in the
+paged cache (nothing copied), as a row copy in the CPU's slot rows.
 
 Constrained requests wait outside the batch until their grammar is compiled
 (``gpu_worker.text.grammar``), then each sequence gets its own matcher.
@@ -31,9 +37,9 @@ from broker.messages import Batch, Claimed, ErrorEvent, GenerateRequest, Running
 from broker.prefix import BLOCK
 from gpu_worker.engine import Emit, Outgoing, handed_back
 from gpu_worker.text.grammar import GrammarCache, new_matcher
-from gpu_worker.text.kvstore import KvStore
+from gpu_worker.text.kvstore import KvEntry, KvStore
 from gpu_worker.text.output import OutputProcessor
-from gpu_worker.text.planner import StepPlanner
+from gpu_worker.text.planner import StepPlan, StepPlanner
 from gpu_worker.text.runner import ModelRunner
 from gpu_worker.text.sampler import Sampler, sampling_error
 from gpu_worker.text.sequence import SeqStatus, Sequence
@@ -43,12 +49,14 @@ log = logging.getLogger(__name__)
 
 
 def make_runner(spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype, max_seqs: int | None = None,
-                kv_cache_bytes: int | None = None, tp=None) -> ModelRunner:
+                kv_cache_bytes: int | None = None, tp=None, **options) -> ModelRunner:
     """The engine's runner for ``spec``; tensor-parallel followers build theirs here too,
-    so every rank's cache has the same rows, length and budget."""
+    so every rank's cache has the same slots, blocks and context length. ``options``:
+    ``ModelRunner``'s block size, attention backend and CUDA graphs
+    (``WorkerSettings.runner_options``)."""
     return ModelRunner(model_dir, device=device, dtype=dtype, max_slots=max_seqs or spec.max_batch,
                        context_length=spec.context_length, kv_cache_bytes=kv_cache_bytes,
-                       memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None, tp=tp)
+                       memory_bytes=int(spec.memory_gb * (1 << 30)) if spec.memory_gb else None, tp=tp, **options)
 
 
 def _output_error(request_id: str) -> ErrorEvent:
@@ -104,9 +112,10 @@ class TextEngine:
     def __init__(self, spec: ModelSpec, model_dir, *, device: torch.device, dtype: torch.dtype,
                  max_seqs: int | None = None, max_prefill_tokens: int | None = None, static: bool = False,
                  kv_cache_bytes: int | None = None, kv_dram_bytes: int = 0, prefix_min_hits: int = 2,
-                 tp_group=None):
+                 tp_group=None, runner_options: dict | None = None):
         """``tp_group`` (a joined ``tp.TpGroup`` of which this process is rank 0): run the
-        model sharded over the group, the other ranks following (``gpu_worker.text.tp``)."""
+        model sharded over the group, the other ranks following (``gpu_worker.text.tp``).
+        ``runner_options``: see ``make_runner``."""
         from transformers import AutoTokenizer
 
         self.model = spec.name
@@ -115,7 +124,8 @@ class TextEngine:
         self._backend_tokenizer = self.tokenizer.backend_tokenizer
         max_seqs = max_seqs or spec.max_batch
         self.runner = make_runner(spec, model_dir, device=device, dtype=dtype, max_seqs=max_seqs,
-                                  kv_cache_bytes=kv_cache_bytes, tp=tp_group.tp if tp_group else None)
+                                  kv_cache_bytes=kv_cache_bytes, tp=tp_group.tp if tp_group else None,
+                                  **(runner_options or {}))
         if tp_group is not None:
             from gpu_worker.text.tp import LeaderRunner
 
@@ -135,6 +145,9 @@ class TextEngine:
         self._prefix_seen: OrderedDict[str, set[str]] = OrderedDict()
         """Block hash -> the distinct sessions (or sessionless requests) that sent it."""
         self._index_ops: list[tuple[str, str, str, int]] = []
+        self._holders: dict[str, tuple[KvEntry, Sequence, int]] = {}
+        """DRAM entry key -> (the entry, an admitted sequence whose first ``tokens`` cache
+        positions hold exactly its KV, tokens): a restore of it takes the KV from there."""
         self._requests: dict[str, _Request] = {}
         self._aborts: set[str] = set()
         self._lock = threading.Lock()  # add/abort arrive from IO threads
@@ -192,47 +205,40 @@ class TextEngine:
         self._start_compiled()
         self._retire_finished(out)  # aborted ones leave before they cost a forward pass
         plan = self.planner.schedule()
-        if plan.prefill:
-            seqs, chunks = plan.prefill, plan.chunks
-            token_chunks = [s.all_ids[s.num_computed: s.num_computed + n] for s, n in zip(seqs, chunks)]
-            logits = self.runner.forward(seqs[0].slot, token_chunks, [s.num_computed for s in seqs],
-                                         self.planner.num_admitted, self.planner.used_len())
-            done = []
-            for row, (seq, n) in enumerate(zip(seqs, chunks)):
-                seq.num_computed += n
-                if seq.pending_prefill == 0:
-                    done.append(row)
-            if done:
-                finished_prefill = [seqs[i] for i in done]
-                for seq in finished_prefill:
-                    self._maybe_store_prefix(seq)
-                self._sample_and_emit(logits[done], finished_prefill, out)
-                for seq in sorted(finished_prefill, key=lambda s: s.slot):
-                    if not seq.status.finished:
-                        self.planner.promote(seq)
-            if out:
-                emit(out)  # first tokens go out now, not after the decode pass
-                out = []
-        if plan.decode:
-            seqs = plan.decode
-            logits = self.runner.forward(0, [[s.output_ids[-1]] for s in seqs],
-                                         [s.num_computed for s in seqs], self.planner.num_admitted,
-                                         self.planner.used_len())
-            for seq in seqs:
-                seq.num_computed += 1
-            self._sample_and_emit(logits, seqs, out)
+        if not plan.empty:
+            self._run(plan, out)
         self._retire_finished(out)
         if self._index_ops:
             out.insert(0, Outgoing(self.model, "", "", None, index_ops=self._index_ops))
             self._index_ops = []
-        if not self.planner.slots or self.steps % 64 == 0:
-            self.runner.cache.shrink(self.planner.num_admitted, self.planner.used_len())
+        if not self.planner.admitted or self.steps % 64 == 0:
+            self.runner.cache.shrink()
         view = self._running_view(self.steps + 1)
         with self._lock:
             self._view = view
         self.steps += 1  # after the view: a claimer that sees this step sees its batch
         if out:
             emit(out)
+
+    def _run(self, plan: StepPlan, out: list[Outgoing]) -> None:
+        """One packed forward pass: every decoding sequence's next token and this step's
+        prefill chunks; sample where a sequence has a next token to choose."""
+        seqs = plan.decode + plan.prefill
+        chunks = [[s.output_ids[-1]] for s in plan.decode]
+        chunks += [s.token_slice(s.num_computed, n) for s, n in zip(plan.prefill, plan.chunks)]
+        completes = [s.num_computed + n == s.length for s, n in zip(plan.prefill, plan.chunks)]
+        done = [s for s, c in zip(plan.prefill, completes) if c]
+        rows = list(range(len(plan.decode))) + [len(plan.decode) + j for j, c in enumerate(completes) if c]
+        logits = self.runner.forward([s.slot for s in seqs], chunks, [s.num_computed for s in seqs], rows)
+        for seq, chunk in zip(seqs, chunks):
+            seq.num_computed += len(chunk)
+        for seq in done:
+            self._maybe_store_prefix(seq)
+        if rows:
+            self._sample_and_emit(logits, plan.decode + done, out)
+        for seq in done:
+            if not seq.status.finished:
+                self.planner.promote(seq)
 
     def close(self) -> None:
         """Unloading: stop the grammar compile thread and, leading a tensor-parallel group,
@@ -261,12 +267,9 @@ class TextEngine:
                 self._release_restore(seq)
         self._requests.clear()
         self._awaiting_grammar.clear()
-        self.planner.waiting.clear()
-        for seq in self.planner.slots:
-            seq.slot = -1
-        self.planner.slots.clear()
-        self.planner.n_running = 0
-        self.runner.cache.shrink(0, 0)
+        self._holders.clear()
+        self.planner.clear()
+        self.runner.cache.shrink()
         emit(handed_back(self.model, held, message, kind))
 
     # -- internals --------------------------------------------------------------
@@ -358,8 +361,8 @@ class TextEngine:
         self._requests[req.id] = state
 
     def _join_batch(self, state: _Request) -> None:
-        """Queue a request's live sequences for rows; a preempting claim goes first (the
-        rows its victims freed are for it)."""
+        """Queue a request's live sequences for slots; a preempting claim goes first (the
+        slots its victims freed are for it)."""
         first = bool(state.claimed.victims)
         for seq in reversed(state.seqs) if first else state.seqs:
             if not seq.status.finished:
@@ -410,12 +413,11 @@ class TextEngine:
         than keeping them). One still waiting for its grammar just leaves."""
         state = self._requests.pop(rid, None)
         if state is None:
-            return  # it finished or left meanwhile: its rows are free already
+            return  # it finished or left meanwhile: its slots are free already
         for seq in state.seqs:
             if self.kv_store is not None and seq.slot >= 0 and not seq.status.finished and seq.num_computed >= BLOCK:
                 self._store(_preempted_key(seq), "preempted", seq, seq.num_computed)
-            self._release_restore(seq)
-            self.planner.retire(seq)
+            self._leave(seq)
         self.preemptions += 1
         out.append(Outgoing(self.model, state.request.reply_to, rid, None, requeue="preempted", reason=reason))
 
@@ -434,7 +436,7 @@ class TextEngine:
             if not live:
                 continue
             req = state.request
-            admitted = all(s.slot >= 0 for s in live)  # one still waiting for a row frees nothing yet
+            admitted = all(s.slot >= 0 for s in live)  # one still waiting for a slot frees nothing yet
             view.append(Running(rid, req.user, str(req.tier), state.claimed.weight, len(live),
                                 sum(s.num_computed for s in live), step - state.since if admitted else 0))
         return tuple(view)
@@ -504,8 +506,7 @@ class TextEngine:
                 if seq.status.finished:
                     if seq.choice == 0 and seq.slot >= 0 and seq.status != SeqStatus.FINISHED_ABORTED:
                         self._save_session(seq)
-                    self._release_restore(seq)
-                    self.planner.retire(seq)
+                    self._leave(seq)
             if state.done:
                 del self._requests[rid]
                 # Aborted requests get no event: the client is gone, or another worker
@@ -534,13 +535,20 @@ class TextEngine:
             seq.restore = hit
 
     def _restore(self, seq: Sequence) -> None:
-        """Planner hook: the sequence got its row; copy the reused KV in and skip its prefill."""
+        """Planner hook: the sequence got its slot; bring the reused KV in and skip its prefill."""
         if seq.restore is None:
             return
         entry, n = seq.restore
         started = time.perf_counter()
-        self.runner.cache.ensure(seq.slot + 1, max(n, 1), seq.slot, self.planner.used_len())
-        self.runner.restore_kv(entry.key, seq.slot, entry.layers, n)
+        holder = self._holders.get(entry.key)
+        if holder is not None and holder[0] is entry and holder[1].slot >= 0 and holder[2] >= n:
+            # An admitted sequence holds this entry's KV: take it from there, not from DRAM.
+            self.runner.cache.attach(seq.slot, holder[1].slot, n)
+            self.kv_store.stats.shared += 1
+        else:
+            self.runner.restore_kv(entry.key, seq.slot, entry.layers, n)
+            if entry.kind != "preempted":  # that one is used up here
+                self._holders[entry.key] = (entry, seq, n)
         seq.num_computed = n
         seq.num_cached = 0 if entry.kind == "preempted" else n  # usage reports prompt reuse only
         stats = self.kv_store.stats
@@ -549,8 +557,15 @@ class TextEngine:
         stats.restore_s += time.perf_counter() - started
         self._release_restore(seq)
         if entry.kind == "preempted":
-            self.kv_store.discard(entry)  # used up: the row holds it now
+            self.kv_store.discard(entry)  # used up: the slot holds it now
             self.runner.drop_kv(entry.key)
+
+    def _leave(self, seq: Sequence) -> None:
+        """The sequence gives its slot back (finished, aborted or preempted)."""
+        self._release_restore(seq)
+        for key in [k for k, h in self._holders.items() if h[1] is seq]:
+            del self._holders[key]
+        self.planner.retire(seq)
 
     def _release_restore(self, seq: Sequence) -> None:
         if seq.restore is not None:
@@ -600,8 +615,10 @@ class TextEngine:
         for j in range(len(hashes) - 1, -1, -1):
             if len(self._prefix_seen.get(hashes[j], ())) >= self.prefix_min_hits:
                 if hashes[j] not in self.kv_store.prefix_index:
-                    length = (j + 1) * BLOCK
-                    self._store(f"prefix:{hashes[j]}", "prefix", seq, length)
+                    length, key = (j + 1) * BLOCK, f"prefix:{hashes[j]}"
+                    self._store(key, "prefix", seq, length)
+                    if key in self.kv_store.entries:  # its blocks hold the entry while it runs
+                        self._holders[key] = (self.kv_store.entries[key], seq, length)
                 return
 
     def kv_stats(self) -> dict:
@@ -613,7 +630,7 @@ class TextEngine:
             "entries": len(store.entries), "sessions": len(store.session_keys()),
             "hits": st.hits, "misses": st.misses, "tokens_saved": st.tokens_saved, "prompt_tokens": st.prompt_tokens,
             "evictions": st.evictions, "save_ms": round(1000 * st.save_s, 3), "saves": st.saves,
-            "restore_ms": round(1000 * st.restore_s, 3), "restores": st.restores,
+            "restore_ms": round(1000 * st.restore_s, 3), "restores": st.restores, "shared_restores": st.shared,
             "bytes_per_token": self.runner.group_token_bytes,
         }
 

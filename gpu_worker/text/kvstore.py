@@ -84,6 +84,8 @@ class KvStats:
     save_s: float = 0.0
     restores: int = 0
     restore_s: float = 0.0
+    shared: int = 0
+    """Restores served from an admitted sequence's KV instead of from DRAM (``attach``)."""
     evictions: int = 0
 
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import torch
 
-from gpu_worker.text.kvcache import Layers, SlotKVCache, cache_kwarg
+from gpu_worker.text import attention
+from gpu_worker.text.graphs import DecodeGraphs, default_sizes
+from gpu_worker.text.kvcache import Layers, PagedKVCache
+from gpu_worker.text.slotcache import SlotAttention, SlotKVCache
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +39,31 @@ def column_major_linears(model: torch.nn.Module) -> None:
 class ModelRunner:
     def __init__(self, model_dir: Path | str, *, device: torch.device, dtype: torch.dtype, max_slots: int,
                  context_length: int | None = None, kv_cache_bytes: int | None = None,
-                 memory_bytes: int | None = None, tp=None):
-        """``kv_cache_bytes`` bounds the batch KV cache; by default it is what the
+                 memory_bytes: int | None = None, tp=None, block_size: int | None = None, attention_backend: str = "auto",
+                 cuda_graphs: bool = True):
+        """``kv_cache_bytes`` bounds the paged KV cache; by default it is what the
         model's registry memory estimate (``memory_bytes``) leaves beside the weights,
         so the model manager's accounting holds. ``tp`` (a ``tp.TpRank``, its process
         group joined): keep only this rank's shard of the model and of the KV cache;
-        the budget then counts the whole group, and every rank admits the same tokens."""
+        the budget then counts the whole group, and every rank admits the same tokens.
+        ``block_size``: tokens per KV block (default 256 on CUDA, as FlashAttention-2's
+        paged kernel needs, else 64); ``attention_backend``: ``auto`` (``slots`` on
+        CPU, the paged cache elsewhere), ``slots`` (``slotcache``) or a paged backend
+        (``attention.choose``); ``cuda_graphs``: decode from CUDA graphs where the
+        backend allows."""
         from transformers import AutoModelForCausalLM
 
         self.device, self.dtype = device, dtype
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, attn_implementation="sdpa"
+            str(model_dir), dtype=dtype, attn_implementation=attention.register()
         ).eval()
         cfg = self.model.config.get_text_config()
         self.config = cfg
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        group = cfg.num_attention_heads // kv_heads
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.group_token_bytes = SlotKVCache.token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
+        self.group_token_bytes = PagedKVCache.token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
         """KV bytes per token over all ranks (this rank's cache holds only its heads)."""
         if tp is not None:
             from gpu_worker.text.tp import shard_model
@@ -62,18 +72,38 @@ class ModelRunner:
         self.model.to(device)
         if device.type == "cpu" and dtype == torch.float32:
             column_major_linears(self.model)
-        self._cache_kwarg = cache_kwarg(self.model)
         self._decoder = self.model.get_decoder()
-        self._decoder_cache_kwarg = cache_kwarg(self._decoder)
         self.context_length = context_length or getattr(cfg, "max_position_embeddings", 4096)
         budget = kv_cache_bytes if kv_cache_bytes is not None else self._default_budget(memory_bytes, weights)
-        token_bytes = SlotKVCache.token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
-        self.cache = SlotKVCache(
-            cfg.num_hidden_layers, max_slots, kv_heads, head_dim,
-            dtype=dtype, device=device, max_len=self.context_length,
-            budget_bytes=budget // self.group_token_bytes * token_bytes,  # whole tokens: the same on every rank
-        )
-        self._additive_mask = self.model.config._attn_implementation != "sdpa"
+        token_bytes = PagedKVCache.token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
+        block_size = block_size or (256 if device.type == "cuda" else 64)
+
+        def make_cache(slots: int = max_slots, budget: int | None = None, max_len: int = self.context_length):
+            return PagedKVCache(cfg.num_hidden_layers, slots, kv_heads, head_dim, dtype=dtype, device=device,
+                                max_len=max_len, block_size=block_size, budget_bytes=budget)
+
+        # Whole tokens of the group's budget: every rank holds the same number of tokens.
+        rank_budget = budget // self.group_token_bytes * token_bytes
+        if attention_backend == "slots" or (attention_backend == "auto" and device.type != "cuda"):
+            self.cache = SlotKVCache(cfg.num_hidden_layers, max_slots, kv_heads, head_dim, dtype=dtype,
+                                     device=device, max_len=self.context_length, budget_bytes=rank_budget)
+            self.backend = SlotAttention()
+        else:
+            self.cache = make_cache(budget=rank_budget)
+            self.backend = attention.choose(device, lambda: make_cache(2, None, 4 * block_size), kv_heads * group,
+                                            dtype, forced=None if attention_backend == "auto" else attention_backend)
+        log.info("KV cache: %s (%.0f MiB budget); attention: %s on %s", self.cache.describe(), rank_budget / 2**20,
+                 self.backend.name, device)
+        self.graphs: DecodeGraphs | None = None
+        # Not under tensor parallelism: the all-reduces between ranks stay outside graphs.
+        if device.type == "cuda" and cuda_graphs and self.backend.name == "paged" and tp is None:
+            try:
+                self.graphs = DecodeGraphs(self, default_sizes(max_slots))
+                self.graphs.capture_all()
+                log.info("CUDA graphs captured for decode batches of %s", self.graphs.sizes)
+            except Exception:  # noqa: BLE001 - eager decoding is slower, never wrong
+                log.warning("CUDA graph capture failed: decoding eagerly", exc_info=True)
+                self.graphs = None
 
     def _default_budget(self, memory_bytes: int | None, weights: int) -> int:
         if memory_bytes:
@@ -86,58 +116,44 @@ class ModelRunner:
         return max(psutil.virtual_memory().available // 4, MIN_KV_BUDGET)
 
     @torch.inference_mode()
-    def forward(self, first_row: int, chunks: list[list[int]], starts: list[int], used_rows: int,
-                used_len: int, *, logits: bool = True) -> torch.Tensor | None:
-        """Run ``chunks[j]`` for cache row ``first_row + j``, whose first ``starts[j]``
-        tokens are already cached. Returns the logits after each chunk's last token
-        (``logits=False``: only fill the cache, as tensor-parallel followers do).
-        ``used_rows``/``used_len``: what is in use over all rows (kept if the cache grows)."""
-        m = len(chunks)
-        query_len = max(len(c) for c in chunks)
-        lens = torch.tensor([len(c) for c in chunks], device=self.device)
-        start_t = torch.tensor(starts, device=self.device)
-        ends = start_t + lens
-        kv_len = int(max(s + query_len for s in starts))
-        self.cache.ensure(first_row + m, kv_len, used_rows, used_len)
-
-        ids = torch.zeros(m, query_len, dtype=torch.long)
-        for j, c in enumerate(chunks):
-            ids[j, : len(c)] = torch.tensor(c, dtype=torch.long)  # right-padded
-        ids = ids.to(self.device)
-        offsets = torch.arange(query_len, device=self.device)
-        positions = start_t.unsqueeze(1) + offsets.unsqueeze(0)  # [m, L]
-        cols = torch.arange(kv_len, device=self.device)
-        # Row j, query i sees columns <= its own position and none past the row's data;
-        # padded queries (i >= len) see their prefix too, so no row is fully masked.
-        mask = (cols.view(1, 1, -1) <= positions.unsqueeze(-1)) & (cols.view(1, 1, -1) < ends.view(-1, 1, 1).clamp(min=1))
-        mask = mask | ((offsets.view(1, -1, 1) >= lens.view(-1, 1, 1)) & (cols.view(1, 1, -1) == 0))
-        mask = mask.unsqueeze(1)  # [m, 1, L, kv_len]
-        if self._additive_mask:
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(self.dtype).min
-            )
-        self.cache.plan(first_row, start_t, query_len, kv_len)
+    def forward(self, slots: list[int], chunks: list[list[int]], starts: list[int],
+                logit_rows: list[int] | None = None, *, logits: bool = True) -> torch.Tensor | None:
+        """Run ``chunks[j]`` for the sequence in cache slot ``slots[j]``, whose first
+        ``starts[j]`` tokens are cached, all in one packed pass. Returns the logits after
+        the last token of each chunk in ``logit_rows`` (default: every chunk), in order
+        (``logits=False``: only fill the cache, as tensor-parallel followers do)."""
+        lens = [len(c) for c in chunks]
+        self.cache.prepare(slots, [s + n for s, n in zip(starts, lens)])
+        rows = range(len(chunks)) if logit_rows is None else logit_rows
+        if self.graphs is not None and all(n == 1 for n in lens) and self.graphs.fits(len(slots)):
+            out = self.graphs.run(slots, [c[0] for c in chunks], starts)
+            return out if logit_rows is None else out[list(rows)]
+        step = self.backend.build(self.cache, slots, starts, lens)
+        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long).to(self.device)
         if not logits:
-            self._decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                          **{self._decoder_cache_kwarg: self.cache}, use_cache=True)
+            self._decoder(input_ids=ids.unsqueeze(0), position_ids=step.positions.unsqueeze(0), use_cache=False,
+                          **{attention.STEP_KWARG: step})
             return None
-        keep = (lens - 1).unsqueeze(1)  # [m, 1]: position of each chunk's last token
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions,
-            **{self._cache_kwarg: self.cache}, use_cache=True, logits_to_keep=keep,
-        )
-        return out.logits[:, -1, :]
+        ends = torch.tensor(lens).cumsum(0) - 1
+        keep = ends if logit_rows is None else ends[list(rows)]
+        return self.run_model(ids, step.positions, step, keep.to(self.device))
+
+    def run_model(self, ids: torch.Tensor, positions: torch.Tensor, step, keep: torch.Tensor | None) -> torch.Tensor:
+        """The model over one packed row of tokens; logits at ``keep`` (None: every token)."""
+        out = self.model(input_ids=ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+                         logits_to_keep=0 if keep is None else keep, **{attention.STEP_KWARG: step})
+        return out.logits[0]
 
     # -- KV to and from the DRAM store (``key`` names the entry; tensor-parallel ranks
     # each keep their own shard of it: ``tp.MIRRORED_RUNNER_OPS``) -----------------------
 
-    def save_kv(self, key: str, row: int, length: int) -> Layers:
-        """A copy of a row's first ``length`` positions, to keep under ``key``."""
-        return self.cache.to_layers(row, length)
+    def save_kv(self, key: str, slot: int, length: int) -> Layers:
+        """A copy of a slot's first ``length`` positions, to keep under ``key``."""
+        return self.cache.to_layers(slot, length)
 
-    def restore_kv(self, key: str, row: int, layers: Layers, length: int) -> None:
-        """Write the entry ``key`` (its ``layers``) into a row's first ``length`` positions."""
-        self.cache.from_layers(row, layers, length)
+    def restore_kv(self, key: str, slot: int, layers: Layers, length: int) -> None:
+        """Write the entry ``key`` (its ``layers``) into a slot's first ``length`` positions."""
+        self.cache.from_layers(slot, layers, length)
 
     def drop_kv(self, key: str) -> None:
         """The store dropped ``key`` (evicted, replaced or refused)."""

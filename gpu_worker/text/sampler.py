@@ -15,6 +15,7 @@ uniform noise that nobody sees, so the rest of the batch goes on untouched.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -54,8 +55,8 @@ def position_seed(seed: int, choice: int, position: int) -> int:
 class Sampler:
     def __init__(self, eos_token_ids: set[int], token_text):
         self.eos = sorted(eos_token_ids)
-        self._token_text = token_text
-        """Callable id -> str, used only for logprob records."""
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(token_text)
+        """Callable id -> str, used only for logprob records (memoised: a vocabulary is finite)."""
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None], list[int]]:
@@ -105,12 +106,39 @@ class Sampler:
             failed = torch.where(grammar_bad, CONSTRAINT_FAILED, failed)
         failed = torch.where(raw_bad, NUMERIC_FAILED, failed)
 
-        token_list, failures = torch.stack([tokens, failed]).tolist()
-        records: list[dict | None] = [None] * len(seqs)
-        if raw_logprobs is not None:
-            for row, seq in enumerate(seqs):
-                if want_logprobs[row] and not failures[row]:
-                    records[row] = self._record(raw_logprobs[row], token_list[row], seq.params.top_logprobs)
+        return self._read_back(tokens, failed, raw_logprobs, seqs)
+
+    def _read_back(self, tokens: torch.Tensor, failed: torch.Tensor, raw_logprobs: torch.Tensor | None,
+                   seqs: list[Sequence]) -> tuple[list[int], list[dict | None], list[int]]:
+        """Tokens, failure codes and the logprobs asked for, in the step's one read-back
+        from the device (packed as float64, exact for token ids)."""
+        n = len(seqs)
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs] if raw_logprobs is not None else []
+        top_n = max((seqs[i].params.top_logprobs for i in rows), default=0)
+        packed = [tokens.double(), failed.double()]
+        if rows:
+            idx = torch.tensor(rows, device=tokens.device)
+            lp = raw_logprobs.index_select(0, idx)
+            packed.append(lp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1).double())
+            if top_n:
+                values, ids = lp.topk(top_n, dim=-1)
+                packed += [values.flatten().double(), ids.flatten().double()]
+        flat = torch.cat(packed).tolist()
+        token_list = [int(t) for t in flat[:n]]
+        failures = [int(f) for f in flat[n: 2 * n]]
+        records: list[dict | None] = [None] * n
+        r = len(rows)
+        chosen = flat[2 * n: 2 * n + r]
+        top_v = flat[2 * n + r: 2 * n + r + r * top_n]
+        top_i = flat[2 * n + r + r * top_n:]
+        for j, row in enumerate(rows):
+            if failures[row]:
+                continue
+            want = seqs[row].params.top_logprobs
+            tops = zip(top_i[j * top_n: j * top_n + want], top_v[j * top_n: j * top_n + want])
+            records[row] = {"token": self._token_text(token_list[row]), "id": token_list[row], "logprob": chosen[j],
+                            "top_logprobs": [{"token": self._token_text(int(i)), "id": int(i), "logprob": v}
+                                             for i, v in tops]}
         return token_list, records, failures
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,18 +168,6 @@ class Sampler:
                 gen.manual_seed(position_seed(seq.params.seed, seq.choice, len(seq.output_ids)))
                 out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
         return out, bad
-
-    def _record(self, logprobs: torch.Tensor, token: int, top_n: int) -> dict:
-        record = {"token": self._token_text(token), "id": token, "logprob": float(logprobs[token])}
-        if top_n > 0:
-            values, ids = logprobs.topk(top_n)
-            record["top_logprobs"] = [
-                {"token": self._token_text(i), "id": i, "logprob": v}
-                for v, i in zip(values.tolist(), ids.tolist())
-            ]
-        else:
-            record["top_logprobs"] = []
-        return record
 
 
 def _broken(x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     slot: int = -1
-    """Row of the batch KV cache while admitted, -1 otherwise."""
+    """Its slot (block table row) in the paged KV cache while admitted, -1 otherwise."""
     num_computed: int = 0
     """Tokens (prompt, then output) whose K/V are in the cache."""
     num_cached: int = 0
@@ -68,6 +68,15 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """Tokens ``start .. start+n`` of prompt plus output (without joining the two)."""
+        p = len(self.prompt_ids)
+        if start + n <= p:
+            return self.prompt_ids[start: start + n]
+        if start >= p:
+            return self.output_ids[start - p: start - p + n]
+        return self.prompt_ids[start:] + self.output_ids[: start + n - p]
 
     @property
     def length(self) -> int:

@@ -17,7 +17,7 @@ Driving (rank 0 leads): the text engine runs unchanged on rank 0 with a
 state of the model's KV cache (``MIRRORED_RUNNER_OPS``, ``MIRRORED_CACHE_OPS``) runs
 locally and is recorded; the record goes to the other ranks in one broadcast just
 before each forward pass, and ``follow`` replays it there in the same order, so every
-rank's cache holds the same rows and positions for its own heads. Everything else
+rank's paged cache holds the same block tables and positions for its own heads. Everything else
 (claiming, planning, sampling, detokenizing, stop handling, Redis) exists only on
 rank 0. The DRAM session/prefix store keeps its entries and accounting on rank 0;
 each follower keeps its own shard of every entry under the same key
@@ -42,16 +42,17 @@ import torch
 import torch.distributed as dist
 
 from gpu_worker.engine import FatalEngineError
+from gpu_worker.text.kvcache import MUTATING
 
 log = logging.getLogger(__name__)
 
 MIRRORED_RUNNER_OPS = ("forward", "save_kv", "restore_kv", "drop_kv")
 """``ModelRunner`` methods that rank 0 mirrors to the other ranks (in call order)."""
 
-MIRRORED_CACHE_OPS = ("ensure", "move_row", "swap_rows", "shrink")
-"""Batch KV cache methods that change its layout; rank 0 mirrors them. Read-only ones
-(``fits``, ``nbytes``, ``bytes_per_token``) answer from rank 0's cache. A new cache
-or a new way to move KV (paged blocks, preemption) adds its mutating methods here."""
+MIRRORED_CACHE_OPS = MUTATING
+"""Paged KV cache methods that change its block tables; rank 0 mirrors them. Read-only
+ones (``can_open``, ``nbytes``, ``bytes_per_token``) answer from rank 0's cache. A new
+way to change the cache adds its method to ``kvcache.MUTATING``."""
 
 STOP = "stop"
 KEEPALIVE = "keepalive"
@@ -269,13 +270,13 @@ class LeaderRunner:
         except Exception as exc:  # noqa: BLE001 - the followers ran (or wait in) the same step
             raise GroupLost(f"tensor-parallel forward pass failed: {type(exc).__name__}: {exc}") from exc
 
-    def save_kv(self, key: str, row: int, length: int):
-        self._recorder.record(("runner", "save_kv", (key, row, length)))
-        return self._runner.save_kv(key, row, length)
+    def save_kv(self, key: str, slot: int, length: int):
+        self._recorder.record(("runner", "save_kv", (key, slot, length)))
+        return self._runner.save_kv(key, slot, length)
 
-    def restore_kv(self, key: str, row: int, layers, length: int) -> None:
-        self._recorder.record(("runner", "restore_kv", (key, row, None, length)))
-        self._runner.restore_kv(key, row, layers, length)
+    def restore_kv(self, key: str, slot: int, layers, length: int) -> None:
+        self._recorder.record(("runner", "restore_kv", (key, slot, None, length)))
+        self._runner.restore_kv(key, slot, layers, length)
 
     def drop_kv(self, key: str) -> None:
         self._recorder.record(("runner", "drop_kv", (key,)))
@@ -316,14 +317,14 @@ class FollowerRunner:
         self.cache = runner.cache
         self.shards: dict[str, list] = {}
 
-    def forward(self, first_row, chunks, starts, used_rows, used_len):
-        self.runner.forward(first_row, chunks, starts, used_rows, used_len, logits=False)
+    def forward(self, slots, chunks, starts, _logit_rows=None):
+        self.runner.forward(slots, chunks, starts, logits=False)
 
-    def save_kv(self, key: str, row: int, length: int) -> None:
-        self.shards[key] = [(k.cpu(), v.cpu()) for k, v in self.runner.save_kv(key, row, length)]
+    def save_kv(self, key: str, slot: int, length: int) -> None:
+        self.shards[key] = [(k.cpu(), v.cpu()) for k, v in self.runner.save_kv(key, slot, length)]
 
-    def restore_kv(self, key: str, row: int, _layers, length: int) -> None:
-        self.runner.restore_kv(key, row, self.shards[key], length)
+    def restore_kv(self, key: str, slot: int, _layers, length: int) -> None:
+        self.runner.restore_kv(key, slot, self.shards[key], length)
 
     def drop_kv(self, key: str) -> None:
         self.shards.pop(key, None)

@@ -1,5 +1,5 @@
 """The continuous-batching engine against unbatched greedy decoding, with sequences
-joining and leaving mid-flight, chunked prefill and row moves, on the tiny model
+joining and leaving mid-flight, chunked prefill packed with decoding, on the tiny model
 (in float64, so only a real bug can flip an argmax)."""
 
 import pytest
@@ -32,8 +32,10 @@ def run(engine, schedule: dict[int, list[GenerateRequest]], max_steps=500):
     return {rid: [t for e in events for t in e[2]] for rid, events in run_schedule(engine, schedule, max_steps).items()}
 
 
-def test_changing_batch_matches_unbatched_greedy(engine_factory):
-    engine = engine_factory(max_seqs=3, max_prefill_tokens=16)
+@pytest.mark.parametrize("attention", ["slots", "sdpa"], ids=["slot-rows", "paged"])
+def test_changing_batch_matches_unbatched_greedy(engine_factory, attention):
+    """On CPU: the default slot rows (``slotcache``) and the paged cache (SDPA over blocks)."""
+    engine = engine_factory(max_seqs=3, max_prefill_tokens=16, runner_options={"attention_backend": attention})
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 390, (n,), generator=g).tolist() for n in (5, 23, 9, 40, 3, 17, 31)]
     max_tokens = [12, 5, 20, 7, 15, 9, 11]
@@ -167,9 +169,9 @@ def test_a_failing_step_hands_its_requests_back_and_the_engine_recovers(engine_f
     assert run(engine, {0: [b]})["r1"] == reference_greedy(engine.runner.model, b.prompt_token_ids, 4)
 
 
-def test_slot_rows_interchange_with_dynamic_cache_and_legacy_tuples(engine_factory):
-    """A cache computed by plain transformers (DynamicCache) continues in the engine's
-    slot rows, and a slot row continues in plain transformers, token for token."""
+def test_cache_slots_interchange_with_dynamic_cache_and_legacy_tuples(engine_factory):
+    """A cache computed by plain transformers (DynamicCache) continues in a slot of the
+    engine's paged cache, and a slot continues in plain transformers, token for token."""
     from gpu_worker.text.kvcache import dynamic_cache_to_layers, layers_to_dynamic_cache
 
     engine = engine_factory(max_seqs=4)
@@ -182,19 +184,20 @@ def test_slot_rows_interchange_with_dynamic_cache_and_legacy_tuples(engine_facto
         layers = dynamic_cache_to_layers(out.past_key_values)
         legacy = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
         assert all(torch.equal(a[0], b[0]) for a, b in zip(layers, dynamic_cache_to_layers(legacy)))
-    runner.cache.ensure(2, 64, 0, 0)
+    runner.cache.open(1, 64)
     runner.cache.from_layers(1, layers, len(prompt))
     tokens, pos = [first], len(prompt)
     for _ in range(7):
-        logits = runner.forward(1, [[tokens[-1]]], [pos], 2, pos)
+        logits = runner.forward([1], [[tokens[-1]]], [pos])
         tokens.append(int(logits[0].argmax()))
         pos += 1
     assert tokens == ref
-    # and back: the slot row as a DynamicCache drives plain transformers
+    # and back: the slot as a DynamicCache drives plain transformers
     dyn = layers_to_dynamic_cache(runner.cache.to_layers(1, pos), model.config)
     with torch.inference_mode():
         nxt = model(input_ids=torch.tensor([[tokens[-1]]]), **{cache_kwarg(model): dyn}, use_cache=True)
     assert int(nxt.logits[0, -1].argmax()) == reference_greedy(model, prompt, 9)[-1]
+    runner.cache.close(1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -79,6 +79,43 @@ def test_prefix_hit_across_users(engine):
     assert engine.kv_stats()["tokens_saved"] >= 2 * BLOCK
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "slots"], ids=["paged", "slot-rows"])
+def test_running_sequences_share_a_restored_prefix(engine_factory, attention):
+    """While the sequence whose prefill filled a stored prefix still runs, newcomers
+    that reuse that prefix take its KV from it, not from DRAM: the paged cache
+    references its blocks (every block free again once all have finished), slot rows
+    copy its row. Their tokens are unchanged either way."""
+    engine = engine_factory(max_seqs=4, max_prefill_tokens=64, kv_dram_bytes=64 << 20,
+                            runner_options={"attention_backend": attention})
+    system = list(range(200, 200 + 2 * BLOCK))
+    users = [system + [310 + i] * (3 + i) for i in range(4)]
+    first_event_cached(engine, turn("p0", users[0], session=None))  # the prefix seen once
+    cache, stats = engine.runner.cache, engine.kv_store.stats
+    shared_before, restores_before = stats.shared, stats.restores
+    shared_blocks = []
+    real = engine.planner.on_admit
+
+    def spy(seq):
+        real(seq)
+        shared_blocks.append(cache.shared_blocks(seq.slot))
+
+    engine.planner.on_admit = spy
+    try:  # p1 is the second to send it: stored after its prefill, held in its blocks while it decodes
+        outputs = run(engine, {0: [turn("p1", users[1], n=30, session=None)],
+                               6: [turn("p2", users[2], session=None), turn("p3", users[3], session=None)]})
+    finally:
+        engine.planner.on_admit = real
+    assert stats.restores - restores_before == 2 and stats.shared - shared_before == 2
+    assert outputs["p1"] == reference_greedy(engine.runner.model, users[1], 30)
+    for i in (2, 3):
+        assert outputs[f"p{i}"] == reference_greedy(engine.runner.model, users[i], 10)
+    if attention == "sdpa":
+        assert shared_blocks == [0, 2, 2]  # p2 and p3 each reference both blocks of the system prompt
+        assert not any(cache.pool.refs) and cache.pool.reserved == 0
+    else:
+        assert shared_blocks == [0, 0, 0]
+
+
 def test_reuse_reports_index_changes(engine):
     engine.step(lambda b: None)  # flush whatever is pending
     batches = []
@@ -206,8 +243,8 @@ def test_bfloat16_sessions_restore_exactly_what_was_saved(tiny_model_dir):
     def spy(seq):
         real_restore(seq)
         n = seq.num_cached
-        restored.append([(bf16.runner.cache.keys[i][seq.slot, :, :n].clone(), k[:, :n]) for i, (k, _) in
-                         enumerate(entry.layers)])
+        restored.append([(kept, k[:, :n]) for (kept, _), (k, _) in zip(bf16.runner.cache.to_layers(seq.slot, n),
+                                                                        entry.layers)])
 
     bf16.planner.on_admit = spy
     cached, out2 = first_event_cached(bf16, req)

@@ -1,7 +1,7 @@
 """Tensor parallelism (gpu_worker.text.tp) on CPU with gloo: the text engine on two
 ranks (this process leads as rank 0; rank 1 is a real ``inferstack worker`` follower
 process) produces exactly what it produces on one device — continuous batching with
-chunked prefill and row moves, seeded sampling, n > 1, stop tokens, and DRAM session
+chunked prefill in packed steps, seeded sampling, n > 1, stop tokens, and DRAM session
 caches saved, evicted and restored on every rank's shard."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from gpu_worker.text.kvcache import SlotKVCache
+from broker.prefix import BLOCK, prefix_hashes
+from gpu_worker.text.kvcache import PagedKVCache
 from gpu_worker.text.tp import TpRank, shard_model, split
 from inferstack.redis_server import free_port
 from inferstack.registry import Modality, ModelSpec
@@ -51,10 +52,12 @@ def tokens_of(events: list[tuple], choice: int = 0) -> list[int]:
     return [t for e in events if e[0] == choice for t in e[2]]
 
 
-def workload(engine_run, vocab: int = 390) -> tuple[dict, dict]:
-    """Turn one: a changing batch (joins mid-flight, chunked prefill, row moves),
+def workload(engine_run, vocab: int = 390) -> tuple[dict, dict, dict]:
+    """Turn one: a changing batch (joins mid-flight, chunked prefill, slots reused),
     greedy and seeded sampling, n=2, a stop token, sessions. Turn two continues each
-    session (its KV restored from the DRAM store, or recomputed where it was evicted)."""
+    session (its KV restored from the DRAM store, or recomputed where it was evicted).
+    Three: requests sharing a system prompt, stored as a prefix once two have sent it;
+    a later one references the running holder's blocks (``attach``)."""
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 23, 9, 40, 3, 17)]
     first = [
@@ -69,22 +72,30 @@ def workload(engine_run, vocab: int = 390) -> tuple[dict, dict]:
     second = [text_request(10 + i, first[i].prompt_token_ids + tokens_of(one[f"r{i}"]) + [7, 8, 9], 6,
                            session=first[i].session_key) for i in (0, 1, 3, 5)]
     two = engine_run({0: second[:2], 1: second[2:]})
-    return one, two
+    system = torch.randint(3, vocab, (BLOCK,), generator=g).tolist()
+    shared = [text_request(20 + i, system + [5 + i] * (2 + i), 24 if i < 2 else 6) for i in range(3)]
+    for r in shared:
+        r.prefix_hashes = prefix_hashes(r.prompt_token_ids)
+    three = engine_run({0: shared[:2], 12: shared[2:]})
+    return one, two, three
 
 
-@pytest.mark.parametrize("model", ["uneven_llama", "tiny_qwen3"])
-def test_two_ranks_equal_one(model, request, tmp_path, one_thread):
+@pytest.mark.parametrize(("model", "attention"), [("uneven_llama", "slots"), ("tiny_qwen3", "sdpa")],
+                         ids=["llama-slot-rows", "qwen3-paged"])
+def test_two_ranks_equal_one(model, attention, request, tmp_path, one_thread):
+    """Each rank's cache in the CPU's slot rows, and in the paged cache (GPUs' layout)."""
     model_dir = request.getfixturevalue(model)
     spec = ModelSpec(name="m", modality=Modality.TEXT, path=str(model_dir), max_batch=3)
     cfg = AutoConfig.from_pretrained(str(model_dir))
-    token_bytes = SlotKVCache.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float64)
+    token_bytes = PagedKVCache.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float64)
     # A DRAM store of 64 tokens, less than the sessions need: saves, evictions and restores all happen.
-    kw = dict(max_seqs=3, max_prefill_tokens=16, kv_dram_bytes=64 * token_bytes)
+    kw = dict(max_seqs=3, max_prefill_tokens=16, kv_dram_bytes=64 * token_bytes,
+              runner_options={"attention_backend": attention})
     reference = tp1_engine(spec, model_dir, torch.float64, **kw)
     want = workload(lambda s: run_schedule(reference, s))
 
     port = free_port()
-    follower = start_follower(tmp_path, "m", model_dir, port, dtype="float64", max_batch=3)
+    follower = start_follower(tmp_path, "m", model_dir, port, dtype="float64", max_batch=3, attention=attention)
     engine = tp2_engine(spec, model_dir, torch.float64, follower, port, **kw)
     try:
         got = workload(lambda s: run_schedule(engine, s))
@@ -93,7 +104,7 @@ def test_two_ranks_equal_one(model, request, tmp_path, one_thread):
         engine.close()
     assert follower.wait(60) == 0, "the follower did not stop cleanly"
     assert got == want
-    assert stats["restores"] >= 1 and stats["evictions"] >= 1, stats
+    assert stats["restores"] >= 1 and stats["evictions"] >= 1 and stats["shared_restores"] >= 1, stats
     assert any(e[5] > 0 for events in got[1].values() for e in events), "no session cache was reused"
     # the shards really are shards: rank 0 holds its share of the heads
     assert engine.runner.cache.shape_tail[0] == split(cfg.num_key_value_heads, 2)[0]
@@ -127,8 +138,16 @@ class LoopbackGroup:
         pass
 
 
-def test_every_cache_change_reaches_the_followers(tiny_model_dir):
-    """The mirrored surface is complete: after a workload with joins, row moves,
+def cache_state(cache) -> tuple:
+    """Everything but the tensors: block tables and references, or the slot rows' extents."""
+    if hasattr(cache, "tables"):
+        return cache.tables, cache.pool.refs, cache.pool.reserved, cache.capacity
+    return cache.rows, cache.capacity, cache._limit, cache._used
+
+
+@pytest.mark.parametrize("attention", ["slots", "sdpa"], ids=["slot-rows", "paged"])
+def test_every_cache_change_reaches_the_followers(tiny_model_dir, attention):
+    """The mirrored surface is complete: after a workload with joins, slots opened and closed,
     chunked prefill, session saves, evictions and restores, a follower that saw only
     the broadcast ops holds exactly rank 0's cache and store keys. (A new way to change
     the cache that is not in MIRRORED_*_OPS makes them differ here.)"""
@@ -137,20 +156,21 @@ def test_every_cache_change_reaches_the_followers(tiny_model_dir):
 
     spec = ModelSpec(name="m", modality=Modality.TEXT, path=str(tiny_model_dir), max_batch=3)
     cfg = AutoConfig.from_pretrained(str(tiny_model_dir))
-    token_bytes = SlotKVCache.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float64)
+    token_bytes = PagedKVCache.token_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float64)
+    options = {"attention_backend": attention}
     engine = tp1_engine(spec, tiny_model_dir, torch.float64, max_seqs=3, max_prefill_tokens=16,
-                        kv_dram_bytes=64 * token_bytes)
-    group = LoopbackGroup(make_runner(spec, tiny_model_dir, device=CPU, dtype=torch.float64, max_seqs=3))
+                        kv_dram_bytes=64 * token_bytes, runner_options=options)
+    group = LoopbackGroup(make_runner(spec, tiny_model_dir, device=CPU, dtype=torch.float64, max_seqs=3, **options))
     engine.runner = LeaderRunner(engine.runner, group)
-    engine.planner.rows = engine.runner.cache
+    engine.planner.slots = engine.runner.cache
     workload(lambda s: run_schedule(engine, s))
-    engine.runner.cache.shrink(0, 0)  # recorded; shipped with the next forward, or here:
+    engine.runner.cache.shrink()  # recorded; shipped with the next forward, or here:
     engine.runner._recorder.flush()
     mine, theirs = engine.runner._runner.cache, group.follower.cache
-    assert (mine.rows, mine.capacity) == (theirs.rows, theirs.capacity)
+    assert cache_state(mine) == cache_state(theirs)
     assert all(torch.equal(a, b) for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values))
     assert set(group.follower.shards) == set(engine.kv_store.entries)
-    assert {"forward", "ensure", "move_row", "save_kv", "restore_kv", "drop_kv"} <= set(group.sent)
+    assert {"forward", "open", "close", "attach", "save_kv", "restore_kv", "drop_kv"} <= set(group.sent)
     engine.close()
 
 

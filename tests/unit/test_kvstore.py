@@ -88,23 +88,27 @@ def test_a_failed_copy_to_host_leaves_the_store_as_it_was(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_layers_go_to_pinned_host_memory_and_back():
-    from gpu_worker.text.kvcache import SlotKVCache
+    from gpu_worker.text.kvcache import PagedKVCache
 
     dev = torch.device("cuda")
-    cache = SlotKVCache(2, 4, 1, 4, dtype=torch.bfloat16, device=dev, max_len=64)
-    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-        k[1, :, :6] = torch.randn(1, 6, 4, device=dev).to(torch.bfloat16) + i
-        v[1, :, :6] = -k[1, :, :6]
+    cache = PagedKVCache(2, 4, 1, 4, dtype=torch.bfloat16, device=dev, max_len=64, block_size=4)
+    cache.open(1, 16)
+    cache.open(2, 16)
+    src = [((torch.randn(1, 6, 4, device=dev) + i).to(torch.bfloat16),) * 2 for i in range(2)]
+    src = [(k, -k) for k, _ in src]
+    cache.from_layers(1, src, 6)
     store = KvStore(budget_bytes=1 << 20)
     entry, _ = store.put("s", "session", list(range(6)), cache.to_layers(1, 6))
-    cache.keys[0][1].zero_()  # later steps overwrite the row; the stored copy must not change
+    for t in cache.keys + cache.values:  # later steps overwrite the blocks; the stored copy must not change
+        t.zero_()
     stored = entry.layers  # waits for the device-to-host copy
     assert entry.ready is None
     assert all(t.device.type == "cpu" and t.is_pinned() and t.dtype == torch.bfloat16 for kv in stored for t in kv)
+    assert all(torch.equal(a.cpu(), b) for (ka, va), (kb, vb) in zip(src, stored) for a, b in ((ka, kb), (va, vb)))
     cache.from_layers(2, stored, 6)
     torch.cuda.synchronize()
-    assert torch.equal(cache.keys[0][2, :, :6].cpu(), stored[0][0]) and torch.equal(cache.values[1][2, :, :6],
-                                                                                   -cache.keys[1][1, :, :6])
+    back = cache.to_layers(2, 6)
+    assert all(torch.equal(a.cpu(), b) for (ka, va), (kb, vb) in zip(back, stored) for a, b in ((ka, kb), (va, vb)))
 
 
 def test_prefix_entries_serve_only_their_own_cache_scope():

@@ -89,6 +89,17 @@ def test_logprobs_are_raw_model_logprobs():
     assert SAMPLER(LOGITS, [mk(temperature=0.0)])[1] == [None]
 
 
+def test_logprobs_of_mixed_rows_come_back_per_row():
+    logits = torch.stack([LOGITS[0], LOGITS[0].flip(0), LOGITS[0], torch.full((V,), float("nan"))])
+    seqs = [mk(temperature=0.0, logprobs=True, top_logprobs=1), mk(temperature=0.0),
+            mk(temperature=0.0, logprobs=True, top_logprobs=0), mk(temperature=0.0, logprobs=True, top_logprobs=2)]
+    toks, recs, failures = SAMPLER(logits, seqs)
+    assert toks[:3] == [2, V - 1 - 2, 2] and failures == [0, 0, 0, 2]
+    assert [t["id"] for t in recs[0]["top_logprobs"]] == [2] and recs[0]["token"] == "2"
+    assert recs[1] is None and recs[2]["top_logprobs"] == [] and recs[3] is None  # a failed row reports nothing
+    assert math.isclose(recs[2]["logprob"], float(torch.log_softmax(LOGITS[0], -1)[2]), rel_tol=1e-6)
+
+
 def test_a_vanishing_temperature_is_greedy_not_nan():
     assert SAMPLER(LOGITS, [mk(temperature=1e-9)])[0] == [2]
 
