@@ -22,6 +22,9 @@ Reported: the newcomer's TTFT p50/p95/max and request count, the flood's through
 (streamed tokens per second while the newcomer runs) and the preemptions the
 worker made (from its heartbeat). A newcomer request still waiting when the
 window closes counts with the time it had waited so far (a lower bound).
+``--repeats N`` runs each scenario N times per mode, alternating the modes so that drift
+on a shared machine hits both; TTFTs are pooled and the flood's throughput is the
+median run's (every run's is in the JSON).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import time
 
 import httpx
@@ -125,7 +129,7 @@ async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, ar
     ms = [t * 1000 for t in ttfts]
     return {"newcomer_requests": len(ttfts), "ttft_p50_ms": pct(ms, 50), "ttft_p95_ms": pct(ms, 95),
             "ttft_max_ms": max(ms, default=float("nan")), "flood_tokens_per_s": in_window / window,
-            "window_s": window, "errors": errors}
+            "window_s": window, "errors": errors, "ttfts_ms": ms}
 
 
 def main(argv=None) -> None:
@@ -137,11 +141,13 @@ def main(argv=None) -> None:
     ap.add_argument("--think", type=float, default=1.0, help="seconds between the newcomer's requests")
     ap.add_argument("--scenarios", default="share,tier")
     ap.add_argument("--modes", default="on,off")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per scenario and mode, alternating modes (drift on a shared machine hits both)")
     ap.add_argument("--out", default="loadtest/results/preemption.json")
     args = ap.parse_args(argv)
-    result = {"machine": machine(), "args": vars(args), "runs": {}}
+    result = {"machine": machine(), "args": vars(args), "runs": {}, "repeats": {}}
     for scenario in args.scenarios.split(","):
-        for mode in args.modes.split(","):
+        for rep, mode in [(k, m) for k in range(args.repeats) for m in args.modes.split(",")]:
             server = RedisServer()
             try:
                 proc, url = start_stack("continuous", {"INFERSTACK_PREEMPTION": "true" if mode == "on" else "false",
@@ -157,8 +163,9 @@ def main(argv=None) -> None:
                     stop_stack(proc)
             finally:
                 server.stop()
-            result["runs"][f"{scenario}/{mode}"] = res
-            print(f"{scenario:6} preemption {mode:3}: newcomer TTFT p50 {res['ttft_p50_ms']:7.0f} ms  p95 "
+            result["repeats"].setdefault(f"{scenario}/{mode}", []).append(res)
+            result["runs"][f"{scenario}/{mode}"] = merged(result["repeats"][f"{scenario}/{mode}"])
+            print(f"{scenario:6} preemption {mode:3} (run {rep + 1}): newcomer TTFT p50 {res['ttft_p50_ms']:7.0f} ms  p95 "
                   f"{res['ttft_p95_ms']:7.0f}  max {res['ttft_max_ms']:7.0f}  ({res['newcomer_requests']} requests)  "
                   f"flood {res['flood_tokens_per_s']:6.1f} tok/s  preemptions {res['preemptions']}  "
                   f"errors {res['errors']}", flush=True)
@@ -166,6 +173,17 @@ def main(argv=None) -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(markdown(result))
+
+
+def merged(runs: list[dict]) -> dict:
+    """Repeats of one scenario and mode as one row: TTFTs pooled, flood throughput the
+    median over the runs, counts summed."""
+    ms = sorted(t for r in runs for t in r["ttfts_ms"])
+    return {"newcomer_requests": len(ms), "ttft_p50_ms": pct(ms, 50), "ttft_p95_ms": pct(ms, 95),
+            "ttft_max_ms": max(ms, default=float("nan")), "flood_tokens_per_s": statistics.median(r["flood_tokens_per_s"] for r in runs),
+            "flood_tokens_per_s_runs": [r["flood_tokens_per_s"] for r in runs],
+            "window_s": sum(r["window_s"] for r in runs), "preemptions": sum(r["preemptions"] for r in runs),
+            "errors": {k: sum(r["errors"][k] for r in runs) for k in ("flood", "newcomer")}}
 
 
 def markdown(result: dict) -> str:
