@@ -20,8 +20,10 @@ Per scenario and mode (``INFERSTACK_PREEMPTION=true|false``) it starts its own s
 
 Reported: the newcomer's TTFT p50/p95/max and request count, the flood's throughput
 (streamed tokens per second while the newcomer runs) and the preemptions the
-worker made (from its heartbeat). A newcomer request still waiting when the
-window closes counts with the time it had waited so far (a lower bound).
+worker made (from its heartbeat). Beside the flood's tokens per second, its tokens
+per CPU-second of the workers: wall-clock throughput on a shared 2-core machine moves
+±15 % between identical runs, the work each token costs much less. A newcomer
+request still waiting when the window closes counts with the time it had waited so far (a lower bound).
 ``--repeats N`` runs each scenario N times per mode, alternating the modes so that drift
 on a shared machine hits both; TTFTs are pooled and the flood's throughput is the
 median run's (every run's is in the JSON).
@@ -37,6 +39,7 @@ import statistics
 import time
 
 import httpx
+import psutil
 import redis
 
 from broker import keys
@@ -69,7 +72,18 @@ async def stream(client: httpx.AsyncClient, url: str, i: int, user: str, priorit
                     on_token(time.monotonic())
 
 
-async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, args) -> dict:
+def worker_cpu_s(r: redis.Redis) -> float:
+    """CPU seconds the stack's workers have used so far (their pids from the heartbeats)."""
+    total = 0.0
+    for w in r.zrange(keys.WORKERS, 0, -1):
+        pid = r.hget(keys.worker(w), "pid")
+        if pid:
+            t = psutil.Process(int(pid)).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, args, cpu=lambda: 0.0) -> dict:
     flood_tokens: list[float] = []
     started: set[int] = set()
     errors = {"flood": 0, "newcomer": 0}
@@ -114,10 +128,10 @@ async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, ar
             if time.monotonic() > deadline:
                 raise RuntimeError("the flood never filled the batch")
             await asyncio.sleep(0.1)
-        window_start = time.monotonic()
+        window_start, cpu_start = time.monotonic(), cpu()
         newcomer_task = asyncio.create_task(newcomer(client))
         await asyncio.sleep(args.duration)
-        window_end = time.monotonic()
+        window_end, cpu_end = time.monotonic(), cpu()
         stop.set()
         if "t" in pending:  # still waiting: count what it waited so far (a lower bound)
             ttfts.append(window_end - pending["t"])
@@ -129,6 +143,7 @@ async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, ar
     ms = [t * 1000 for t in ttfts]
     return {"newcomer_requests": len(ttfts), "ttft_p50_ms": pct(ms, 50), "ttft_p95_ms": pct(ms, 95),
             "ttft_max_ms": max(ms, default=float("nan")), "flood_tokens_per_s": in_window / window,
+            "flood_tokens_per_cpu_s": in_window / max(cpu_end - cpu_start, 1e-9),
             "window_s": window, "errors": errors, "ttfts_ms": ms}
 
 
@@ -155,7 +170,7 @@ def main(argv=None) -> None:
                                         redis_url=server.url)
                 r = redis.Redis.from_url(server.url, decode_responses=True)
                 try:
-                    res = asyncio.run(run_scenario(url, *SCENARIOS[scenario], args))
+                    res = asyncio.run(run_scenario(url, *SCENARIOS[scenario], args, cpu=lambda: worker_cpu_s(r)))
                     res["preemptions"] = sum(int(r.hget(keys.worker(w), "preemptions") or 0)
                                              for w in r.zrange(keys.WORKERS, 0, -1))  # its heartbeat
                 finally:
@@ -167,7 +182,7 @@ def main(argv=None) -> None:
             result["runs"][f"{scenario}/{mode}"] = merged(result["repeats"][f"{scenario}/{mode}"])
             print(f"{scenario:6} preemption {mode:3} (run {rep + 1}): newcomer TTFT p50 {res['ttft_p50_ms']:7.0f} ms  p95 "
                   f"{res['ttft_p95_ms']:7.0f}  max {res['ttft_max_ms']:7.0f}  ({res['newcomer_requests']} requests)  "
-                  f"flood {res['flood_tokens_per_s']:6.1f} tok/s  preemptions {res['preemptions']}  "
+                  f"flood {res['flood_tokens_per_s']:6.1f} tok/s, {res['flood_tokens_per_cpu_s']:5.1f} per worker CPU-s  preemptions {res['preemptions']}  "
                   f"errors {res['errors']}", flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
@@ -181,20 +196,25 @@ def merged(runs: list[dict]) -> dict:
     ms = sorted(t for r in runs for t in r["ttfts_ms"])
     return {"newcomer_requests": len(ms), "ttft_p50_ms": pct(ms, 50), "ttft_p95_ms": pct(ms, 95),
             "ttft_max_ms": max(ms, default=float("nan")), "flood_tokens_per_s": statistics.median(r["flood_tokens_per_s"] for r in runs),
+            "flood_tokens_per_cpu_s": statistics.median(r["flood_tokens_per_cpu_s"] for r in runs),
             "flood_tokens_per_s_runs": [r["flood_tokens_per_s"] for r in runs],
             "window_s": sum(r["window_s"] for r in runs), "preemptions": sum(r["preemptions"] for r in runs),
             "errors": {k: sum(r["errors"][k] for r in runs) for k in ("flood", "newcomer")}}
 
 
 def markdown(result: dict) -> str:
-    lines = ["| scenario | preemption | newcomer TTFT p50 / p95 / max ms | newcomer requests | flood tok/s | "
-             "flood vs off | preemptions |", "|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | preemption | newcomer TTFT p50 / p95 / max ms | newcomer requests | flood tok/s "
+             "(runs) | flood vs off | flood tokens per worker CPU-s | vs off | preemptions |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, r in result["runs"].items():
         scenario, mode = key.split("/")
         off = result["runs"].get(f"{scenario}/off")
         ratio = f"{r['flood_tokens_per_s'] / off['flood_tokens_per_s']:.2f}" if off else "-"
+        cpu_ratio = f"{r['flood_tokens_per_cpu_s'] / off['flood_tokens_per_cpu_s']:.2f}" if off else "-"
+        runs = ", ".join(f"{x:.1f}" for x in r.get("flood_tokens_per_s_runs", [r["flood_tokens_per_s"]]))
         lines.append(f"| {scenario} | {mode} | {r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} / {r['ttft_max_ms']:.0f} "
-                     f"| {r['newcomer_requests']} | {r['flood_tokens_per_s']:.1f} | {ratio} | {r['preemptions']} |")
+                     f"| {r['newcomer_requests']} | {r['flood_tokens_per_s']:.1f} ({runs}) | {ratio} "
+                     f"| {r['flood_tokens_per_cpu_s']:.1f} | {cpu_ratio} | {r['preemptions']} |")
     return "\n".join(lines)
 
 

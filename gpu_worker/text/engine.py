@@ -409,13 +409,14 @@ class TextEngine:
 
     def _preempt(self, rid: str, reason: str, out: list[Outgoing]) -> None:
         """Take a request out of the batch and hand it back to the queue; its KV waits in
-        DRAM for a resume here (sequences shorter than a block are recomputed: cheaper
-        than keeping them). One still waiting for its grammar just leaves."""
+        DRAM for a resume here, however short: copying a token's KV costs far less than
+        computing it again (recomputing a 60-token victim on a CPU costs a whole decode
+        step of the batch, each time). One still waiting for its grammar just leaves."""
         state = self._requests.pop(rid, None)
         if state is None:
             return  # it finished or left meanwhile: its slots are free already
         for seq in state.seqs:
-            if self.kv_store is not None and seq.slot >= 0 and not seq.status.finished and seq.num_computed >= BLOCK:
+            if self.kv_store is not None and seq.slot >= 0 and not seq.status.finished and seq.num_computed > 0:
                 self._store(_preempted_key(seq), "preempted", seq, seq.num_computed)
             self._leave(seq)
         self.preemptions += 1

@@ -117,6 +117,30 @@ def test_a_preempted_sequence_resumes_with_identical_tokens(engine_factory, devi
         assert out.tokens("a1") == reference_greedy(reference.runner.model, a1.prompt_token_ids, 30)
 
 
+def test_a_short_victim_is_restored_from_dram_not_recomputed(engine_factory):
+    """A victim far shorter than a prefix block (12 prompt tokens + 5 sent) still keeps
+    its KV: resuming it here prefills one token, not its whole history again."""
+    engine = engine_factory(max_seqs=1, kv_dram_bytes=64 << 20)
+    a, b = greq("a", "a", prompt(1, 12), 12), greq("b", "b", prompt(2, 8), 3)
+    out = Collector()
+    engine.add(Claimed(a, 1), [])
+    steps_until(engine, out, lambda: len(out.tokens("a")) >= 5)
+    engine.add(Claimed(b, 1, victims=("a",), reason="share"), [])
+    engine.step(out)
+    assert out.requeued == [("a", "preempted", "share")]
+    computed = engine.kv_store.entries["preempted:a:0"].token_ids
+    assert computed == a.prompt_token_ids + out.tokens("a")[:len(computed) - 12]
+    steps_until(engine, out, lambda: "b" in out.done)
+    sent = list(out.events["a"])
+    restores = engine.kv_store.stats.restores
+    engine.add(Claimed(a, 2, preemptions=1), sent)
+    engine.step(out)  # the resume step: one token of prefill on top of the restored KV
+    assert engine.kv_store.stats.restores == restores + 1
+    assert not [k for k in engine.kv_store.entries if k.startswith("preempted:")]  # used up
+    steps_until(engine, out, lambda: "a" in out.done)
+    assert out.tokens("a") == uninterrupted(engine_factory(max_seqs=1), a)
+
+
 def test_a_victim_that_finished_meanwhile_just_frees_its_row(engine_factory):
     engine = engine_factory(max_seqs=1)
     a, b = greq("a", "a", [5, 6, 7], 3), greq("b", "b", [8, 9], 3)
