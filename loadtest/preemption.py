@@ -83,7 +83,32 @@ def worker_cpu_s(r: redis.Redis) -> float:
     return total
 
 
-async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, args, cpu=lambda: 0.0) -> dict:
+def cpu_by_process(pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of each process named by its role (``inferstack.cli <role>``,
+    redis-server, this benchmark), children included: where the two cores go."""
+    out: dict[str, float] = {}
+    procs = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs += [p] + p.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        role = cmd[cmd.index("inferstack.cli") + 1] if "inferstack.cli" in cmd else (
+            "redis-server" if "redis-server" in " ".join(cmd[:1]) else "benchmark" if p.pid == os.getpid() else
+            os.path.basename(cmd[0]) if cmd else "?")
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, args, cpu=lambda: 0.0,
+                       by_process=dict) -> dict:
     flood_tokens: list[float] = []
     started: set[int] = set()
     errors = {"flood": 0, "newcomer": 0}
@@ -128,10 +153,10 @@ async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, ar
             if time.monotonic() > deadline:
                 raise RuntimeError("the flood never filled the batch")
             await asyncio.sleep(0.1)
-        window_start, cpu_start = time.monotonic(), cpu()
+        window_start, cpu_start, procs_start = time.monotonic(), cpu(), by_process()
         newcomer_task = asyncio.create_task(newcomer(client))
         await asyncio.sleep(args.duration)
-        window_end, cpu_end = time.monotonic(), cpu()
+        window_end, cpu_end, procs_end = time.monotonic(), cpu(), by_process()
         stop.set()
         if "t" in pending:  # still waiting: count what it waited so far (a lower bound)
             ttfts.append(window_end - pending["t"])
@@ -144,7 +169,8 @@ async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, ar
     return {"newcomer_requests": len(ttfts), "ttft_p50_ms": pct(ms, 50), "ttft_p95_ms": pct(ms, 95),
             "ttft_max_ms": max(ms, default=float("nan")), "flood_tokens_per_s": in_window / window,
             "flood_tokens_per_cpu_s": in_window / max(cpu_end - cpu_start, 1e-9),
-            "window_s": window, "errors": errors, "ttfts_ms": ms}
+            "window_s": window, "errors": errors, "ttfts_ms": ms,
+            "cores_by_process": {k: round((procs_end[k] - procs_start.get(k, 0.0)) / window, 3) for k in procs_end}}
 
 
 def main(argv=None) -> None:
@@ -170,7 +196,9 @@ def main(argv=None) -> None:
                                         redis_url=server.url)
                 r = redis.Redis.from_url(server.url, decode_responses=True)
                 try:
-                    res = asyncio.run(run_scenario(url, *SCENARIOS[scenario], args, cpu=lambda: worker_cpu_s(r)))
+                    res = asyncio.run(run_scenario(
+                        url, *SCENARIOS[scenario], args, cpu=lambda: worker_cpu_s(r),
+                        by_process=lambda: cpu_by_process([proc.pid, server.proc.pid, os.getpid()])))
                     res["preemptions"] = sum(int(r.hget(keys.worker(w), "preemptions") or 0)
                                              for w in r.zrange(keys.WORKERS, 0, -1))  # its heartbeat
                 finally:
@@ -183,7 +211,8 @@ def main(argv=None) -> None:
             print(f"{scenario:6} preemption {mode:3} (run {rep + 1}): newcomer TTFT p50 {res['ttft_p50_ms']:7.0f} ms  p95 "
                   f"{res['ttft_p95_ms']:7.0f}  max {res['ttft_max_ms']:7.0f}  ({res['newcomer_requests']} requests)  "
                   f"flood {res['flood_tokens_per_s']:6.1f} tok/s, {res['flood_tokens_per_cpu_s']:5.1f} per worker CPU-s  preemptions {res['preemptions']}  "
-                  f"errors {res['errors']}", flush=True)
+                  f"errors {res['errors']}\n    cores by process: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(res["cores_by_process"].items())), flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -206,7 +206,7 @@ class Exporter:
         if entries:
             return entries
         entries: list[tuple[str, dict]] = []
-        deadline = time.monotonic() + self.s.exporter_flush_s
+        deadline = time.monotonic() + self.s.flush_s
         while len(entries) < self.s.exporter_batch:
             wait_ms = int((deadline - time.monotonic()) * 1000)
             if wait_ms <= 0 or (not block and entries):
