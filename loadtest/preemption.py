@@ -94,7 +94,11 @@ def cpu_by_process(pids: list[int]) -> dict[str, float]:
             procs += [p] + p.children(recursive=True)
         except psutil.NoSuchProcess:
             pass
+    seen: set[int] = set()
     for p in procs:
+        if p.pid in seen:  # the stack is this process's child too: count each process once
+            continue
+        seen.add(p.pid)
         try:
             cmd = p.cmdline()
             t = p.cpu_times()
