@@ -157,3 +157,22 @@ def test_a_store_created_before_the_preemption_columns_gains_them(tmp_path):
     ]))
     [row] = store.query("SELECT status, attempts, preemptions, preempted_s FROM requests")
     assert row == {"status": "finished", "attempts": 1, "preemptions": 1, "preempted_s": 3.0}
+
+
+def test_chdb_store_cleans_up_the_parts_merges_replaced(tmp_path, monkeypatch):
+    """Each insert is a short session that leaves a part directory; without a cleanup
+    they pile up and every later open reads them all. Now and then the writer holds its
+    session long enough for ClickHouse to merge and delete the replaced ones."""
+    from metrics import store as store_mod
+
+    s = store_mod.ChdbStore(tmp_path / "chdb")
+    row = {"request_id": "", "model": "m", "user": "u", "updated_at": 1.0}
+    for i in range(12):
+        s.insert([{**row, "request_id": f"r{i}"}])
+    piled = s.part_directories()
+    assert piled >= 10, piled  # short sessions: nothing cleaned up yet
+    monkeypatch.setattr(store_mod, "TIDY_EVERY_S", 0.0)
+    s.insert([{**row, "request_id": "r12"}])
+    after = s.part_directories()
+    assert after <= piled // 2, (piled, after)
+    assert s.query("SELECT count() AS n FROM requests")[0]["n"] == 13  # nothing lost on the way
