@@ -151,6 +151,7 @@ class Procs:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()  # reaped: no zombie, no ResourceWarning from its Popen
 
 
 class Run:

@@ -70,6 +70,7 @@ def stop_stack(proc: subprocess.Popen) -> None:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
 
 
 def child(proc: subprocess.Popen, what: str) -> psutil.Process:

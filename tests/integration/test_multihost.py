@@ -96,6 +96,7 @@ class Processes:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
 
 
 class Load:
