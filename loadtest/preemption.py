@@ -72,17 +72,6 @@ async def stream(client: httpx.AsyncClient, url: str, i: int, user: str, priorit
                     on_token(time.monotonic())
 
 
-def worker_cpu_s(r: redis.Redis) -> float:
-    """CPU seconds the stack's workers have used so far (their pids from the heartbeats)."""
-    total = 0.0
-    for w in r.zrange(keys.WORKERS, 0, -1):
-        pid = r.hget(keys.worker(w), "pid")
-        if pid:
-            t = psutil.Process(int(pid)).cpu_times()
-            total += t.user + t.system
-    return total
-
-
 def cpu_by_process(pids: list[int]) -> dict[str, float]:
     """CPU seconds so far of each process named by its role (``inferstack.cli <role>``,
     redis-server, this benchmark), children included: where the two cores go."""
@@ -111,8 +100,7 @@ def cpu_by_process(pids: list[int]) -> dict[str, float]:
     return out
 
 
-async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, args, cpu=lambda: 0.0,
-                       by_process=dict) -> dict:
+async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, args, by_process=dict) -> dict:
     flood_tokens: list[float] = []
     started: set[int] = set()
     errors = {"flood": 0, "newcomer": 0}
@@ -157,10 +145,10 @@ async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, ar
             if time.monotonic() > deadline:
                 raise RuntimeError("the flood never filled the batch")
             await asyncio.sleep(0.1)
-        window_start, cpu_start, procs_start = time.monotonic(), cpu(), by_process()
+        window_start, procs_start = time.monotonic(), by_process()
         newcomer_task = asyncio.create_task(newcomer(client))
         await asyncio.sleep(args.duration)
-        window_end, cpu_end, procs_end = time.monotonic(), cpu(), by_process()
+        window_end, procs_end = time.monotonic(), by_process()
         stop.set()
         if "t" in pending:  # still waiting: count what it waited so far (a lower bound)
             ttfts.append(window_end - pending["t"])
@@ -172,7 +160,7 @@ async def run_scenario(url: str, flood_priority: str, newcomer_priority: str, ar
     ms = [t * 1000 for t in ttfts]
     return {"newcomer_requests": len(ttfts), "ttft_p50_ms": pct(ms, 50), "ttft_p95_ms": pct(ms, 95),
             "ttft_max_ms": max(ms, default=float("nan")), "flood_tokens_per_s": in_window / window,
-            "flood_tokens_per_cpu_s": in_window / max(cpu_end - cpu_start, 1e-9),
+            "flood_tokens_per_cpu_s": in_window / max(procs_end.get("worker", 0.0) - procs_start.get("worker", 0.0), 1e-9),
             "window_s": window, "errors": errors, "ttfts_ms": ms,
             "cores_by_process": {k: round((procs_end[k] - procs_start.get(k, 0.0)) / window, 3) for k in procs_end}}
 
@@ -201,7 +189,7 @@ def main(argv=None) -> None:
                 r = redis.Redis.from_url(server.url, decode_responses=True)
                 try:
                     res = asyncio.run(run_scenario(
-                        url, *SCENARIOS[scenario], args, cpu=lambda: worker_cpu_s(r),
+                        url, *SCENARIOS[scenario], args,
                         by_process=lambda: cpu_by_process([proc.pid, server.proc.pid, os.getpid()])))
                     res["preemptions"] = sum(int(r.hget(keys.worker(w), "preemptions") or 0)
                                              for w in r.zrange(keys.WORKERS, 0, -1))  # its heartbeat
